@@ -1,0 +1,96 @@
+"""Config schemas shared by every stage, registered in Hydra's ConfigStore.
+
+Each primary config in `conf/` starts from one of these schemas (`defaults: [<stage>_schema, ...]`), so group
+files and command-line overrides are merged onto typed dataclasses: an unknown or misspelled key, or a value of
+the wrong type, fails at start with a message naming the key. Enum fields list their valid values in that message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from data_prep.toy import ToyTargetConfig
+
+
+class DType(Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DataFormat(Enum):
+    auto = "auto"  # detect from the first record's fields
+    sharegpt = "sharegpt"  # {"conversations": [{"from": "human"|"gpt"|"system", "value": str}]}
+    messages = "messages"  # {"messages": [{"role": "user"|"assistant"|"system", "content": str}]}
+    text = "text"  # {"text": str}, every token is trained on
+
+
+# skip: count and report malformed records and keep going; raise: the first malformed record is fatal.
+# (Functional form because `raise` is a keyword; OmegaConf matches enum values by member name.)
+OnError = Enum("OnError", [("skip", "skip"), ("raise", "raise")])
+
+
+@dataclass
+class TargetConfig:
+    """The frozen target: a Hub name or local folder, or the built-in toy target when `toy` is set."""
+
+    name_or_path: str = MISSING
+    dtype: DType = DType.auto  # auto: bfloat16 on GPU, float32 on CPU
+    revision: Optional[str] = None
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' default)
+    trust_remote_code: bool = False  # only turn on for repositories you trust
+    chat_template: Optional[str] = None  # a Jinja template string that replaces the tokenizer's own
+    toy: Optional[ToyTargetConfig] = None  # set (by target=toy) to build the toy target locally
+
+
+@dataclass
+class RegenerateConfig:
+    """Sampling settings for replacing assistant turns with the target's own responses."""
+
+    temperature: float = 0.8  # 0 means greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    batch_size: int = 8
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING  # Hub dataset name, local .jsonl/.json/.parquet file, datasets folder, or builtin:toy_chat
+    format: DataFormat = DataFormat.auto
+    split: str = "train"  # split to read from a Hub dataset or a data-files folder
+    subset: Optional[str] = None  # Hub dataset configuration name
+    data_files: Optional[str] = None  # a file (or glob) inside a Hub dataset repository
+    revision: Optional[str] = None
+    max_length: int = 2048  # tokens; longer conversations are truncated
+    max_records: Optional[int] = None  # read at most this many records (None: all)
+    validation_fraction: float = 0.05
+    on_error: OnError = OnError.skip
+    regenerate: bool = False
+    regen: RegenerateConfig = field(default_factory=RegenerateConfig)
+
+
+@dataclass
+class StageConfig:
+    """Keys every stage has."""
+
+    target: TargetConfig = field(default_factory=TargetConfig)
+    out_dir: str = "${hydra:runtime.output_dir}"  # where this stage writes
+    cache_dir: str = "${oc.env:SPECDISTILL_CACHE,'~/.cache/specdistill'}"  # toy target and other built artefacts
+    seed: int = 0
+
+
+@dataclass
+class PrepConfig(StageConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def register_configs() -> None:
+    """Register the stage schemas so primary configs can name them in their defaults list."""
+    config_store = ConfigStore.instance()
+    config_store.store(name="prep_schema", node=PrepConfig)

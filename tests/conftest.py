@@ -1,0 +1,59 @@
+"""Shared fixtures: a per-session cache with the tiny toy target, Hydra composition, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One toy-target cache for the whole session (and for the CLI processes the tests start)."""
+    path = tmp_path_factory.mktemp("specdistill_cache")
+    os.environ["SPECDISTILL_CACHE"] = str(path)
+    return path
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The config a stage would run with, composed from conf/ with its schema (no Hydra run folder)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conf import CONFIG_DIR
+    from data_prep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def toy_tiny_path(cache_dir: Path) -> Path:
+    from data_prep.targets import resolve_target_path
+
+    cfg = compose("prep", ["target=toy_tiny", f"cache_dir={cache_dir}", f"out_dir={cache_dir / 'unused'}"])
+    return Path(resolve_target_path(cfg.target, cfg.cache_dir))
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_tiny_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_tiny_path)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `specdistill <args>` as a user would, in `cwd`, with the session's cache."""
+    command = [sys.executable, "-c", "from train.cli import main; main()", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

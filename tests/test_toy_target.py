@@ -1,0 +1,209 @@
+"""Tests of the toy target builder (data_prep/toy.py): data splits, conversations, build and cache."""
+
+import json
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data_prep import toy
+from tests.conftest import compose
+from data_prep.toy import (
+    END_OF_TURN,
+    ENDOFTEXT,
+    SPECIAL_TOKENS,
+    ToyTargetConfig,
+    ensure_toy_target,
+    render_chat,
+    stdlib_source_files,
+    toy_chat_conversations,
+    toy_split,
+    toy_target_cache_key,
+)
+
+TINY: ToyTargetConfig = OmegaConf.to_object(compose("prep", ["target=toy_tiny", "out_dir=unused"]).target.toy)
+EXPECTED_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "build_info.json",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_target(cache_dir) -> Path:
+    return ensure_toy_target(TINY, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def build_info(tiny_target) -> dict:
+    return json.loads((tiny_target / "build_info.json").read_text())
+
+
+# --- data ---------------------------------------------------------------------
+
+
+def test_stdlib_source_files_sorted_python_sources():
+    files = stdlib_source_files()
+    assert len(files) > 500
+    assert files == sorted(files)
+    for rel, path in files:
+        assert rel.endswith(".py") and "site-packages" not in rel and "\\" not in rel
+        assert path.is_absolute() and path.as_posix().endswith(rel)
+
+
+def test_toy_split_deterministic_and_all_splits_used():
+    rels = [rel for rel, _ in stdlib_source_files()]
+    splits = [toy_split(rel) for rel in rels]
+    assert splits == [toy_split(rel) for rel in rels]
+    counts = {name: splits.count(name) for name in ("target", "chat", "bench")}
+    assert sum(counts.values()) == len(rels)
+    assert counts["target"] > counts["chat"] > counts["bench"] > 0
+
+
+def test_toy_chat_conversations_shape():
+    conversations = toy_chat_conversations("chat", seed=0)
+    assert conversations == toy_chat_conversations("chat", seed=0)
+    assert len(conversations) >= 1000
+    for conv in conversations:
+        messages = conv["messages"]
+        roles = [m["role"] for m in messages]
+        turns = roles[1:] if roles[0] == "system" else roles
+        assert turns[0::2] == ["user"] * len(turns[0::2])
+        assert turns[1::2] == ["assistant"] * len(turns[1::2])
+        assert turns[-1] == "assistant"
+        assert all(m["content"].strip() for m in messages)
+        # Byte-level BPE makes at most one token per byte: this bounds the token count.
+        assert sum(len(m["content"].encode()) for m in messages) < 1400
+    assert any(c["messages"][0]["role"] == "system" for c in conversations)
+    assert any(sum(m["role"] == "assistant" for m in c["messages"]) > 1 for c in conversations)
+
+
+def test_toy_chat_conversations_cap_and_seed():
+    first = toy_chat_conversations("bench", seed=0, max_conversations=10)
+    assert len(first) == 10
+    assert first == toy_chat_conversations("bench", seed=0)[:10]
+    assert first != toy_chat_conversations("bench", seed=1, max_conversations=10)
+
+
+# --- cache key and cache mechanics (no real build) ------------------------------
+
+
+def test_cache_key_depends_on_every_setting():
+    key = toy_target_cache_key(TINY)
+    assert key == toy_target_cache_key(replace(TINY))
+    assert int(key, 16) >= 0 and len(key) <= 16
+    assert toy_target_cache_key(replace(TINY, seed=1)) != key
+    assert toy_target_cache_key(replace(TINY, lr=TINY.lr * 2)) != key
+    assert toy_target_cache_key(ToyTargetConfig()) != key
+
+
+def _fake_build(calls: list, delay: float = 0.0):
+    def build(cfg, out_dir):
+        calls.append(cfg)
+        time.sleep(delay)
+        (Path(out_dir) / "build_info.json").write_text("{}")
+        return {}
+
+    return build
+
+
+def test_concurrent_ensure_builds_once(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(toy, "build_toy_target", _fake_build(calls, delay=0.5))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_toy_target(TINY, tmp_path))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert results[0] == results[1] == tmp_path / "toy_target" / toy_target_cache_key(TINY)
+    assert (results[0] / "build_info.json").exists()
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    def failing_build(cfg, out_dir):
+        (Path(out_dir) / "partial.bin").write_text("half")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(toy, "build_toy_target", failing_build)
+    with pytest.raises(RuntimeError, match="boom"):
+        ensure_toy_target(TINY, tmp_path)
+    leftovers = [p.name for p in (tmp_path / "toy_target").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []
+
+
+# --- the real tiny build --------------------------------------------------------
+
+
+def test_build_folder_layout(tiny_target, cache_dir, build_info):
+    assert tiny_target == cache_dir / "toy_target" / toy_target_cache_key(TINY)
+    for name in EXPECTED_FILES:
+        assert (tiny_target / name).is_file(), name
+    siblings = {p.name for p in tiny_target.parent.iterdir()}
+    assert siblings == {tiny_target.name, f"{tiny_target.name}.lock"}
+    assert build_info["key"] == tiny_target.name
+    assert build_info["config"] == asdict(TINY)
+    assert build_info["steps"] == TINY.steps
+    assert build_info["tokens_trained"] == TINY.steps * TINY.batch_size * TINY.seq_len
+    assert build_info["num_parameters"] > 0 and build_info["build_seconds"] > 0
+
+
+def test_model_learned_beyond_unigram(build_info):
+    assert build_info["heldout_loss"] < build_info["unigram_loss"] - 1.0
+
+
+def test_loads_with_auto_classes_and_chat_template(tiny_target):
+    model = AutoModelForCausalLM.from_pretrained(tiny_target)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target)
+    assert model.config.model_type == "llama" and not model.config.tie_word_embeddings
+    assert tokenizer.eos_token == END_OF_TURN and tokenizer.pad_token == ENDOFTEXT
+    for token in SPECIAL_TOKENS:
+        assert len(tokenizer.encode(token, add_special_tokens=False)) == 1
+    eos_ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    assert list(model.generation_config.eos_token_id) == eos_ids
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "def add(a, b):"},
+        {"role": "assistant", "content": "    return a + b"},
+        {"role": "user", "content": "Continue."},
+    ]
+    expected = (
+        "<|system|>Be brief.<|end|>\n<|user|>def add(a, b):<|end|>\n"
+        "<|assistant|>    return a + b<|end|>\n<|user|>Continue.<|end|>\n<|assistant|>"
+    )
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == expected == render_chat(messages, add_generation_prompt=True)
+    assert tokenizer.decode(tokenizer.encode(rendered, add_special_tokens=False)) == rendered
+
+    prompt = tokenizer(rendered, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_second_ensure_reuses_cached_build(tiny_target, cache_dir):
+    info_file = tiny_target / "build_info.json"
+    mtime = info_file.stat().st_mtime_ns
+    started = time.perf_counter()
+    assert ensure_toy_target(TINY, cache_dir) == tiny_target
+    assert time.perf_counter() - started < 2.0
+    assert info_file.stat().st_mtime_ns == mtime
+
+
+def test_build_is_deterministic(tiny_target, tmp_path):
+    again = ensure_toy_target(TINY, tmp_path)
+    assert (again / "tokenizer.json").read_text() == (tiny_target / "tokenizer.json").read_text()
+    first = AutoModelForCausalLM.from_pretrained(tiny_target).state_dict()
+    second = AutoModelForCausalLM.from_pretrained(again).state_dict()
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name

@@ -1,0 +1,66 @@
+"""The `specdistill` console script: one sub-command per pipeline stage, each a Hydra app.
+
+    specdistill prep   target=toy data=toy_chat
+    specdistill train  target=toy drafter=eagle3 data_dir=...
+    specdistill eval   target=toy drafter_path=... bench=toy
+    specdistill export drafter_path=... format=vllm
+    specdistill run    experiment=quickstart
+
+Everything after the sub-command goes to the stage's Hydra app unchanged (overrides, --multirun, --help, --cfg).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# sub-command → (module, description); module None: not built yet.
+STAGES: dict[str, tuple[str | None, str]] = {
+    "prep": ("data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
+    "train": (None, "distill a drafter from the frozen target → drafter checkpoint"),
+    "eval": (None, "speculative decoding with a drafter → τ, α, speedup report"),
+    "export": (None, "write a drafter in vLLM / SGLang / Hub layout"),
+    "run": (None, "prep → train → eval end to end (experiment=quickstart)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: specdistill <command> [key=value ...] [--multirun] [--help]", "", "commands:"]
+    for command, (module, description) in STAGES.items():
+        lines.append(f"  {command:<8}{description}{'' if module else '  (not built yet)'}")
+    lines += ["", "`specdistill <command> --help` shows a command's config groups and keys."]
+    return "\n".join(lines)
+
+
+def _quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, when installed, warns on every import on a machine without a GPU; name the CPU for it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def run_stage(command: str, overrides: list[str]) -> None:
+    """Run one stage's Hydra app with the given command-line arguments (exits non-zero on errors)."""
+    if command not in STAGES:
+        print(f"error: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module, _ = STAGES[command]
+    if module is None:
+        print(f"error: `specdistill {command}` is not built yet in this version of specdistill.", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [f"specdistill {command}", *overrides]
+    _quiet_deepspeed_on_cpu()
+    importlib.import_module(module).main()
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    run_stage(sys.argv[1], sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()
