@@ -203,3 +203,19 @@ def test_multirun_sweeps_write_one_dataset_per_job(tmp_path: Path, cache_dir: Pa
         rows = datasets.load_from_disk(str(tmp_path / "sweep" / job / "dataset"))["train"]
         assert all(len(row["input_ids"]) <= stats["max_length"] for row in rows)
     assert lengths == [12, 64]
+
+
+def test_python_dash_m_entry_points(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    prep = subprocess.run([sys.executable, "-m", "data_prep", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert prep.returncode == 0 and "specdistill prep: tokenize conversations" in prep.stdout
+    for module in ("train", "eval"):
+        result = subprocess.run([sys.executable, "-m", module], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode != 0 and f"`specdistill {module}` is not built yet" in result.stderr
