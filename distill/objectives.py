@@ -1,0 +1,66 @@
+"""Training objectives as pure tensor functions.
+
+Per-position functions return a `[batch, seq]` tensor of losses, so the recipe can normalise by the number of
+masked tokens across a whole accumulated batch (`masked_mean` does it for one batch). Conventions: `mask` is 1 where
+a position is trained on; logits are `[batch, seq, vocab]`; features are `[batch, seq, hidden]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over positions where `mask` is 1 (0 when nothing is masked in)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def feature_regression(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """EAGLE's feature loss: SmoothL1 (β = 1) per position, averaged over the hidden dimension."""
+    return F.smooth_l1_loss(predicted.float(), target.float(), reduction="none", beta=1.0).mean(dim=-1)
+
+
+def soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """−Σ_v p_target(v) · log q_draft(v) per position (the target distribution is a constant)."""
+    target_probs = target_logits.float().softmax(dim=-1)
+    return -(target_probs * draft_logits.float().log_softmax(dim=-1)).sum(dim=-1)
+
+
+def restrict_to_draft_vocab(
+    target_logits: torch.Tensor, draft_to_target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAGLE-3's reduced vocabulary: the target's logits at the draft-vocabulary ids (a distribution over the draft
+    vocabulary once softmaxed), and a `[batch, seq]` mask that is 1 where the target's argmax lies inside it
+    (positions whose best token the drafter cannot propose are not trained on)."""
+    in_vocab = torch.zeros(target_logits.shape[-1], dtype=torch.bool, device=target_logits.device)
+    in_vocab[draft_to_target] = True
+    argmax_in_vocab = in_vocab[target_logits.argmax(dim=-1)]
+    return target_logits[..., draft_to_target], argmax_in_vocab
+
+
+def top_k_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """HASS's top-K distillation: −Σ_{v ∈ TopK(p_target)} p_target(v) · log q_draft(v) per position."""
+    target_probs = target_logits.float().softmax(dim=-1)
+    top_probs, top_ids = target_probs.topk(k, dim=-1)
+    draft_log_probs = draft_logits.float().log_softmax(dim=-1).gather(-1, top_ids)
+    return -(top_probs * draft_log_probs).sum(dim=-1)
+
+
+def top1_agreement(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """1.0 where the drafter's argmax equals the target's (the greedy acceptance proxy), per position."""
+    return (draft_logits.argmax(dim=-1) == target_logits.argmax(dim=-1)).float()
+
+
+def uniform_noise(features: torch.Tensor, amplitude: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """EAGLE's input-feature augmentation: features + U(−amplitude, amplitude), elementwise."""
+    if amplitude == 0:
+        return features
+    noise = torch.rand(features.shape, generator=generator, device=features.device, dtype=features.dtype)
+    return features + (noise * 2 - 1) * amplitude
+
+
+def decay_weights(num_steps: int, decay: float) -> list[float]:
+    """Weights decay**s of the unrolled training-time-test steps s = 0..num_steps-1 (EAGLE-3: 0.8)."""
+    return [decay**step for step in range(num_steps)]

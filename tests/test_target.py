@@ -1,0 +1,41 @@
+"""The frozen-target wrapper: features at the requested layers, no gradients, clear errors for bad layer ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distill.errors import UserError
+from distill.target import FINAL_NORMED, FrozenTarget
+
+
+@pytest.fixture(scope="module")
+def target(toy_tiny_path):
+    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path), feature_layers=(0, 1, FINAL_NORMED))
+
+
+def test_features_are_the_hidden_states_entering_each_layer(target):
+    input_ids = torch.randint(0, 1000, (2, 9))
+    output = target(input_ids)
+    # reference: transformers' hidden_states[i] is the input of layer i; the last output is after the final norm
+    with torch.no_grad():
+        reference = target.model(input_ids, output_hidden_states=True)
+    assert torch.equal(output.features[0], reference.hidden_states[0])
+    assert torch.equal(output.features[1], reference.hidden_states[1])
+    assert torch.allclose(output.features[FINAL_NORMED], reference.hidden_states[-1])
+    assert torch.allclose(output.logits, reference.logits)
+    assert not any(p.requires_grad for p in target.parameters())
+
+
+def test_training_features_can_feed_a_trainable_layer(target):
+    features = target(torch.randint(0, 1000, (1, 5)), for_training=True).features[FINAL_NORMED]
+    layer = torch.nn.Linear(features.shape[-1], 3)
+    layer(features).sum().backward()  # inference tensors would refuse to be saved for backward
+    assert layer.weight.grad is not None
+
+
+def test_layer_ids_out_of_range_name_the_key(toy_tiny_path):
+    model = AutoModelForCausalLM.from_pretrained(toy_tiny_path)
+    with pytest.raises(UserError, match=r"drafter.feature_layers: layer id 2 is out of range for a target with 2 layers"):
+        FrozenTarget(model, feature_layers=(0, 2))
