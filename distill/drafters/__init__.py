@@ -1,0 +1,25 @@
+"""Drafter models; importing this package registers their configs and models with transformers' Auto classes."""
+
+from distill.drafters.eagle import (
+    DraftLoss,
+    Eagle1Config,
+    Eagle1Drafter,
+    Eagle3Config,
+    Eagle3Drafter,
+    ObjectiveWeights,
+    check_drafter_matches_target,
+    draft_config_from_target,
+    select_draft_vocab,
+)
+
+__all__ = [
+    "DraftLoss",
+    "Eagle1Config",
+    "Eagle1Drafter",
+    "Eagle3Config",
+    "Eagle3Drafter",
+    "ObjectiveWeights",
+    "check_drafter_matches_target",
+    "draft_config_from_target",
+    "select_draft_vocab",
+]

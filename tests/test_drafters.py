@@ -1,0 +1,140 @@
+"""EAGLE drafters: training-time-test attention against an explicit mask, save/reload, losses, vocab, checks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from distill.drafters import (
+    Eagle1Config,
+    Eagle3Config,
+    ObjectiveWeights,
+    check_drafter_matches_target,
+    draft_config_from_target,
+    select_draft_vocab,
+)
+from distill.drafters.modules import DraftAttention, causal_bias, rotary_cos_sin
+from distill.errors import UserError
+from distill.target import FINAL_NORMED, FrozenTarget
+
+
+def test_ttt_attention_equals_attention_under_the_explicit_mask():
+    torch.manual_seed(0)
+    batch, seq, hidden, heads, kv_heads, steps = 2, 5, 16, 4, 2, 3
+    attention = DraftAttention(hidden, hidden, heads, kv_heads)
+    inputs = [torch.randn(batch, seq, hidden) for _ in range(steps)]
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1, -1] = 0  # padding
+    bias = causal_bias(attention_mask, torch.float32)
+    positions = torch.arange(seq)[None].expand(batch, seq)
+    earlier, outputs, all_keys, all_values = [], [], [], []
+    for step in range(steps):
+        cos, sin = rotary_cos_sin(positions + step, hidden // heads, 10000.0, torch.float32)
+        out, (keys, values) = attention(inputs[step], cos, sin, bias, earlier or None)
+        earlier.append((keys, values))
+        outputs.append(out)
+        all_keys.append(keys)
+        all_values.append(values)
+
+    # reference: plain softmax attention over the keys of every step with a [seq, steps·seq] mask
+    keys, values = torch.cat(all_keys, dim=2), torch.cat(all_values, dim=2)
+    for step in range(steps):
+        cos, sin = rotary_cos_sin(positions + step, hidden // heads, 10000.0, torch.float32)
+        q = attention._heads(attention.q_proj(inputs[step]), heads)
+        from distill.drafters.modules import apply_rotary
+
+        q = apply_rotary(q, cos, sin)
+        visible = torch.zeros(batch, 1, seq, steps * seq, dtype=torch.bool)
+        visible[..., :seq] = bias == 0  # step-0 keys: causal, not padding
+        for earlier_step in range(1, step + 1):
+            visible[..., earlier_step * seq : (earlier_step + 1) * seq] |= torch.eye(seq, dtype=torch.bool)
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(hidden // heads)
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        expected = attention.o_proj((weights @ values).transpose(1, 2).reshape(batch, seq, -1))
+        assert torch.allclose(outputs[step], expected, atol=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def target(toy_tiny_path):
+    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path), feature_layers=(0, 1, FINAL_NORMED))
+
+
+def build(kind: str, target: FrozenTarget):
+    from distill.drafters import Eagle1Drafter, Eagle3Drafter
+
+    if kind == "eagle1":
+        drafter = Eagle1Drafter(draft_config_from_target(Eagle1Config, target.config, [FINAL_NORMED]))
+    else:
+        config = draft_config_from_target(Eagle3Config, target.config, [0, 1, FINAL_NORMED], draft_vocab_size=300)
+        drafter = Eagle3Drafter(config)
+        drafter.set_draft_vocab(select_draft_vocab(torch.arange(1024), 300, 1024), target.lm_head)
+    drafter.attach_target(target.embed_tokens, target.lm_head)
+    return drafter
+
+
+def batch_of(seq: int = 12):
+    torch.manual_seed(3)
+    input_ids = torch.randint(5, 1000, (2, seq))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0
+    loss_mask = attention_mask.clone()
+    loss_mask[:, :4] = 0
+    return input_ids, attention_mask, loss_mask
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_saved_drafter_reloads_with_auto_model_and_gives_identical_outputs(kind, target, tmp_path: Path):
+    drafter = build(kind, target).eval()
+    input_ids, attention_mask, _ = batch_of()
+    features = target(input_ids, attention_mask).features
+    inputs = features[FINAL_NORMED] if kind == "eagle1" else {i: features[i] for i in (0, 1, FINAL_NORMED)}
+    before = drafter(input_ids, inputs, attention_mask)
+    drafter.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(drafter) and reloaded.config.feature_layers == drafter.config.feature_layers
+    reloaded.attach_target(target.embed_tokens, target.lm_head)
+    assert torch.equal(reloaded(input_ids, inputs, attention_mask), before)
+    if kind == "eagle3":
+        assert torch.equal(reloaded.d2t, drafter.d2t) and torch.equal(reloaded.t2d, drafter.t2d)
+
+
+@pytest.mark.parametrize(("kind", "ttt_steps"), [("eagle1", 1), ("eagle3", 3)])
+def test_training_loss_is_finite_and_reaches_every_trainable_weight(kind, ttt_steps, target):
+    drafter = build(kind, target)
+    input_ids, attention_mask, loss_mask = batch_of()
+    target_output = target(input_ids, attention_mask, for_training=True)
+    weights = ObjectiveWeights(ttt_steps=ttt_steps, noise=0.1)
+    loss = drafter.training_loss(input_ids, attention_mask, loss_mask, target_output, weights)
+    assert loss.num_tokens.item() == torch.roll(loss_mask, -2, 1)[:, :-2].sum().item()
+    assert loss.agree.shape == (ttt_steps,) and (loss.agree <= loss.counted).all()
+    assert loss.counted[-1] <= loss.counted[0]  # later steps have fewer positions left
+    (loss.loss_sum / loss.num_tokens).backward()
+    assert torch.isfinite(loss.loss_sum)
+    assert all(p.grad is not None for p in drafter.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in target.parameters())
+
+
+def test_draft_vocab_is_the_most_frequent_ids_with_vllm_offsets():
+    counts = torch.tensor([5, 0, 9, 9, 1, 7])
+    ids = select_draft_vocab(counts, 3, vocab_size=8)
+    assert ids.tolist() == [2, 3, 5]
+    from distill.drafters import Eagle3Drafter
+
+    drafter = Eagle3Drafter(Eagle3Config(hidden_size=8, num_attention_heads=2, num_key_value_heads=1,
+                                         intermediate_size=16, vocab_size=8, draft_vocab_size=3))
+    drafter.set_draft_vocab(ids)
+    assert (torch.arange(3) + drafter.d2t).tolist() == [2, 3, 5]  # target_id = draft_id + d2t[draft_id]
+    assert drafter.t2d.nonzero().flatten().tolist() == [2, 3, 5]
+
+
+def test_a_drafter_for_another_target_is_refused(target):
+    config = draft_config_from_target(Eagle1Config, target.config, [FINAL_NORMED])
+    check_drafter_matches_target(config, target.config, "drafter_path")
+    config.target_hidden_size = 4096
+    with pytest.raises(UserError, match="drafter_path: the drafter was built for a target with hidden size 4096"):
+        check_drafter_matches_target(config, target.config, "drafter_path")
