@@ -46,6 +46,7 @@ class TargetConfig:
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' default)
     trust_remote_code: bool = False  # only turn on for repositories you trust
     chat_template: Optional[str] = None  # a Jinja template string that replaces the tokenizer's own
+    eagle3_layers: Optional[list[int]] = None  # layers EAGLE-3 taps (low, middle, high); None: [2, L/2, L−3]
     toy: Optional[ToyTargetConfig] = None  # set (by target=toy) to build the toy target locally
 
 

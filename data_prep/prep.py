@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -157,7 +158,9 @@ def save_dataset(train: list[dict], validation: list[dict], counts: torch.Tensor
         )
         for name, rows in (("train", train), ("validation", validation))
     }
-    datasets.DatasetDict(splits).save_to_disk(str(staging))
+    # an empty split needs one (empty) shard file, or datasets cannot load it back; others: ~500 MB a shard
+    shards = {name: max(1, math.ceil(split.data.nbytes / 500e6)) for name, split in splits.items()}
+    datasets.DatasetDict(splits).save_to_disk(str(staging), num_shards=shards)
     (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     save_file({"counts": counts}, str(staging / "token_counts.safetensors"))
     if final.exists():

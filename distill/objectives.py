@@ -64,3 +64,14 @@ def uniform_noise(features: torch.Tensor, amplitude: float, generator: torch.Gen
 def decay_weights(num_steps: int, decay: float) -> list[float]:
     """Weights decay**s of the unrolled training-time-test steps s = 0..num_steps-1 (EAGLE-3: 0.8)."""
     return [decay**step for step in range(num_steps)]
+
+
+def expected_accept_length(agreement_per_step: list[float], num_drafts: int = 5) -> float:
+    """τ-proxy for greedy chain drafting: τ = 1 + Σ_{k=1}^{γ} Π_{j<k} a_j, where a_j is the top-1 agreement at draft
+    step j (later steps reuse the last measured one) and γ = max(num_drafts, steps measured)."""
+    steps = max(num_drafts, len(agreement_per_step))
+    tau, reach = 1.0, 1.0
+    for step in range(steps):
+        reach *= agreement_per_step[min(step, len(agreement_per_step) - 1)]
+        tau += reach
+    return tau

@@ -57,3 +57,12 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     command = [sys.executable, "-c", "from train.cli import main; main()", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def toy_dataset(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """`specdistill prep target=toy_tiny data=toy_chat`, run once: its dataset folder and the finished process."""
+    out_dir = tmp_path_factory.mktemp("toy_prep")
+    result = run_cli("prep", "target=toy_tiny", "data=toy_chat", f"out_dir={out_dir}", cwd=out_dir)
+    assert result.returncode == 0, result.stderr
+    return out_dir / "dataset", result

@@ -59,3 +59,10 @@ def test_top1_agreement_noise_and_decay():
     assert noisy.abs().max() <= 0.1 and noisy.std() > 0.05  # U(−a, a) has std a/√3 ≈ 0.058
     assert objectives.uniform_noise(features, 0.0) is features
     assert objectives.decay_weights(3, 0.8) == [1.0, 0.8, 0.8**2] and math.isclose(sum(objectives.decay_weights(2, 1.0)), 2)
+
+
+def test_expected_accept_length_is_the_chain_formula():
+    # constant agreement a over γ drafts: τ = (1 − a^{γ+1}) / (1 − a)  (Leviathan et al.)
+    assert math.isclose(objectives.expected_accept_length([0.8], num_drafts=5), (1 - 0.8**6) / (1 - 0.8))
+    assert objectives.expected_accept_length([1.0, 0.5, 0.0], num_drafts=1) == 1 + 1.0 + 0.5 + 0.0
+    assert objectives.expected_accept_length([0.0]) == 1.0

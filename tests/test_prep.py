@@ -90,10 +90,8 @@ def test_mask_covers_exactly_the_assistant_turns(toy_tokenizer, style):
         assert_mask_is_assistant_turns(tokenizer, input_ids, loss_mask, messages)
 
 
-def test_prep_cli_writes_a_masked_dataset(tmp_path: Path, cache_dir: Path, toy_tokenizer):
-    result = run_cli("prep", "target=toy_tiny", "data=toy_chat", f"out_dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    dataset_dir = tmp_path / "dataset"
+def test_prep_cli_writes_a_masked_dataset(toy_dataset, toy_tokenizer):
+    dataset_dir, result = toy_dataset
     assert f"wrote {dataset_dir}" in result.stdout
     dataset = datasets.load_from_disk(str(dataset_dir))
     assert set(dataset) == {"train", "validation"} and len(dataset["validation"]) > 0
@@ -182,10 +180,12 @@ def test_malformed_records_are_counted_by_index_or_fatal(tmp_path: Path):
 
 
 def test_unbuilt_commands_say_so(tmp_path: Path):
-    for command in ("train", "eval", "export", "run"):
+    for command in ("eval", "export", "run"):
         result = run_cli(command, cwd=tmp_path)
         assert result.returncode == 2
         assert f"`specdistill {command}` is not built yet" in result.stderr
+    result = run_cli("train", cwd=tmp_path)  # built: a missing mandatory key is named
+    assert result.returncode != 0 and "Missing mandatory value: data_dir" in result.stderr
     result = run_cli("prepp", cwd=tmp_path)
     assert result.returncode == 2 and "unknown command 'prepp'" in result.stderr
 
@@ -216,6 +216,8 @@ def test_python_dash_m_entry_points(tmp_path: Path):
     prep = subprocess.run([sys.executable, "-m", "data_prep", "--help"], cwd=tmp_path, env=env, capture_output=True,
                           text=True)
     assert prep.returncode == 0 and "specdistill prep: tokenize conversations" in prep.stdout
-    for module in ("train", "eval"):
-        result = subprocess.run([sys.executable, "-m", module], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert result.returncode != 0 and f"`specdistill {module}` is not built yet" in result.stderr
+    train = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True)
+    assert train.returncode == 0 and "specdistill train: distill a drafter" in train.stdout
+    result = subprocess.run([sys.executable, "-m", "eval"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "`specdistill eval` is not built yet" in result.stderr

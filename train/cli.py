@@ -18,7 +18,7 @@ import sys
 # sub-command → (module, description); module None: not built yet.
 STAGES: dict[str, tuple[str | None, str]] = {
     "prep": ("data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
-    "train": (None, "distill a drafter from the frozen target → drafter checkpoint"),
+    "train": ("train.train", "distill a drafter from the frozen target → drafter checkpoint"),
     "eval": (None, "speculative decoding with a drafter → τ, α, speedup report"),
     "export": (None, "write a drafter in vLLM / SGLang / Hub layout"),
     "run": (None, "prep → train → eval end to end (experiment=quickstart)"),

@@ -7,7 +7,9 @@ from distill.drafters.eagle import (
     Eagle3Config,
     Eagle3Drafter,
     ObjectiveWeights,
+    build_eagle_drafter,
     check_drafter_matches_target,
+    default_eagle3_layers,
     draft_config_from_target,
     select_draft_vocab,
 )
@@ -19,6 +21,8 @@ __all__ = [
     "Eagle3Config",
     "Eagle3Drafter",
     "ObjectiveWeights",
+    "build_eagle_drafter",
+    "default_eagle3_layers",
     "check_drafter_matches_target",
     "draft_config_from_target",
     "select_draft_vocab",

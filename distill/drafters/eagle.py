@@ -324,3 +324,33 @@ AutoConfig.register(Eagle1Config.model_type, Eagle1Config)
 AutoConfig.register(Eagle3Config.model_type, Eagle3Config)
 AutoModel.register(Eagle1Config, Eagle1Drafter)
 AutoModel.register(Eagle3Config, Eagle3Drafter)
+
+
+def default_eagle3_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's reference taps (low, middle, high): inputs of layers 2, L/2 and L−3."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def build_eagle_drafter(
+    kind: str,
+    target: Any,
+    num_layers: int,
+    feature_layers: Sequence[int],
+    draft_vocab_size: int | None = None,
+    token_counts: torch.Tensor | None = None,
+) -> EagleDrafter:
+    """A fresh drafter shaped after `target` (a FrozenTarget), sharing its embedding and LM head. EAGLE-3's draft
+    vocabulary is the `draft_vocab_size` most frequent masked tokens of `token_counts`, its LM head starting from the
+    target's rows for them."""
+    config_class, model_class = (Eagle1Config, Eagle1Drafter) if kind == "eagle1" else (Eagle3Config, Eagle3Drafter)
+    vocab_size = target.config.vocab_size
+    draft_vocab_size = min(draft_vocab_size or vocab_size, vocab_size)
+    config = draft_config_from_target(
+        config_class, target.config, feature_layers, num_hidden_layers=num_layers, draft_vocab_size=draft_vocab_size
+    )
+    drafter = model_class(config)
+    if kind == "eagle3":
+        counts = token_counts if token_counts is not None else torch.zeros(vocab_size, dtype=torch.long)
+        drafter.set_draft_vocab(select_draft_vocab(counts, draft_vocab_size, vocab_size), target.lm_head)
+    drafter.attach_target(target.embed_tokens, target.lm_head)
+    return drafter

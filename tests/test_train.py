@@ -1,0 +1,118 @@
+"""`specdistill train`: drafters learn on the toy target, a killed run resumes to the same result, bad input is
+refused with one clear message before any training step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+import distill.drafters  # noqa: F401  (registers the drafter classes with the Auto classes)
+
+from tests.conftest import REPO_ROOT, run_cli
+
+FAST = ["target=toy_tiny", "optim.warmup_steps=10", "optim.lr=2e-3", "train.batch_size=8",
+        "drafter.draft_vocab_size=512", "objective.ttt_steps=3", "train.checkpoint_every=1000"]
+
+
+def summary(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / "drafter" / "summary.json").read_text())["history"]
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_drafter_learns_to_agree_with_the_target(kind, toy_dataset, tmp_path: Path):
+    dataset_dir, _ = toy_dataset
+    result = run_cli("train", f"drafter={kind}", f"data_dir={dataset_dir}", f"out_dir={tmp_path}",
+                     "train.max_steps=150", "train.eval_every=150", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = summary(tmp_path)
+    untrained, trained = history[0], history[-1]
+    assert untrained["step"] == 0 and trained["step"] == 150
+    print(kind, {key: (round(untrained[key], 3), round(trained[key], 3)) for key in trained if key.startswith("val_top1")})
+    assert untrained["val_top1"] < 0.05 and trained["val_top1"] > untrained["val_top1"] + 0.12
+    if kind == "eagle3":  # the later training-time-test steps learn too
+        for step in (1, 2):
+            assert trained[f"val_top1_step{step}"] > untrained[f"val_top1_step{step}"] + 0.1
+    # the saved drafter reloads through the Auto classes
+    drafter = AutoModel.from_pretrained(tmp_path / "drafter")
+    assert drafter.config.model_type == f"specdistill_{kind}"
+    assert (tmp_path / "drafter" / "model.safetensors").exists() and (tmp_path / "drafter" / "resolved_config.yaml").exists()
+
+
+def test_killed_run_resumes_to_the_same_final_loss(toy_dataset, tmp_path: Path, cache_dir: Path):
+    dataset_dir, _ = toy_dataset
+    args = ["drafter=eagle3", f"data_dir={dataset_dir}", "train.max_steps=40", "train.eval_every=20",
+            *FAST[:-1], "train.checkpoint_every=10", "train.keep_last=2"]
+    whole = run_cli("train", *args, f"out_dir={tmp_path}/whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    # start the same run, kill it once its first checkpoint exists, then start it again: it must resume
+    import os
+
+    command = [sys.executable, "-c", "from train.cli import main; main()", "train", *args, f"out_dir={tmp_path}/killed"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "step_10" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "drafter").exists()
+
+    resumed = run_cli("train", *args, f"out_dir={tmp_path}/killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    whole_history, resumed_history = summary(tmp_path / "whole"), summary(tmp_path / "killed")
+    assert [r["step"] for r in resumed_history] == [r["step"] for r in whole_history]
+    for original, again in zip(whole_history, resumed_history):
+        for key in ("loss", "val_top1"):
+            if key in original:
+                assert again[key] == pytest.approx(original[key], rel=1e-5, abs=1e-6), (original["step"], key)
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step_*"))) <= 2  # keep_last
+
+
+def test_bad_inputs_are_refused_before_training(toy_dataset, tmp_path: Path):
+    dataset_dir, _ = toy_dataset
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        result = run_cli("train", "target=toy_tiny", "train.max_steps=1", f"out_dir={tmp_path}/out", *extra, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "out" / "drafter").exists()
+        return result
+
+    assert "error: data_dir: /nope does not exist" in train("data_dir=/nope").stderr
+    result = train(f"data_dir={dataset_dir}", "drafter=eagle3", "drafter.feature_layers=[0,7]")
+    assert "drafter.feature_layers: layer id 7 is out of range for a target with 2 layers" in result.stderr
+
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(dataset_dir, other)
+    stats = json.loads((other / "stats.json").read_text())
+    stats["tokenizer"].update(fingerprint="0000", name_or_path="someone/else")
+    (other / "stats.json").write_text(json.dumps(stats))
+    assert "was prepared with another tokenizer (someone/else)" in train(f"data_dir={other}").stderr
+
+    import datasets
+
+    empty = tmp_path / "empty"
+    features = datasets.load_from_disk(str(dataset_dir))["train"].features
+    datasets.DatasetDict({split: datasets.Dataset.from_dict({"input_ids": [], "loss_mask": []}, features=features)
+                          for split in ("train", "validation")}).save_to_disk(str(empty), num_shards={"train": 1, "validation": 1})
+    assert f"data_dir: {empty} has no training records" in train(f"data_dir={empty}").stderr
+
+    # a checkpoint left by an EAGLE-1 run cannot be resumed as EAGLE-3
+    ok = run_cli("train", "target=toy_tiny", "drafter=eagle1", f"data_dir={dataset_dir}", "train.max_steps=3",
+                 "train.checkpoint_every=2", f"out_dir={tmp_path}/out", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    shutil.rmtree(tmp_path / "out" / "drafter")
+    result = train(f"data_dir={dataset_dir}", "drafter=eagle3", "train.max_steps=5")
+    assert "resume: the checkpoint" in result.stderr and "model_type 'specdistill_eagle1' there" in result.stderr
