@@ -3,7 +3,7 @@
     specdistill train target=toy drafter=eagle3 data_dir=outputs/prep/<date>/<time>/dataset
     specdistill train target=toy drafter=eagle1 data_dir=... train.max_steps=1400 optim.lr=1e-3 optim.warmup_steps=50
     specdistill train ... logger=wandb                                   # WANDB_MODE=offline logs locally
-    accelerate launch --num_processes 2 -m train data_dir=...            # DDP (one process per GPU, or gloo on CPU)
+    torchrun --nproc_per_node 2 -m train data_dir=...                    # DDP (one process per GPU, or gloo on CPU)
 
 setup (target, data, drafter, optimizer, resume) → train (accumulated steps, validation, checkpoints) → save:
 
@@ -154,6 +154,7 @@ def save_checkpoint(
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         (staging / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, "drafter": drafter}))
         staging.rename(final)
@@ -180,7 +181,9 @@ class TrainRecipe:
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "no"
         self.accelerator = Accelerator(
-            mixed_precision=precision, log_with=None if cfg.logger.name == "none" else cfg.logger.name
+            mixed_precision=precision,
+            log_with=None if cfg.logger.name == "none" else cfg.logger.name,
+            cpu=not torch.cuda.is_available(),  # without it, processes on a CPU-only machine never join one group
         )
         set_seed(cfg.seed)
         data_dir = Path(cfg.data_dir).expanduser()
@@ -216,10 +219,12 @@ class TrainRecipe:
             weight_decay=cfg.optim.weight_decay,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
-        self.module, self.optimizer, self.scheduler = self.accelerator.prepare(
-            DraftTraining(drafter, self.weights), optimizer, scheduler
-        )
+        self.module, self.optimizer = self.accelerator.prepare(DraftTraining(drafter, self.weights), optimizer)
+        # not prepared: accelerate would step it once per process, and our schedule counts optimizer steps
+        self.scheduler = scheduler
+        self.accelerator.register_for_checkpointing(scheduler)
         self.start_step, self.history = self._resume()
+        self.tokens_trained = self.history[-1].get("tokens_trained", 0) if self.history else 0
         if cfg.logger.name != "none":
             config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             self.accelerator.init_trackers(cfg.logger.project, config=config,
@@ -280,7 +285,7 @@ class TrainRecipe:
             # positions trained on in the whole step, over every process: the per-token normaliser
             step_tokens = sum(batch["loss_mask"][:, 2:].sum() for batch in micro)
             step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
-            loss_total, agree, counted = 0.0, 0, 0
+            loss_total, local_tokens, agree, counted = 0.0, 0, 0, 0
             self.module.train()
             for index, batch in enumerate(micro):
                 target_output = self.target(batch["input_ids"], batch["attention_mask"], for_training=True)
@@ -291,22 +296,25 @@ class TrainRecipe:
                     accelerator.backward(loss.loss_sum * accelerator.num_processes / step_tokens)
                 loss_total += loss.loss_sum.item()
                 agree, counted = agree + loss.agree, counted + loss.counted
-                window_tokens += int(batch["attention_mask"].sum())
+                local_tokens += int(batch["attention_mask"].sum())
             grad_norm = accelerator.clip_grad_norm_(self.module.parameters(), cfg.optim.grad_clip_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
-            loss_value = accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum").item() / step_tokens.item()
+            totals = accelerator.reduce(torch.tensor([loss_total, local_tokens], device=accelerator.device), "sum")
+            loss_value = totals[0].item() / step_tokens.item()
+            self.tokens_trained += int(totals[1].item())
+            window_tokens += int(totals[1].item())
             agreement = (agree / counted.clamp(min=1)).tolist()
-            record = {"step": step + 1, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "train_top1": agreement[0]}
+            record = {"step": step + 1, "tokens_trained": self.tokens_trained, "loss": loss_value,
+                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "train_top1": agreement[0]}
             if (step + 1) % loop.eval_every == 0 or step + 1 == loop.max_steps:
                 record.update(self.validate())
             self.history.append(record)
             if (step + 1) % loop.log_every == 0 or "val_top1" in record:
                 elapsed = time.perf_counter() - window_start
-                record["tokens_per_s"] = window_tokens * accelerator.num_processes / max(elapsed, 1e-9)
+                record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                 window_tokens, window_start = 0, time.perf_counter()
                 progress.set_postfix(loss=f"{loss_value:.3f}", tau_proxy=f"{expected_accept_length(agreement):.2f}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")

@@ -89,6 +89,11 @@ def shift_left(x: torch.Tensor, shift: int, fill: float | int = 0) -> torch.Tens
     return torch.cat([x[:, shift:], padding], dim=1)
 
 
+def sequence_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids 0..T−1 for every row of a right-padded batch."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+
+
 def draft_config_from_target(
     config_class: type[EagleConfig], target_config: Any, feature_layers: Sequence[int], **overrides: Any
 ) -> EagleConfig:
@@ -187,7 +192,7 @@ class Eagle1Drafter(EagleDrafter):
         embeds = self.target_embed(input_ids).to(features.dtype)
         hidden = self.fc(torch.cat([embeds, features], dim=-1))
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+            position_ids = sequence_positions(input_ids)
         cos, sin = self._rotary(position_ids, hidden.dtype)
         bias = causal_bias(attention_mask, hidden.dtype)
         for layer in self.layers:
@@ -276,7 +281,7 @@ class Eagle3Drafter(EagleDrafter):
     def forward(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor], attention_mask: torch.Tensor):
         """Step-0 draft-vocabulary logits: input_ids[i] is t_{i+1}, features hold the tapped layers at i."""
         hidden = self.fuse(features)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        position_ids = sequence_positions(input_ids)
         return self.step(input_ids, hidden, position_ids, causal_bias(attention_mask, hidden.dtype))[1]
 
     def training_loss(
@@ -291,7 +296,7 @@ class Eagle3Drafter(EagleDrafter):
         taps = {layer_id: objectives.uniform_noise(f, weights.noise, generator) for layer_id, f in target.features.items()}
         hidden = self.fuse(taps)
         bias = causal_bias(attention_mask, hidden.dtype)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        positions = sequence_positions(input_ids)
         caches: list[list] = [[] for _ in self.layers]
         draft_to_target = self.draft_to_target
         loss_sum, agree, counted = hidden.new_zeros(()), [], []
