@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from conf import CONFIG_DIR
 from data_prep.prep import tokenizer_fingerprint
 from data_prep.targets import load_target_model, load_target_tokenizer
-from distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers
+from distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers, trained_positions
 from distill.errors import UserError, exit_on_user_error
 from distill.objectives import expected_accept_length
 from distill.target import FrozenTarget, check_feature_layers
@@ -92,10 +92,12 @@ def micro_batch_indices(size: int, batch_size: int, seed: int, start: int) -> It
     """Global micro-batches of a dataset of `size` rows, epoch after epoch (each epoch a seeded permutation), from
     micro-batch number `start` on: the order depends only on (seed, number), so a resumed run sees the same data."""
     per_epoch = max(1, size // batch_size)
-    number = start
+    number, order_epoch, order = start, None, None
     while True:
         epoch, position = divmod(number, per_epoch)
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        if epoch != order_epoch:  # one permutation per epoch
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            order_epoch = epoch
         yield order[position * batch_size : (position + 1) * batch_size].tolist()
         number += 1
 
@@ -283,7 +285,7 @@ class TrainRecipe:
         for step in progress:
             micro = [next(batches) for _ in range(loop.grad_accum)]
             # positions trained on in the whole step, over every process: the per-token normaliser
-            step_tokens = sum(batch["loss_mask"][:, 2:].sum() for batch in micro)
+            step_tokens = sum(trained_positions(batch["loss_mask"]).sum() for batch in micro)
             step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
             loss_total, local_tokens, agree, counted = 0.0, 0, 0, 0
             self.module.train()
@@ -362,6 +364,7 @@ class TrainRecipe:
             staging.rename(final)
             print(f"train: step {final_metrics.get('step')}: loss {final_metrics.get('loss', float('nan')):.4f}, "
                   f"validation top-1 {final_metrics.get('val_top1', float('nan')):.3f}\ntrain: wrote {final}")
+        accelerator.wait_for_everyone()  # no process tears the group down while the drafter is being written
         accelerator.end_training()
         return final
 

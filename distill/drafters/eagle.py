@@ -89,6 +89,11 @@ def shift_left(x: torch.Tensor, shift: int, fill: float | int = 0) -> torch.Tens
     return torch.cat([x[:, shift:], padding], dim=1)
 
 
+def trained_positions(loss_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
+    """Where the drafter is trained at unrolled step `step`: position i predicts token i + 2 + step (module doc)."""
+    return shift_left(loss_mask, 2 + step)
+
+
 def sequence_positions(input_ids: torch.Tensor) -> torch.Tensor:
     """Position ids 0..T−1 for every row of a right-padded batch."""
     return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
@@ -212,7 +217,7 @@ class Eagle1Drafter(EagleDrafter):
         noisy = objectives.uniform_noise(features, weights.noise, generator)
         predicted = self(shift_left(input_ids, 1), noisy, attention_mask)
         target_features, target_logits = shift_left(features, 1), shift_left(target.logits, 1)
-        mask = shift_left(loss_mask, 2).to(predicted.dtype)
+        mask = trained_positions(loss_mask).to(predicted.dtype)
         draft_logits = self.target_lm_head(predicted)
         per_position = weights.feature * objectives.feature_regression(predicted, target_features)
         per_position = per_position + weights.token * objectives.soft_cross_entropy(draft_logits, target_logits)
@@ -304,7 +309,7 @@ class Eagle3Drafter(EagleDrafter):
             hidden, draft_logits = self.step(shift_left(input_ids, 1 + step), hidden, positions + step, bias, caches)
             target_logits = shift_left(target.logits, 1 + step)
             restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target_logits, draft_to_target)
-            step_mask = shift_left(loss_mask, 2 + step).to(hidden.dtype)
+            step_mask = trained_positions(loss_mask, step).to(hidden.dtype)
             trained = step_mask * argmax_in_vocab
             loss_sum = loss_sum + decay * (objectives.soft_cross_entropy(draft_logits, restricted) * trained).sum()
             # agreement in the target's vocabulary, over every masked position (an honest acceptance proxy)
