@@ -149,3 +149,15 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy_dataset, tm
     assert_same_history(one, two, ("loss", "tokens_trained"), rel=1e-4, abs=1e-5)
     # argmax agreement of a barely trained drafter flips on float summation order: compare it loosely
     assert_same_history(one, two, ("val_top1",), rel=0, abs=0.02)
+
+
+def test_wandb_logger_records_the_run_offline(toy_dataset, tmp_path: Path):
+    dataset_dir, _ = toy_dataset
+    result = run_cli("train", "target=toy_tiny", "drafter=eagle1", f"data_dir={dataset_dir}", "train.max_steps=4",
+                     "train.log_every=2", "logger=wandb", f"out_dir={tmp_path}/out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [run] = list((tmp_path / "wandb").glob("offline-run-*"))  # WANDB_MODE=offline is set for every test
+    [record] = list(run.glob("run-*.wandb"))  # offline, the config and metrics live in this record file
+    content = record.read_bytes()
+    assert b"data_dir" in content and b"feature_weight" in content  # the resolved config is logged
+    assert b"val_top1" in content  # and the metrics
