@@ -16,7 +16,6 @@ The dataset folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,18 +35,12 @@ from conf import CONFIG_DIR
 from data_prep.chat import TemplateMismatch, end_of_turn_ids, tokenize_conversation, tokenize_text
 from data_prep.config import register_configs
 from data_prep.readers import Conversation, MalformedRecord, PlainText, parse_record, read_records
-from data_prep.targets import load_target_model, load_target_tokenizer
+from data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
 from data_prep.toy import toy_chat_conversations
 from distill.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("specdistill.prep")
 MAX_REPORTED_ERRORS = 20  # malformed records listed by index in stats.json and the log
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of the vocabulary: `train` checks that a dataset was prepared for its target's tokenizer."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def builtin_sources(seed: int) -> dict[str, Any]:

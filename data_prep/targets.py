@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,9 @@ def load_target_model(target_cfg: Any, cache_dir: str, device: torch.device | st
         raise _load_error("model", path, error) from None
     model.to(device).eval().requires_grad_(False)
     return model
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the vocabulary: `train` checks that a dataset was prepared for its target's tokenizer."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]

@@ -34,8 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from conf import CONFIG_DIR
-from data_prep.prep import tokenizer_fingerprint
-from data_prep.targets import load_target_model, load_target_tokenizer
+from data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
 from distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers, trained_positions
 from distill.errors import UserError, exit_on_user_error
 from distill.objectives import expected_accept_length
@@ -50,8 +49,8 @@ CHECKPOINT_PREFIX = "step_"
 # Data: a seeded order that a resumed run can re-enter at any micro-batch
 
 
-def load_prepared_dataset(data_dir: Path, tokenizer: Any) -> tuple[Any, dict, torch.Tensor | None]:
-    """The prep output's DatasetDict, its stats, and its masked-token counts; checked against the target tokenizer."""
+def load_prepared_dataset(data_dir: Path, tokenizer: Any) -> tuple[Any, torch.Tensor | None]:
+    """The prep output's DatasetDict and its masked-token counts, checked against the target tokenizer."""
     import datasets
 
     if not (data_dir / "dataset_dict.json").exists():
@@ -73,7 +72,7 @@ def load_prepared_dataset(data_dir: Path, tokenizer: Any) -> tuple[Any, dict, to
         raise UserError(f"data_dir: {data_dir} has no training records; check its stats.json for why prep dropped them")
     counts_path = data_dir / "token_counts.safetensors"
     counts = load_file(str(counts_path))["counts"] if counts_path.exists() else None
-    return dataset, stats, counts
+    return dataset, counts
 
 
 def collate(rows: list[dict], max_length: int) -> dict[str, torch.Tensor]:
@@ -88,10 +87,15 @@ def collate(rows: list[dict], max_length: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def batches_per_epoch(size: int, batch_size: int) -> int:
+    """Whole micro-batches in one pass over `size` rows (at least one)."""
+    return max(1, size // batch_size)
+
+
 def micro_batch_indices(size: int, batch_size: int, seed: int, start: int) -> Iterator[list[int]]:
     """Global micro-batches of a dataset of `size` rows, epoch after epoch (each epoch a seeded permutation), from
     micro-batch number `start` on: the order depends only on (seed, number), so a resumed run sees the same data."""
-    per_epoch = max(1, size // batch_size)
+    per_epoch = batches_per_epoch(size, batch_size)
     number, order_epoch, order = start, None, None
     while True:
         epoch, position = divmod(number, per_epoch)
@@ -193,7 +197,7 @@ class TrainRecipe:
             raise UserError(f"data_dir: {data_dir} does not exist; point it at the dataset folder `specdistill prep` wrote")
 
         tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
-        self.dataset, _, token_counts = load_prepared_dataset(data_dir, tokenizer)
+        self.dataset, token_counts = load_prepared_dataset(data_dir, tokenizer)
         model = load_target_model(cfg.target, cfg.cache_dir, device=self.accelerator.device)
         num_layers = model.config.num_hidden_layers
         kind = cfg.drafter.kind.name
@@ -334,8 +338,8 @@ class TrainRecipe:
         weights = ObjectiveWeights(**{**self.weights.__dict__, "noise": 0.0})
         agree = counted = 0
         batches = self._micro_batches("validation", self.cfg.train.batch_size, 0)
-        per_epoch = max(1, len(self.dataset["validation"]) // (self.cfg.train.batch_size * self.accelerator.num_processes))
-        for _ in range(min(self.cfg.train.eval_batches, per_epoch)):
+        global_batch = self.cfg.train.batch_size * self.accelerator.num_processes
+        for _ in range(min(self.cfg.train.eval_batches, batches_per_epoch(len(self.dataset["validation"]), global_batch))):
             batch = next(batches)
             target_output = self.target(batch["input_ids"], batch["attention_mask"])
             loss = self.drafter.training_loss(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
