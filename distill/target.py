@@ -43,13 +43,22 @@ class FrozenTarget(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.num_layers = model.config.num_hidden_layers
-        check_feature_layers(feature_layers, self.num_layers)
-        self.feature_layers = tuple(feature_layers)
         self._captured: dict[int, torch.Tensor] = {}
-        layers = model.get_decoder().layers
-        for layer_id in self.feature_layers:
-            if layer_id != FINAL_NORMED:
-                layers[layer_id].register_forward_pre_hook(self._capture_hook(layer_id), with_kwargs=True)
+        self._hooks: list = []
+        self.set_feature_layers(feature_layers)
+
+    def set_feature_layers(self, feature_layers: Sequence[int]) -> None:
+        """Tap these layer ids from now on (the evaluator serves several drafters with one target)."""
+        check_feature_layers(feature_layers, self.num_layers)
+        for handle in self._hooks:
+            handle.remove()
+        self.feature_layers = tuple(feature_layers)
+        layers = self.model.get_decoder().layers
+        self._hooks = [
+            layers[layer_id].register_forward_pre_hook(self._capture_hook(layer_id), with_kwargs=True)
+            for layer_id in self.feature_layers
+            if layer_id != FINAL_NORMED
+        ]
 
     def _capture_hook(self, layer_id: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

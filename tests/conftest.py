@@ -66,3 +66,24 @@ def toy_dataset(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tu
     result = run_cli("prep", "target=toy_tiny", "data=toy_chat", f"out_dir={out_dir}", cwd=out_dir)
     assert result.returncode == 0, result.stderr
     return out_dir / "dataset", result
+
+
+TRAIN_FAST = ["target=toy_tiny", "optim.warmup_steps=10", "optim.lr=2e-3", "train.batch_size=8",
+              "drafter.draft_vocab_size=512", "objective.ttt_steps=3", "train.checkpoint_every=1000"]
+
+
+@pytest.fixture(scope="session")
+def trained_drafter(tmp_path_factory: pytest.TempPathFactory, toy_dataset):
+    """`trained_drafter(kind)`: `specdistill train drafter=<kind>` for 150 steps on the tiny toy target, run once per
+    session → (its out_dir, the finished process)."""
+    runs: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def train(kind: str) -> tuple[Path, subprocess.CompletedProcess]:
+        if kind not in runs:
+            out_dir = tmp_path_factory.mktemp(f"train_{kind}")
+            result = run_cli("train", f"drafter={kind}", f"data_dir={toy_dataset[0]}", f"out_dir={out_dir}",
+                             "train.max_steps=150", "train.eval_every=150", *TRAIN_FAST, cwd=out_dir)
+            runs[kind] = out_dir, result
+        return runs[kind]
+
+    return train

@@ -17,10 +17,7 @@ from transformers import AutoModel
 
 import distill.drafters  # noqa: F401  (registers the drafter classes with the Auto classes)
 
-from tests.conftest import REPO_ROOT, run_cli
-
-FAST = ["target=toy_tiny", "optim.warmup_steps=10", "optim.lr=2e-3", "train.batch_size=8",
-        "drafter.draft_vocab_size=512", "objective.ttt_steps=3", "train.checkpoint_every=1000"]
+from tests.conftest import REPO_ROOT, TRAIN_FAST as FAST, run_cli
 
 
 def summary(out_dir: Path) -> list[dict]:
@@ -37,10 +34,8 @@ def assert_same_history(expected: list[dict], actual: list[dict], keys: tuple[st
 
 
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
-def test_drafter_learns_to_agree_with_the_target(kind, toy_dataset, tmp_path: Path):
-    dataset_dir, _ = toy_dataset
-    result = run_cli("train", f"drafter={kind}", f"data_dir={dataset_dir}", f"out_dir={tmp_path}",
-                     "train.max_steps=150", "train.eval_every=150", *FAST, cwd=tmp_path)
+def test_drafter_learns_to_agree_with_the_target(kind, trained_drafter):
+    tmp_path, result = trained_drafter(kind)
     assert result.returncode == 0, result.stderr[-3000:]
     history = summary(tmp_path)
     untrained, trained = history[0], history[-1]

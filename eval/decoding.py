@@ -1,0 +1,292 @@
+"""The speculative decoder (batch size 1) and its baseline, plain autoregressive decoding with the same cache code.
+
+One decoding step, after `prefill`:
+
+    draft   the proposer drafts a chain of γ tokens, or an EAGLE-2 tree (expand the top_k children of the top_k
+            best frontier nodes for `depth` levels, a node's score being its path's summed draft log-probability;
+            keep the total_tokens − 1 best nodes, a connected subtree since a child never outscores its parent)
+    verify  one target forward over [last token, drafted tokens] with a chain (causal) or tree (ancestor) mask and
+            position ids n + depth
+    accept  eval/verification.py picks the accepted tokens and the target's own next token
+    commit  the target's cache keeps the accepted entries (chain: a truncation; tree: the accepted path is copied
+            into place), the proposer drops its drafts and commits the accepted tokens with the target's features
+
+Tokens committed per target forward are the step's accept length (τ is their mean; plain decoding has τ = 1).
+EOS and max_new_tokens cut the committed tokens exactly where plain decoding would stop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from distill.kv_cache import KVCache
+from distill.target import FrozenTarget, TargetOutput
+from eval import verification
+from eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
+from eval.proposers import Proposer
+
+
+@dataclass
+class DecodingConfig:
+    method: str = "chain"  # chain | tree
+    gamma: int = 5  # chain: drafted tokens per step
+    tree_depth: int = 6  # tree: draft levels
+    tree_top_k: int = 10  # tree: children per expanded node and nodes expanded per level
+    tree_total_tokens: int = 60  # tree: verified tokens per step (root included)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+@dataclass
+class Generation:
+    output_ids: list[int]
+    accept_lengths: list[int]  # tokens committed by each decoding step's target forward (prefill excluded)
+    reached: list[int]  # per draft position k = 1, 2, …: steps whose verification got to position k
+    accepted: list[int]  # … and accepted the token there
+    seconds: float = 0.0  # wall time of the whole generation, prefill included
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    drafter_calls: int = 0
+    target_calls: int = 0
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor  # [N] drafted tokens, parents before children
+    parents: torch.Tensor  # [N] index of the parent node, −1 for children of the root
+    depths: torch.Tensor  # [N] 1 for children of the root
+    ancestors: torch.Tensor  # [N, N] bool: node j is node i or one of its ancestors
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Decoder:
+    """Speculative decoding of `target` with `proposer`; with `proposer=None`, plain autoregressive decoding."""
+
+    def __init__(
+        self,
+        target: FrozenTarget,
+        proposer: Proposer | None,
+        config: DecodingConfig,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
+    ):
+        check_attention_implementation(target.config, "target")
+        self.target, self.proposer, self.config = target, proposer, config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.device = next(target.parameters()).device
+        self.mask = PrefixMask(self.device)
+        self.chain_block = causal_block(config.gamma + 1, self.device)
+        if proposer is not None:
+            target.set_feature_layers(proposer.feature_layers)
+
+    @property
+    def greedy(self) -> bool:
+        return self.config.temperature <= 0.0
+
+    # -- the target ------------------------------------------------------------------------------------------
+
+    def _target(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> TargetOutput:
+        mask = as_model_mask(mask, self.target.config, self.target.model.dtype)
+        return self.target(tokens, attention_mask=mask, past_key_values=self.cache, position_ids=positions)
+
+    def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """The target's own next token: argmax, or a sample from its (temperature, top-p) distribution."""
+        if self.greedy:
+            return int(logits.argmax())
+        probs = verification.target_probs(logits, self.config.temperature, self.config.top_p)
+        return int(verification.sample(probs, generator))
+
+    def prefill(self, prompt: torch.Tensor, generator: torch.Generator | None) -> tuple[int, TargetOutput]:
+        self.cache = KVCache(capacity=prompt.shape[1] + self.config.max_new_tokens + self.config.tree_total_tokens)
+        positions = torch.arange(prompt.shape[1], device=self.device)[None]
+        output = self._target(prompt, positions, None)  # no cache yet: transformers applies the causal mask
+        return self._choose(output.logits[0, -1], generator), output
+
+    # -- drafting --------------------------------------------------------------------------------------------
+
+    def _draft_distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        return verification.target_probs(logits, self.config.temperature, self.config.top_p)
+
+    def draft_chain(self, logits: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """γ tokens, each the drafter's argmax (greedy) or a sample from its distribution q → (tokens, q)."""
+        tokens, draft_probs = [], []
+        last_row = torch.tensor([-1], device=self.device)
+        for position in range(self.config.gamma):
+            if self.greedy:
+                token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                draft_probs.append(self._draft_distribution(logits))
+                token = verification.sample(draft_probs[-1], generator)[None]
+            tokens.append(token)
+            if position + 1 < self.config.gamma:
+                logits = self.proposer.step(token, last_row, depth=position + 1, block=None)[-1]
+        return torch.cat(tokens), (torch.stack(draft_probs) if draft_probs else None)
+
+    def draft_tree(self, logits: torch.Tensor) -> Tree:
+        """EAGLE-2's dynamic tree (module doc). Node ids are in generation order, so parents precede children."""
+        top_k, device = self.config.tree_top_k, self.device
+        scores, frontier_tokens = torch.log_softmax(logits.float(), dim=-1).topk(top_k)
+        all_tokens, all_scores = [frontier_tokens], [scores]
+        all_parents, all_depths = [torch.full((top_k,), -1, device=device)], [torch.ones(top_k, dtype=torch.long, device=device)]
+        frontier_ids, frontier_scores = torch.arange(top_k, device=device), scores
+        parent_rows = torch.full((top_k,), -1, device=device)  # rows of the proposer's last output
+        block = torch.eye(top_k, dtype=torch.bool, device=device)  # visibility among the fed frontier entries
+        generated = top_k
+        for depth in range(1, self.config.tree_depth):
+            logits = self.proposer.step(frontier_tokens, parent_rows, depth=depth, block=block)
+            child_scores, child_tokens = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+            candidate_scores = (frontier_scores[:, None] + child_scores).flatten()  # [k·k]
+            all_tokens.append(child_tokens.flatten())
+            all_scores.append(candidate_scores)
+            all_parents.append(frontier_ids.repeat_interleave(top_k))
+            all_depths.append(torch.full((top_k * top_k,), depth + 1, device=device))
+            best = candidate_scores.topk(top_k).indices
+            parent_rows = best // top_k
+            frontier_ids, frontier_scores = generated + best, candidate_scores[best]
+            frontier_tokens = child_tokens.flatten()[best]
+            block = torch.cat([block[parent_rows], torch.eye(top_k, dtype=torch.bool, device=device)], dim=1)
+            generated += top_k * top_k
+        tokens, scores = torch.cat(all_tokens), torch.cat(all_scores)
+        parents, depths = torch.cat(all_parents), torch.cat(all_depths)
+        # rerank: the best total_tokens − 1 nodes; a stable sort puts a parent before a child of equal score
+        keep = min(self.config.tree_total_tokens - 1, len(tokens))
+        selected = torch.sort(scores, descending=True, stable=True).indices[:keep].sort().values
+        new_index = torch.full((len(tokens),), -1, device=device)
+        new_index[selected] = torch.arange(keep, device=device)
+        selected_parents = parents[selected]
+        selected_parents = torch.where(selected_parents >= 0, new_index[selected_parents.clamp_min(0)], -1)
+        ancestors = _ancestors(selected_parents, self.config.tree_depth)
+        return Tree(tokens[selected], selected_parents, depths[selected], ancestors)
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def verify_chain(
+        self, root: int, drafted: torch.Tensor, draft_probs: torch.Tensor | None, generator
+    ) -> tuple[list[int], list[int], TargetOutput]:
+        """→ (committed tokens, verified rows whose entries stay: root + accepted drafts, the target's output)"""
+        length = self.cache.length
+        tokens = torch.cat([torch.tensor([root], device=self.device), drafted])[None]
+        positions = torch.arange(length, length + len(drafted) + 1, device=self.device)[None]
+        output = self._target(tokens, positions, self.mask(length, self.chain_block))
+        logits = output.logits[0]
+        if self.greedy:
+            accepted, next_token = verification.accept_chain_greedy(drafted, logits)
+        else:
+            probs = verification.target_probs(logits, self.config.temperature, self.config.top_p)
+            accepted, next_token = verification.accept_chain_sampling(drafted, draft_probs, probs, generator)
+        self.cache.truncate(length + 1 + accepted)
+        rows = list(range(accepted + 1))  # root and the accepted drafts
+        return drafted[:accepted].tolist() + [next_token], rows, output
+
+    def verify_tree(self, root: int, tree: Tree, generator) -> tuple[list[int], list[int], TargetOutput]:
+        length, size = self.cache.length, len(tree.tokens) + 1
+        tokens = torch.cat([torch.tensor([root], device=self.device), tree.tokens])[None]
+        positions = (length + torch.cat([torch.zeros(1, dtype=torch.long, device=self.device), tree.depths]))[None]
+        block = torch.zeros(size, size, dtype=torch.bool, device=self.device)
+        block[:, 0] = True  # every node sees the root
+        block[1:, 1:] = tree.ancestors
+        block[0, 0] = True
+        output = self._target(tokens, positions, self.mask(length, block))
+        logits = output.logits[0]
+        row_tokens = [root] + tree.tokens.tolist()
+        children: list[list[int]] = [[] for _ in range(size)]
+        for node, parent in enumerate(tree.parents.tolist()):
+            children[parent + 1].append(node + 1)
+        if self.greedy:
+            path, next_token = verification.accept_tree_greedy(row_tokens, children, logits.argmax(dim=-1).tolist())
+        else:
+            probs = verification.target_probs(logits, self.config.temperature, self.config.top_p)
+            path, next_token = verification.accept_tree_sampling(row_tokens, children, probs, generator)
+        rows = [0] + path
+        self.cache.keep_path(length, torch.tensor(rows, device=self.device))
+        return [row_tokens[row] for row in path] + [next_token], rows, output
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], generator: torch.Generator | None = None) -> Generation:
+        config = self.config
+        depth_limit = config.gamma if config.method == "chain" else config.tree_depth
+        result = Generation([], [], [0] * depth_limit, [0] * depth_limit)
+        _sync(self.device)
+        started = time.perf_counter()
+        prompt = torch.tensor([prompt_ids], device=self.device)
+        token, output = self.prefill(prompt, generator)
+        result.target_calls += 1
+        done = self._commit(result, [token], decoding_step=False)
+        if self.proposer is not None and not done:
+            draft_logits = self.proposer.begin(prompt, output.features, torch.tensor([[token]], device=self.device))
+            result.drafter_calls += 1
+        while not done:
+            root = result.output_ids[-1]
+            result.target_calls += 1
+            if self.proposer is None:
+                positions = torch.tensor([[self.cache.length]], device=self.device)
+                logits = self._target(torch.tensor([[root]], device=self.device), positions, None).logits[0, -1]
+                done = self._commit(result, [self._choose(logits, generator)])
+                continue
+            draft_started = time.perf_counter()
+            if config.method == "chain":
+                drafted, draft_probs = self.draft_chain(draft_logits, generator)
+                result.drafter_calls += config.gamma - 1
+                _sync(self.device)
+                verify_started = time.perf_counter()
+                committed, rows, output = self.verify_chain(root, drafted, draft_probs, generator)
+            else:
+                tree = self.draft_tree(draft_logits)
+                result.drafter_calls += config.tree_depth - 1
+                _sync(self.device)
+                verify_started = time.perf_counter()
+                committed, rows, output = self.verify_tree(root, tree, generator)
+            accepted = len(committed) - 1
+            for position in range(min(accepted + 1, depth_limit)):
+                result.reached[position] += 1
+                result.accepted[position] += position < accepted
+            done = self._commit(result, committed)
+            _sync(self.device)
+            verified = time.perf_counter()
+            if not done:  # the drafter catches up on the accepted tokens with the target's features of them
+                rows_tensor = torch.tensor(rows, device=self.device)
+                features = {layer_id: feature[:, rows_tensor] for layer_id, feature in output.features.items()}
+                draft_logits = self.proposer.extend(torch.tensor([committed], device=self.device), features)
+                result.drafter_calls += 1
+                _sync(self.device)
+            result.draft_seconds += (verify_started - draft_started) + (time.perf_counter() - verified)
+        _sync(self.device)
+        result.seconds = time.perf_counter() - started
+        result.verify_seconds = result.seconds - result.draft_seconds
+        return result
+
+    def _commit(self, result: Generation, tokens: list[int], decoding_step: bool = True) -> bool:
+        """Append the step's tokens, cut at EOS or max_new_tokens; True when generation is over."""
+        room = self.config.max_new_tokens - len(result.output_ids)
+        tokens = tokens[:room]
+        for index, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                tokens = tokens[: index + 1]
+                break
+        if decoding_step:  # the prefill's token is not a decoding step
+            result.accept_lengths.append(len(tokens))
+        result.output_ids.extend(tokens)
+        return len(result.output_ids) >= self.config.max_new_tokens or tokens[-1] in self.eos_token_ids
+
+
+def _ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
+    """[N, N] bool, row i marks node i and its ancestors: follow every node's parent pointer `depth` − 1 times
+    (a node at depth d has d − 1 ancestors below the root); finished chains point at the root (−1) and mark nothing."""
+    count = len(parents)
+    ancestors = torch.eye(count, dtype=torch.bool, device=parents.device)
+    rows = torch.arange(count, device=parents.device)
+    pointer = parents
+    for _ in range(depth - 1):
+        alive = pointer >= 0
+        ancestors[rows, pointer.clamp_min(0)] |= alive
+        pointer = torch.where(alive, parents[pointer.clamp_min(0)], pointer)
+    return ancestors

@@ -1,0 +1,225 @@
+"""The eval report: `report.json`, `report.md` and PNG plots, from one result dict per drafter.
+
+A result has the DESIGN.md report.json keys (`SCHEMA_KEYS`) and may add `accept_length_histogram` (list[int]: how
+many decoding steps committed 1, 2, 3, ... tokens; index 0 is 1 token) and `per_category` (category →
+{"tau", "speedup", "num_prompts"}); those two are kept in report.json too and feed the plots.
+
+`report.json` holds the result object itself when there is one result, and a JSON list of result objects (in the
+order given) when several drafters were evaluated; a reader should accept both (wrap an object in a list).
+Non-finite numbers are written as null (NaN is not JSON). Every file is written under a temporary name and
+renamed when complete, so a file with its final name is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+SCHEMA_KEYS = (
+    "target", "drafter", "bench", "temperature", "method", "tau", "alpha_per_position", "speedup",
+    "predicted_speedup", "tokens_per_s", "baseline_tokens_per_s", "cost_ratio", "num_prompts", "new_tokens",
+    "lossless_check", "config",
+)
+TABLE_COLUMNS = (
+    "drafter", "method", "τ", "speedup", "predicted speedup", "tokens/s", "baseline tokens/s", "c", "lossless check",
+)
+PLOTS = {
+    "alpha_per_position.png": "Acceptance α per draft position",
+    "per_category.png": "Speedup and τ per category",
+    "accept_lengths.png": "Tokens committed per target forward",
+}
+
+
+def write_report(out_dir: Path, results: list[dict]) -> dict[str, Path]:
+    """Write report.json, report.md and the plots into `out_dir`; returns {file name: path} of what was written."""
+    if not results:
+        raise ValueError("write_report needs at least one result")
+    for result in results:
+        missing = [key for key in SCHEMA_KEYS if key not in result]
+        if missing:
+            raise ValueError(f"result for drafter {result.get('drafter')!r} lacks report.json keys {missing}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    def write(name: str, write_to: Callable[[IO[bytes]], None]) -> None:
+        written[name] = _write_atomically(out_dir / name, write_to)
+
+    ordered = [_finite({**{key: r[key] for key in SCHEMA_KEYS}, **r}) for r in results]
+    document = ordered[0] if len(ordered) == 1 else ordered
+    # default=str: configs may hold enums or paths; the report must not fail at the very end of a long eval.
+    write("report.json", lambda f: f.write((json.dumps(document, indent=2, default=str) + "\n").encode()))
+
+    plots = {name: figure for name, figure in _figures(results).items() if figure is not None}
+    for name, figure in plots.items():
+        write(name, lambda f, figure=figure: figure.savefig(f, format="png", dpi=120))
+    write("report.md", lambda f: f.write(_markdown(results, list(plots)).encode()))
+    return written
+
+
+def format_table(results: list[dict]) -> str:
+    """The main markdown table: one row per drafter."""
+    rows = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for label, r in zip(_labels(results), results):
+        cells = [
+            label, r["method"], _num(r["tau"], ".2f"), _num(r["speedup"], ".2f", "×"),
+            _num(r["predicted_speedup"], ".2f", "×"), _num(r["tokens_per_s"], ".1f"),
+            _num(r["baseline_tokens_per_s"], ".1f"), _num(r["cost_ratio"], ".3f"), r["lossless_check"],
+        ]
+        rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(rows)
+
+
+def _markdown(results: list[dict], plot_names: list[str]) -> str:
+    lines = [
+        f"# Speculative decoding: {_joined(results, 'target')} on {_joined(results, 'bench')}",
+        "",
+        f"Temperature {_joined(results, 'temperature')}; {_joined(results, 'num_prompts')} prompts; "
+        f"{_joined(results, 'new_tokens')} new tokens. τ: tokens committed per target forward; "
+        "c: drafter step time ÷ target step time; predicted speedup: Leviathan et al.'s estimate from α and c.",
+        "",
+        format_table(results),
+    ]
+    category_rows = [
+        f"| {label} | {category} | {stats.get('num_prompts', '—')} | {_num(stats.get('tau'), '.2f')} | "
+        f"{_num(stats.get('speedup'), '.2f', '×')} |"
+        for label, r in zip(_labels(results), results)
+        for category, stats in sorted((r.get("per_category") or {}).items())
+    ]
+    if category_rows:
+        lines += ["", "## Per category", "", "| drafter | category | prompts | τ | speedup |", "|---|---|---|---|---|"]
+        lines += category_rows
+    positions = max(len(r["alpha_per_position"] or []) for r in results)
+    if positions:
+        lines += ["", "## Acceptance α per draft position", ""]
+        lines.append("| drafter | " + " | ".join(f"α{k + 1}" for k in range(positions)) + " |")
+        lines.append("|---" * (positions + 1) + "|")
+        for label, r in zip(_labels(results), results):
+            alphas = list(r["alpha_per_position"] or []) + [None] * positions
+            lines.append(f"| {label} | " + " | ".join(_num(a, ".3f") for a in alphas[:positions]) + " |")
+    if plot_names:
+        lines += ["", "## Plots"] + [f"\n![{PLOTS[name]}]({name})" for name in plot_names]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(results: list[dict]) -> dict[str, Figure | None]:
+    labels = _labels(results)
+    return {
+        "alpha_per_position.png": _alpha_figure(labels, results),
+        "per_category.png": _category_figure(labels, results),
+        "accept_lengths.png": _accept_length_figure(labels, results),
+    }
+
+
+def _new_figure(width: float = 6.4, height: float = 4.0, columns: int = 1) -> tuple[Figure, list]:
+    # A bare Figure on an Agg canvas: no pyplot global state, no GUI backend, safe on headless machines.
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, columns, squeeze=False)[0]
+    return figure, list(axes)
+
+
+def _alpha_figure(labels: list[str], results: list[dict]) -> Figure | None:
+    if not any(r["alpha_per_position"] for r in results):
+        return None
+    figure, (axes,) = _new_figure()
+    for label, r in zip(labels, results):
+        alphas = [math.nan if a is None else a for a in r["alpha_per_position"] or []]
+        axes.plot(range(1, len(alphas) + 1), alphas, marker="o", label=label)
+    axes.set(xlabel="draft position k", ylabel="α_k", ylim=(0, 1.02), title=PLOTS["alpha_per_position.png"])
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure
+
+
+def _category_figure(labels: list[str], results: list[dict]) -> Figure | None:
+    categories = sorted({c for r in results for c in (r.get("per_category") or {})})
+    if not categories:
+        return None
+    figure, axes_pair = _new_figure(width=max(8.0, 2.0 + 1.5 * len(categories)), columns=2)
+    width = 0.8 / len(results)
+    for axes, metric, name in zip(axes_pair, ("speedup", "tau"), ("speedup", "τ")):
+        for i, (label, r) in enumerate(zip(labels, results)):
+            stats = r.get("per_category") or {}
+            values = [_float(stats.get(c, {}).get(metric)) for c in categories]
+            offset = (i - (len(results) - 1) / 2) * width  # bars of one category side by side, centred on it
+            axes.bar([x + offset for x in range(len(categories))], values, width, label=label)
+        axes.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        axes.set(ylabel=name, title=f"{name} per category")
+        axes.axhline(1.0, color="grey", linewidth=0.8)  # 1 = plain autoregressive decoding
+        axes.grid(axis="y", alpha=0.3)
+    figure.legend(*axes_pair[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(results))
+    return figure
+
+
+def _accept_length_figure(labels: list[str], results: list[dict]) -> Figure | None:
+    histograms = [list(r.get("accept_length_histogram") or []) for r in results]
+    if not any(sum(h) for h in histograms):
+        return None
+    figure, (axes,) = _new_figure()
+    lengths = max(len(h) for h in histograms)
+    width = 0.8 / len(results)
+    for i, (label, counts) in enumerate(zip(labels, histograms)):
+        # Shares of steps, not counts, so drafters evaluated on different token budgets compare directly.
+        total = sum(counts) or 1
+        shares = [c / total for c in counts] + [0.0] * (lengths - len(counts))
+        offset = (i - (len(results) - 1) / 2) * width
+        axes.bar([k + 1 + offset for k in range(lengths)], shares, width, label=label)
+    axes.set(xlabel="tokens committed in one target forward", ylabel="share of decoding steps")
+    axes.set_title(PLOTS["accept_lengths.png"])
+    axes.set_xticks(range(1, lengths + 1))
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend()
+    return figure
+
+
+def _write_atomically(path: Path, write_to: Callable[[IO[bytes]], None]) -> Path:
+    """Write via `<dir>/.<name>.<pid>.tmp` and rename, so a reader never sees a partial file under `path`."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as file:
+            write_to(file)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def _labels(results: list[dict]) -> list[str]:
+    """Drafter names, with method and temperature added when a name appears more than once."""
+    names = [str(r["drafter"]) for r in results]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{r['drafter']} ({r['method']}, T={r['temperature']})" for r in results]
+
+
+def _joined(results: list[dict], key: str) -> str:
+    return ", ".join(dict.fromkeys(str(r[key]) for r in results))
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _num(value: Any, spec: str, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:{spec}}{unit}"
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and ±inf replaced by None, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

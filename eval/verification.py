@@ -1,0 +1,92 @@
+"""Verification maths: which drafted tokens the target accepts, and the token it adds after them.
+
+Greedy (temperature 0): accept while the draft equals the target's argmax; the next token is the target's argmax
+after the last accepted one (the "bonus"). The output is exactly greedy decoding.
+
+Sampling (Leviathan et al. / Chen et al.), p the target's and q the drafter's distribution at a position:
+    chain: accept a drafted x ~ q with probability min(1, p(x) / q(x)); at the first rejection sample from
+           norm(max(0, p − q)); when all are accepted sample the bonus from p.
+    tree:  children are proposed deterministically (top-k), so q is one-hot per child: try the siblings in order,
+           accepting x with probability p(x); on a rejection set p(x) = 0 and renormalise; when every sibling is
+           rejected sample from what is left of p.
+Both leave the output distributed exactly as sampling from the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T), restricted to the smallest top set of mass ≥ top_p and renormalised."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # keeps the first token always
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def accept_chain_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
+    """draft_tokens [γ], target_logits [γ+1, V] → (accepted count, next token)."""
+    wanted = target_logits.argmax(dim=-1)
+    matches = (draft_tokens == wanted[:-1]).int()
+    accepted = int(matches.cumprod(dim=0).sum())  # the one host sync of the step
+    return accepted, int(wanted[accepted])
+
+
+def accept_chain_sampling(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    probs: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """draft_tokens [γ] sampled from draft_probs [γ, V]; probs [γ+1, V] the target's → (accepted, next token)."""
+    gamma = len(draft_tokens)
+    positions = torch.arange(gamma, device=probs.device)
+    p_draft, q_draft = probs[positions, draft_tokens], draft_probs[positions, draft_tokens]
+    uniform = torch.rand(gamma, generator=generator, device=probs.device)
+    accepted_flags = (uniform * q_draft <= p_draft).int()  # u < p/q without dividing (q(x) > 0: x was drawn from q)
+    accepted = int(accepted_flags.cumprod(dim=0).sum())
+    if accepted == gamma:
+        return accepted, int(sample(probs[gamma], generator))
+    residual = (probs[accepted] - draft_probs[accepted]).clamp_min(0.0)
+    return accepted, int(sample(residual / residual.sum(), generator))
+
+
+def accept_tree_greedy(tokens: list[int], children: list[list[int]], wanted: list[int]) -> tuple[list[int], int]:
+    """Rows are 0 = root, then the tree's nodes; `children[row]` lists child rows, `wanted[row]` the target's argmax
+    after that row. → (accepted rows, root to leaf; next token)."""
+    row, path = 0, []
+    while True:
+        match = next((child for child in children[row] if tokens[child] == wanted[row]), None)
+        if match is None:
+            return path, wanted[row]
+        path.append(match)
+        row = match
+
+
+def accept_tree_sampling(
+    tokens: list[int], children: list[list[int]], probs: torch.Tensor, generator: torch.Generator | None
+) -> tuple[list[int], int]:
+    """Recursive rejection over siblings (module doc); probs [rows, V] the target's distribution after each row."""
+    row, path = 0, []
+    while True:
+        residual = probs[row]
+        for child in children[row]:
+            token = tokens[child]
+            if float(torch.rand((), generator=generator, device=probs.device)) < float(residual[token]):
+                path.append(child)
+                row = child
+                break
+            residual = residual.clone()
+            residual[token] = 0.0
+            residual = residual / residual.sum().clamp_min(torch.finfo(residual.dtype).tiny)
+        else:
+            return path, int(sample(residual, generator))

@@ -1,0 +1,205 @@
+"""The speculative decoder is lossless: greedy output equals plain greedy decoding token for token (chain and tree,
+untrained and trained drafters, EOS and max_new_tokens edges), sampled output has the target's distribution, and τ
+is exact for drafters that are always right (γ + 1) or always wrong (1)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distill.drafters.eagle import build_eagle_drafter
+from distill.target import FrozenTarget
+from eval import verification
+from eval.benches import BenchConfig, load_bench, render_prompt
+from eval.decoding import Decoder, DecodingConfig
+from eval.proposers import EagleProposer, LMProposer, load_proposer
+
+CHAIN = DecodingConfig(method="chain", gamma=4, max_new_tokens=40)
+TREE = DecodingConfig(method="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=12, max_new_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def tiny(toy_tiny_path, toy_tokenizer):
+    model = LlamaForCausalLM.from_pretrained(toy_tiny_path)
+    prompts = [render_prompt(toy_tokenizer, prompt, chat_template=True)
+               for prompt in load_bench(BenchConfig(name="toy"), num_prompts=6)]
+    return SimpleNamespace(model=model, target=FrozenTarget(model), prompts=prompts)
+
+
+def plain_outputs(target: FrozenTarget, prompts, config: DecodingConfig, eos=frozenset()) -> list[list[int]]:
+    decoder = Decoder(target, None, config, eos)
+    return [decoder.generate(prompt).output_ids for prompt in prompts]
+
+
+def untrained(kind: str, target: FrozenTarget):
+    torch.manual_seed(0)
+    layers = [-1] if kind == "eagle1" else [0, 1, -1]
+    return build_eagle_drafter(kind, target, num_layers=1, feature_layers=layers, draft_vocab_size=512)
+
+
+@pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_greedy_equals_plain_decoding_with_untrained_drafters(tiny, kind, config):
+    expected = plain_outputs(tiny.target, tiny.prompts, config)
+    decoder = Decoder(tiny.target, EagleProposer(untrained(kind, tiny.target), "cpu"), config)
+    for prompt, plain in zip(tiny.prompts, expected):
+        generation = decoder.generate(prompt)
+        assert generation.output_ids == plain
+        assert sum(generation.accept_lengths) + 1 == len(plain)  # the prefill makes the first token
+
+
+@pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
+def test_greedy_equals_plain_decoding_with_a_trained_drafter(tiny, trained_drafter, config):
+    out_dir, result = trained_drafter("eagle3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    proposer = load_proposer(str(out_dir / "drafter"), tiny.target, "cpu")
+    decoder = Decoder(tiny.target, proposer, config)
+    expected = plain_outputs(tiny.target, tiny.prompts, config)
+    accept_lengths = []
+    for prompt, plain in zip(tiny.prompts, expected):
+        generation = decoder.generate(prompt)
+        assert generation.output_ids == plain
+        accept_lengths += generation.accept_lengths
+    tau = sum(accept_lengths) / len(accept_lengths)
+    print(config.method, "trained eagle3 tau", round(tau, 3))
+    assert tau > 1.2  # the trained drafter is accepted often; an untrained one almost never
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 4, 5, 6, 23])
+@pytest.mark.parametrize("method", ["chain", "tree"])
+def test_max_new_tokens_and_eos_cut_exactly_where_plain_decoding_stops(tiny, max_new_tokens, method):
+    config = DecodingConfig(method=method, gamma=4, tree_depth=4, tree_top_k=3, tree_total_tokens=12,
+                            max_new_tokens=max_new_tokens)
+    oracle = LMProposer(tiny.model, "cpu")  # always right: steps commit γ+1 tokens, so the cuts fall mid-step
+    for prompt in tiny.prompts[:3]:
+        [plain] = plain_outputs(tiny.target, [prompt], config)
+        assert len(plain) == max_new_tokens
+        assert Decoder(tiny.target, oracle, config).generate(prompt).output_ids == plain
+        if max_new_tokens > 2:  # an EOS inside the run: both stop right after its first occurrence
+            eos = {plain[max_new_tokens // 2]}
+            [plain_eos] = plain_outputs(tiny.target, [prompt], config, eos)
+            assert plain_eos == plain[: plain.index(plain[max_new_tokens // 2]) + 1]
+            assert Decoder(tiny.target, oracle, config, eos).generate(prompt).output_ids == plain_eos
+
+
+class WrongLM(nn.Module):
+    """A drafter whose argmax is always the target's argmin: never right."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner, self.config, self.dtype = model, model.config, model.dtype
+
+    def forward(self, **kwargs):
+        return SimpleNamespace(logits=-self.inner(**kwargs).logits)
+
+
+def test_tau_is_gamma_plus_one_for_an_always_right_drafter_and_one_for_an_always_wrong_one(tiny):
+    gamma, steps = 4, 6
+    config = DecodingConfig(method="chain", gamma=gamma, max_new_tokens=1 + steps * (gamma + 1))
+    right = Decoder(tiny.target, LMProposer(tiny.model, "cpu"), config).generate(tiny.prompts[0])
+    assert right.accept_lengths == [gamma + 1] * steps
+    assert right.accepted == right.reached == [steps] * gamma  # α_k = 1 at every position
+    wrong = Decoder(tiny.target, LMProposer(WrongLM(tiny.model), "cpu"), config).generate(tiny.prompts[0])
+    assert wrong.accept_lengths == [1] * (config.max_new_tokens - 1)
+    assert wrong.accepted == [0] * gamma and wrong.reached == [config.max_new_tokens - 1] + [0] * (gamma - 1)
+    # every generated node kept (3 + 3·9 < 40): the argmax path is in the tree
+    tree = DecodingConfig(method="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=40, max_new_tokens=1 + 6 * 5)
+    assert Decoder(tiny.target, LMProposer(tiny.model, "cpu"), tree).generate(tiny.prompts[0]).accept_lengths == [5] * 6
+
+
+# ---- sampling keeps the target's distribution ---------------------------------------------------------------
+
+def chi_square_test(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]:
+    """Pearson's statistic of observed `counts` against `probs`, cells expecting < 5 pooled into one, and its
+    critical value at p = 0.001 (Wilson–Hilferty approximation)."""
+    expected = probs * counts.sum()
+    assert counts[expected == 0].sum() == 0, "sampled a token sequence the target gives probability 0"
+    large = expected >= 5
+    observed = torch.cat([counts[large], counts[~large].sum()[None]])
+    expected = torch.cat([expected[large], expected[~large].sum()[None]])
+    keep = expected > 0
+    statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    dof = int(keep.sum()) - 1
+    z = 3.090  # the standard normal's 0.999 quantile
+    critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    return statistic, critical
+
+
+def test_chain_and_tree_rejection_sampling_keep_the_target_distribution():
+    """One verification with fixed p (target) and q (drafter) over 6 tokens: the emitted token ~ p."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.15, 0.05])
+    q = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+    draws = 20000
+    chain, tree = torch.zeros(6), torch.zeros(6)
+    tokens, children = [9, 0, 3], [[1, 2], [], []]  # root, then two deterministic siblings: tokens 0 and 3
+    for _ in range(draws):
+        drafted = verification.sample(q, generator)[None]
+        accepted, next_token = verification.accept_chain_sampling(drafted, q[None], torch.stack([p, p]), generator)
+        chain[int(drafted) if accepted else next_token] += 1
+        path, next_token = verification.accept_tree_sampling(tokens, children, torch.stack([p, p, p]), generator)
+        tree[tokens[path[0]] if path else next_token] += 1
+    for counts in (chain, tree):
+        statistic, critical = chi_square_test(counts, p)
+        assert statistic < critical
+
+
+def random_lm(scale: float, noise: float = 0.0, vocab: int = 5) -> LlamaForCausalLM:
+    """A 1-layer random Llama with peaked distributions (LM head scaled); `noise` perturbs the head, so a drafter
+    built with other scale and noise agrees with the target often but not always."""
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head.add_(noise * head.std() * torch.randn(head.shape, generator=generator)).mul_(scale)
+    return model
+
+
+def exact_joint(model: LlamaForCausalLM, prompt: list[int], length: int, temperature: float, top_p: float) -> torch.Tensor:
+    """P(t_1 … t_length | prompt) under the target, by enumeration: [vocab] * length."""
+    vocab = model.config.vocab_size
+    joint = torch.ones(())
+    prefixes: list[list[int]] = [[]]
+    for _ in range(length):
+        with torch.no_grad():
+            logits = torch.stack([model(torch.tensor([prompt + prefix])).logits[0, -1] for prefix in prefixes])
+        step = verification.target_probs(logits, temperature, top_p)  # [prefixes, vocab]
+        joint = (joint.reshape(-1, 1) * step).reshape([vocab] * (len(prefixes[0]) + 1))
+        prefixes = [prefix + [token] for prefix in prefixes for token in range(vocab)]
+    return joint
+
+
+@pytest.mark.parametrize(
+    "config",
+    [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
+     DecodingConfig(method="chain", gamma=2, temperature=0.8, top_p=0.9, max_new_tokens=3),
+     DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0, max_new_tokens=3)],
+    ids=["chain", "chain-top-p", "tree"],
+)
+def test_sampled_speculative_output_has_the_target_distribution(config):
+    """End to end on a 5-token vocabulary: the joint distribution of 3 sampled tokens matches the target's exactly
+    computed one (chi-square at p = 0.001 with a fixed seed)."""
+    target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
+    prompt, draws = [1, 2, 3], 4000
+    exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
+    decoder = Decoder(FrozenTarget(target_model), LMProposer(drafter_model, "cpu"), config)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5 ** 3)
+    accepted = reached = 0
+    for _ in range(draws):
+        generation = decoder.generate(prompt, generator)
+        a, b, c = generation.output_ids
+        counts[a * 25 + b * 5 + c] += 1
+        accepted, reached = accepted + sum(generation.accepted), reached + sum(generation.reached)
+    print(config.method, "acceptance", round(accepted / reached, 3))
+    assert 0.2 < accepted / reached < 0.9, "drafts must be accepted and rejected often, or the test proves little"
+    statistic, critical = chi_square_test(counts, exact)
+    print(config.method, "chi-square", round(statistic, 1), "critical", round(critical, 1))
+    assert statistic < critical
