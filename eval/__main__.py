@@ -1,5 +1,5 @@
-"""`python -m eval ...` will be `specdistill eval ...` (eval must not import train, so it does not use the CLI)."""
+"""`python -m eval ...` is `specdistill eval ...`."""
 
-import sys
+from eval.eval import main
 
-sys.exit("error: `specdistill eval` is not built yet in this version of specdistill.")
+main()

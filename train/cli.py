@@ -19,9 +19,9 @@ import sys
 STAGES: dict[str, tuple[str | None, str]] = {
     "prep": ("data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
     "train": ("train.train", "distill a drafter from the frozen target → drafter checkpoint"),
-    "eval": (None, "speculative decoding with a drafter → τ, α, speedup report"),
+    "eval": ("eval.eval", "speculative decoding with a drafter → τ, α, speedup report"),
     "export": (None, "write a drafter in vLLM / SGLang / Hub layout"),
-    "run": (None, "prep → train → eval end to end (experiment=quickstart)"),
+    "run": ("train.run", "prep → train → eval end to end (experiment=quickstart)"),
 }
 
 

@@ -1,0 +1,202 @@
+"""specdistill eval: score drafters by speculative decoding of the target, beside plain decoding of the same prompts.
+
+    specdistill eval target=toy drafter_path=outputs/train/<date>/<time>/drafter bench=toy
+    specdistill eval ... eval.method=tree eval.tree_depth=6 eval.tree_top_k=10 eval.tree_total_tokens=60
+    specdistill eval ... eval.temperature=1.0 eval.top_p=0.9            # lossless speculative sampling
+    specdistill eval ... drafter_path='[run_a/drafter,run_b/drafter]'   # one side-by-side table
+    specdistill eval target=llama3_8b_instruct drafter_path=... bench=mt_bench
+
+setup (target, prompts, drafters) → evaluate (warm-up, then prompt by prompt: plain decoding, then each drafter,
+interleaved so machine noise hits all alike) → save:
+
+    <out_dir>/report.json   DESIGN.md's schema (a list when several drafters are compared)
+    <out_dir>/report.md     the table, per-category numbers, α per position, plots (*.png)
+    <out_dir>/generations.jsonl   per prompt and drafter: prompt, output_ids, accept_lengths
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from conf import CONFIG_DIR
+from data_prep.targets import load_target_model, load_target_tokenizer
+from distill.errors import UserError, exit_on_user_error
+from distill.target import FrozenTarget
+from eval.benches import load_bench, render_prompt
+from eval.config import register_configs
+from eval.decoding import Decoder, DecodingConfig, Generation
+from eval.metrics import summarize, tokens_per_second
+from eval.proposers import LMProposer, load_proposer
+from eval.report import format_table, write_report
+
+log = logging.getLogger(__name__)
+register_configs()
+
+
+def drafter_paths(cfg: DictConfig) -> list[str]:
+    value = cfg.drafter_path
+    paths = [str(path) for path in value] if OmegaConf.is_list(value) else [str(value)]
+    if not paths:
+        raise UserError("drafter_path: give a drafter folder (or a list of them)")
+    return paths
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    """The tokenizer's EOS plus the generation config's (chat models end a turn with their own token)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return ids
+
+
+class EvalRecipe:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
+        self.model = load_target_model(cfg.target, cfg.cache_dir, self.device)
+        self.target = FrozenTarget(self.model)
+        self.eos = eos_token_ids(self.tokenizer, self.model)
+        loop = cfg.eval
+        self.prompts = load_bench(cfg.bench, loop.num_prompts, seed=cfg.seed)
+        self.prompt_ids = [render_prompt(self.tokenizer, prompt, cfg.bench.chat_template) for prompt in self.prompts]
+        self.decoding = DecodingConfig(
+            method=loop.method.value, gamma=loop.gamma, tree_depth=loop.tree_depth, tree_top_k=loop.tree_top_k,
+            tree_total_tokens=loop.tree_total_tokens, temperature=loop.temperature, top_p=loop.top_p,
+            max_new_tokens=loop.max_new_tokens,
+        )
+        self.drafters = {
+            path: load_proposer(path, self.target, self.device, cfg.target.trust_remote_code) for path in drafter_paths(cfg)
+        }
+        verify = loop.verify_lossless
+        self.verify_lossless = cfg.bench.name == "toy" if verify is None else verify
+        log.info("eval: %d prompts from bench '%s', %d drafter(s), %s", len(self.prompts), cfg.bench.name,
+                 len(self.drafters), self.decoding)
+
+    def _decoder(self, path: str | None, greedy: bool = False) -> Decoder:
+        config = self.decoding
+        if greedy:
+            config = DecodingConfig(**{**config.__dict__, "temperature": 0.0})
+        return Decoder(self.target, self.drafters[path] if path else None, config, self.eos)
+
+    def evaluate(self) -> list[dict]:
+        cfg = self.cfg
+        plain = self._decoder(None)
+        speculative = {path: self._decoder(path) for path in self.drafters}
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        for prompt in self.prompt_ids[: cfg.eval.warmup_prompts]:  # warm-up: allocator, kernels, caches
+            plain.generate(prompt, generator)
+            for decoder in speculative.values():
+                decoder.generate(prompt, generator)
+        baseline: list[Generation] = []
+        results: dict[str, list[Generation]] = {path: [] for path in self.drafters}
+        hf_runs: dict[str, list[tuple[list[int], float]]] = {}
+        for prompt in tqdm(self.prompt_ids, desc="eval prompts", unit="prompt"):
+            baseline.append(plain.generate(prompt, generator))
+            for path, decoder in speculative.items():
+                results[path].append(decoder.generate(prompt, generator))
+            self._hf_baselines(prompt, hf_runs)
+        checks = {path: self._lossless_check(path, baseline, results[path]) for path in self.drafters}
+        reports = [self._report(path, baseline, results[path], checks[path]) for path in self.drafters]
+        reports += [self._hf_report(name, runs, baseline) for name, runs in hf_runs.items()]
+        self._write_generations(baseline, results)
+        return reports
+
+    def _hf_baselines(self, prompt: list[int], runs: dict[str, list[tuple[list[int], float]]]) -> None:
+        """transformers' own assisted generation and prompt lookup with each token-level drafter (greedy only)."""
+        if not self.cfg.eval.hf_baselines or self.decoding.temperature > 0:
+            return
+        from eval.baselines import hf_generate
+
+        gamma, new = self.decoding.gamma, self.decoding.max_new_tokens
+        for path, proposer in self.drafters.items():
+            if isinstance(proposer, LMProposer):
+                runs.setdefault(f"transformers assisted: {path}", []).append(
+                    hf_generate(self.model, prompt, new, self.eos, assistant_model=proposer.model, num_assistant_tokens=gamma))
+        if any(isinstance(proposer, LMProposer) for proposer in self.drafters.values()):
+            runs.setdefault("transformers prompt lookup", []).append(
+                hf_generate(self.model, prompt, new, self.eos, prompt_lookup_num_tokens=gamma))
+
+    def _lossless_check(self, path: str, baseline: list[Generation], generations: list[Generation]) -> str:
+        """Greedy: the speculative output must equal plain decoding's. Sampling: re-decode greedily to compare."""
+        if not self.verify_lossless:
+            return "skipped"
+        if self.decoding.temperature > 0:
+            plain, speculative = self._decoder(None, greedy=True), self._decoder(path, greedy=True)
+            pairs = [(plain.generate(p).output_ids, speculative.generate(p).output_ids) for p in self.prompt_ids]
+        else:
+            pairs = [(b.output_ids, g.output_ids) for b, g in zip(baseline, generations)]
+        mismatches = [index for index, (expected, got) in enumerate(pairs) if expected != got]
+        if mismatches:
+            log.error("lossless check FAILED for %s on prompts %s", path, mismatches)
+        return "failed" if mismatches else "passed"
+
+    def _common(self, drafter: str) -> dict:
+        loop = self.cfg.eval
+        return {"target": str(self.cfg.target.name_or_path), "drafter": drafter, "bench": str(self.cfg.bench.name),
+                "temperature": float(loop.temperature), "method": loop.method.value,
+                "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)}
+
+    def _report(self, path: str, baseline: list[Generation], generations: list[Generation], check: str) -> dict:
+        depth = self.decoding.gamma if self.decoding.method == "chain" else self.decoding.tree_depth
+        categories = [prompt.category for prompt in self.prompts]
+        return {**self._common(path), **summarize(generations, baseline, categories, depth), "lossless_check": check}
+
+    def _hf_report(self, name: str, runs: list[tuple[list[int], float]], baseline: list[Generation]) -> dict:
+        speed = sum(len(ids) for ids, _ in runs) / max(sum(seconds for _, seconds in runs), 1e-12)
+        baseline_speed = tokens_per_second(baseline)
+        same = all(ids == b.output_ids for (ids, _), b in zip(runs, baseline))
+        return {**self._common(name), "tau": None, "alpha_per_position": [], "speedup": speed / baseline_speed,
+                "predicted_speedup": None, "tokens_per_s": speed, "baseline_tokens_per_s": baseline_speed,
+                "cost_ratio": None, "num_prompts": len(runs), "new_tokens": sum(len(ids) for ids, _ in runs),
+                "lossless_check": "passed" if same else "failed"}
+
+    def _write_generations(self, baseline: list[Generation], results: dict[str, list[Generation]]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path, partial = self.out_dir / "generations.jsonl", self.out_dir / ".generations.jsonl.tmp"
+        with partial.open("w") as file:
+            for index, prompt in enumerate(self.prompts):
+                rows = [("plain", baseline[index])] + [(name, runs[index]) for name, runs in results.items()]
+                for drafter, generation in rows:
+                    file.write(json.dumps({"id": prompt.id, "category": prompt.category, "drafter": drafter,
+                                           "prompt": prompt.turns[0], "output_ids": generation.output_ids,
+                                           "accept_lengths": generation.accept_lengths}) + "\n")
+        os.replace(partial, path)
+
+    def save(self, reports: list[dict]) -> dict[str, Path]:
+        written = write_report(self.out_dir, reports)
+        print("\n" + format_table(reports))
+        print(f"\nreport: {self.out_dir / 'report.md'}  (report.json, generations.jsonl, plots beside it)")
+        return written
+
+
+def evaluate(cfg: DictConfig) -> list[dict]:
+    recipe = EvalRecipe(cfg)
+    recipe.setup()
+    reports = recipe.evaluate()
+    recipe.save(reports)
+    return reports
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

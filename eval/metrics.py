@@ -1,0 +1,71 @@
+"""Metrics of a run, exactly as DESIGN.md defines them.
+
+    τ      = Σ tokens committed by decoding steps ÷ number of decoding steps (micro-averaged; plain decoding: 1).
+             The prefill's first token is not a decoding step for either method.
+    α_k    = accepted at draft position k ÷ times position k was reached
+    speedup = (new tokens ÷ seconds) speculative ÷ the same for plain decoding, same prompts and cache code
+    c      = one drafter call's mean time ÷ one plain target step's mean time
+    predicted (Leviathan et al.): α = Σ accepted ÷ Σ reached over all positions, τ̂ = (1 − α^{γ+1}) / (1 − α),
+             Ŝ = τ̂ / (γ·c + 1), with γ the drafting depth (chain: gamma; tree: tree_depth)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from eval.decoding import Generation
+
+
+def _sum(values) -> float:
+    return float(sum(values))
+
+
+def tokens_per_second(generations: list[Generation]) -> float:
+    return _sum(len(g.output_ids) for g in generations) / max(_sum(g.seconds for g in generations), 1e-12)
+
+
+def predicted_speedup(alpha: float, depth: int, cost_ratio: float) -> float:
+    tau = depth + 1.0 if alpha >= 1.0 else (1 - alpha ** (depth + 1)) / (1 - alpha)
+    return tau / (depth * cost_ratio + 1)
+
+
+def summarize(
+    generations: list[Generation], plain: list[Generation], categories: list[str], depth: int
+) -> dict:
+    """The measured numbers of one drafter against the plain baseline on the same prompts (report.json keys)."""
+    steps = [length for g in generations for length in g.accept_lengths]
+    reached = [sum(values) for values in zip(*(g.reached for g in generations))]
+    accepted = [sum(values) for values in zip(*(g.accepted for g in generations))]
+    plain_step = _sum(g.seconds for g in plain) / max(_sum(g.target_calls for g in plain), 1)
+    drafter_call = _sum(g.draft_seconds for g in generations) / max(_sum(g.drafter_calls for g in generations), 1)
+    cost_ratio = drafter_call / plain_step
+    alpha = _sum(accepted) / max(_sum(reached), 1)
+    speed, baseline_speed = tokens_per_second(generations), tokens_per_second(plain)
+    histogram = [0] * max(steps, default=1)
+    for length in steps:
+        histogram[length - 1] += 1
+    per_category = {}
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for index, category in enumerate(categories):
+        by_category[category].append(index)
+    for category, indices in by_category.items():
+        mine, theirs = [generations[i] for i in indices], [plain[i] for i in indices]
+        category_steps = [length for g in mine for length in g.accept_lengths]
+        per_category[category] = {
+            "tau": _sum(category_steps) / max(len(category_steps), 1),
+            "speedup": tokens_per_second(mine) / tokens_per_second(theirs),
+            "num_prompts": len(indices),
+        }
+    return {
+        "tau": _sum(steps) / max(len(steps), 1),
+        "alpha_per_position": [a / r if r else None for a, r in zip(accepted, reached)],
+        "speedup": speed / baseline_speed,
+        "predicted_speedup": predicted_speedup(alpha, depth, cost_ratio),
+        "tokens_per_s": speed,
+        "baseline_tokens_per_s": baseline_speed,
+        "cost_ratio": cost_ratio,
+        "num_prompts": len(generations),
+        "new_tokens": int(_sum(len(g.output_ids) for g in generations)),
+        "accept_length_histogram": histogram,
+        "per_category": per_category,
+    }

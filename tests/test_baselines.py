@@ -1,0 +1,52 @@
+"""transformers' own decoding (eval/baselines.py) returns exactly our plain greedy decoding's tokens on the tiny toy
+target: plain `generate`, assisted generation with the target as its own assistant, and prompt lookup."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from transformers import LlamaForCausalLM
+
+from distill.target import FrozenTarget
+from eval.baselines import hf_generate
+from eval.benches import BenchConfig, load_bench, render_prompt
+from eval.decoding import Decoder, DecodingConfig
+
+METHODS = {
+    "plain": {},
+    "assisted": {"num_assistant_tokens": 4},  # assistant_model: the target itself, set in the test
+    "prompt_lookup": {"prompt_lookup_num_tokens": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(toy_tiny_path, toy_tokenizer):
+    model = LlamaForCausalLM.from_pretrained(toy_tiny_path)
+    prompts = [render_prompt(toy_tokenizer, prompt, chat_template=True)
+               for prompt in load_bench(BenchConfig(name="toy"), num_prompts=3)]
+    return SimpleNamespace(model=model, target=FrozenTarget(model), prompts=prompts)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_hf_decoding_equals_our_plain_greedy_decoding(tiny, method):
+    ours = Decoder(tiny.target, None, DecodingConfig(max_new_tokens=20))
+    assistant = tiny.model if method == "assisted" else None
+    for prompt in tiny.prompts:
+        expected = ours.generate(prompt).output_ids
+        tokens, seconds = hf_generate(tiny.model, prompt, 20, set(), assistant_model=assistant, **METHODS[method])
+        assert tokens == expected
+        assert seconds > 0
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_hf_decoding_stops_at_eos_like_ours(tiny, method):
+    """EOS ids: a token the plain output makes at its 8th position (the tiny target rarely ends a turn itself)."""
+    assistant = tiny.model if method == "assisted" else None
+    for prompt in tiny.prompts:
+        unstopped = Decoder(tiny.target, None, DecodingConfig(max_new_tokens=20)).generate(prompt).output_ids
+        eos = {unstopped[7]}
+        expected = Decoder(tiny.target, None, DecodingConfig(max_new_tokens=20), eos).generate(prompt).output_ids
+        assert len(expected) <= 8 and expected[-1] in eos
+        tokens, _ = hf_generate(tiny.model, prompt, 20, eos, assistant_model=assistant, **METHODS[method])
+        assert tokens == expected
