@@ -34,3 +34,15 @@ def test_prep_on_the_default_toy_target(tmp_path: Path, cache_dir: Path):
     )
     expected = sorted(m["content"] for c in toy_chat_conversations() for m in c["messages"] if m["role"] == "assistant")
     assert decoded == expected
+
+
+def test_quickstart_runs_end_to_end_and_the_trained_drafter_is_accepted(tmp_path: Path, cache_dir: Path):
+    """The README's main command: prep → train EAGLE-3 → eval on the default toy target (< 15 min on 2 cores)."""
+    result = run_cli("run", "experiment=quickstart", f"out_dir={tmp_path}", cwd=tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| drafter |" in result.stdout and "report.md" in result.stdout
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    print("quickstart", {key: report[key] for key in ("tau", "speedup", "predicted_speedup", "cost_ratio")})
+    assert report["lossless_check"] == "passed"
+    assert report["tau"] > 1.5
+    assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "train" / "drafter" / "model.safetensors").exists()

@@ -40,6 +40,11 @@ class RunConfig:
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def quoted(value: object) -> str:
+    """A path as a Hydra override value ("~" and other characters are not allowed unquoted)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def run(cfg: DictConfig) -> Path:
     """Run the three stages; returns the eval folder."""
     from data_prep.prep import prep
@@ -47,14 +52,14 @@ def run(cfg: DictConfig) -> Path:
     from train.train import train
 
     out_dir = Path(cfg.out_dir).expanduser()
-    common = [*cfg.common, f"cache_dir={cfg.cache_dir}", f"seed={cfg.seed}"]
+    common = [*cfg.common, f"cache_dir={quoted(cfg.cache_dir)}", f"seed={cfg.seed}"]
     stages = ("prep", "train", "eval")
     log.info("[1/3] prep → %s", out_dir / "prep")
-    dataset = prep(compose("prep", [*common, *cfg.prep, f"out_dir={out_dir / 'prep'}"]))
+    dataset = prep(compose("prep", [*common, *cfg.prep, f"out_dir={quoted(out_dir / 'prep')}"]))
     log.info("[2/3] train → %s", out_dir / "train")
-    drafter = train(compose("train", [*common, *cfg.train, f"data_dir={dataset}", f"out_dir={out_dir / 'train'}"]))
+    drafter = train(compose("train", [*common, *cfg.train, f"data_dir={quoted(dataset)}", f"out_dir={quoted(out_dir / 'train')}"]))
     log.info("[3/3] eval → %s", out_dir / "eval")
-    evaluate(compose("eval", [*common, *cfg.eval, f"drafter_path={drafter}", f"out_dir={out_dir / 'eval'}"]))
+    evaluate(compose("eval", [*common, *cfg.eval, f"drafter_path={quoted(drafter)}", f"out_dir={quoted(out_dir / 'eval')}"]))
     log.info("done: %s", ", ".join(f"{stage}: {out_dir / stage}" for stage in stages))
     return out_dir / "eval"
 
