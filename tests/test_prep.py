@@ -180,12 +180,14 @@ def test_malformed_records_are_counted_by_index_or_fatal(tmp_path: Path):
 
 
 def test_unbuilt_commands_say_so(tmp_path: Path):
-    for command in ("eval", "export", "run"):
-        result = run_cli(command, cwd=tmp_path)
-        assert result.returncode == 2
-        assert f"`specdistill {command}` is not built yet" in result.stderr
+    result = run_cli("export", cwd=tmp_path)
+    assert result.returncode == 2 and "`specdistill export` is not built yet" in result.stderr
     result = run_cli("train", cwd=tmp_path)  # built: a missing mandatory key is named
     assert result.returncode != 0 and "Missing mandatory value: data_dir" in result.stderr
+    result = run_cli("eval", cwd=tmp_path)
+    assert result.returncode != 0 and "Missing mandatory value: drafter_path" in result.stderr
+    result = run_cli("run", cwd=tmp_path)  # nothing to run: name the experiment to choose
+    assert result.returncode == 2 and "experiment=quickstart" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("prepp", cwd=tmp_path)
     assert result.returncode == 2 and "unknown command 'prepp'" in result.stderr
 
@@ -219,5 +221,6 @@ def test_python_dash_m_entry_points(tmp_path: Path):
     train = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=tmp_path, env=env, capture_output=True,
                            text=True)
     assert train.returncode == 0 and "specdistill train: distill a drafter" in train.stdout
-    result = subprocess.run([sys.executable, "-m", "eval"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode != 0 and "`specdistill eval` is not built yet" in result.stderr
+    evaluate = subprocess.run([sys.executable, "-m", "eval", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True)
+    assert evaluate.returncode == 0 and "specdistill eval: decode the bench's prompts" in evaluate.stdout

@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from conf import CONFIG_DIR
-from distill.errors import exit_on_user_error
+from distill.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ def run(cfg: DictConfig) -> Path:
     from eval.eval import evaluate
     from train.train import train
 
+    if not any((cfg.common, cfg.prep, cfg.train, cfg.eval)):
+        raise UserError("run: nothing chosen; pick an experiment, e.g. `specdistill run experiment=quickstart` "
+                        "(conf/experiment/ lists them), or give the stage lists common=, prep=, train=, eval=")
     out_dir = Path(cfg.out_dir).expanduser()
     common = [*cfg.common, f"cache_dir={quoted(cfg.cache_dir)}", f"seed={cfg.seed}"]
     stages = ("prep", "train", "eval")
