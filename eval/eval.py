@@ -65,6 +65,7 @@ class EvalRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        paths = drafter_paths(cfg)  # before loading anything: a missing drafter_path fails fast
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
@@ -80,7 +81,7 @@ class EvalRecipe:
             max_new_tokens=loop.max_new_tokens,
         )
         self.drafters = {
-            path: load_proposer(path, self.target, self.device, cfg.target.trust_remote_code) for path in drafter_paths(cfg)
+            path: load_proposer(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths
         }
         verify = loop.verify_lossless
         self.verify_lossless = cfg.bench.name == "toy" if verify is None else verify
