@@ -51,6 +51,7 @@ from distill.target import FrozenTarget
 from eval.baselines import hf_generate
 from eval.benches import BenchConfig, load_bench, render_prompt
 from eval.decoding import Decoder, DecodingConfig, Generation
+from eval.metrics import predicted_speedup, predicted_tau
 from eval.proposers import LMProposer, load_proposer
 
 WARMUP_PROMPTS = 2
@@ -151,8 +152,8 @@ def predicted(totals: Totals, plain: Totals, gamma: int) -> dict:
     """α, c, τ_pred and S_pred of one of our speculative methods (DESIGN.md, Definitions)."""
     alpha = totals.accepted / max(totals.reached, 1)
     cost = (totals.draft_seconds / max(totals.drafter_calls, 1)) / (plain.seconds / plain.target_calls)
-    tau_pred = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return {"alpha": alpha, "c": cost, "tau_pred": tau_pred, "speedup_pred": tau_pred / (gamma * cost + 1)}
+    return {"alpha": alpha, "c": cost, "tau_pred": predicted_tau(alpha, gamma),
+            "speedup_pred": predicted_speedup(alpha, gamma, cost)}
 
 
 def main() -> None:

@@ -100,8 +100,7 @@ class Decoder:
         """The target's own next token: argmax, or a sample from its (temperature, top-p) distribution."""
         if self.greedy:
             return int(logits.argmax())
-        probs = verification.target_probs(logits, self.config.temperature, self.config.top_p)
-        return int(verification.sample(probs, generator))
+        return int(verification.sample(self._probs(logits), generator))
 
     def prefill(self, prompt: torch.Tensor, generator: torch.Generator | None) -> tuple[int, TargetOutput]:
         self.cache = KVCache(capacity=prompt.shape[1] + self.config.max_new_tokens + self.config.tree_total_tokens)
@@ -111,7 +110,8 @@ class Decoder:
 
     # -- drafting --------------------------------------------------------------------------------------------
 
-    def _draft_distribution(self, logits: torch.Tensor) -> torch.Tensor:
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling distribution (temperature, top-p) of target and drafter alike."""
         return verification.target_probs(logits, self.config.temperature, self.config.top_p)
 
     def draft_chain(self, logits: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -122,7 +122,7 @@ class Decoder:
             if self.greedy:
                 token = logits.argmax(dim=-1, keepdim=True)
             else:
-                draft_probs.append(self._draft_distribution(logits))
+                draft_probs.append(self._probs(logits))
                 token = verification.sample(draft_probs[-1], generator)[None]
             tokens.append(token)
             if position + 1 < self.config.gamma:
@@ -179,8 +179,7 @@ class Decoder:
         if self.greedy:
             accepted, next_token = verification.accept_chain_greedy(drafted, logits)
         else:
-            probs = verification.target_probs(logits, self.config.temperature, self.config.top_p)
-            accepted, next_token = verification.accept_chain_sampling(drafted, draft_probs, probs, generator)
+            accepted, next_token = verification.accept_chain_sampling(drafted, draft_probs, self._probs(logits), generator)
         self.cache.truncate(length + 1 + accepted)
         rows = list(range(accepted + 1))  # root and the accepted drafts
         return drafted[:accepted].tolist() + [next_token], rows, output
@@ -192,7 +191,6 @@ class Decoder:
         block = torch.zeros(size, size, dtype=torch.bool, device=self.device)
         block[:, 0] = True  # every node sees the root
         block[1:, 1:] = tree.ancestors
-        block[0, 0] = True
         output = self._target(tokens, positions, self.mask(length, block))
         logits = output.logits[0]
         row_tokens = [root] + tree.tokens.tolist()
@@ -202,8 +200,7 @@ class Decoder:
         if self.greedy:
             path, next_token = verification.accept_tree_greedy(row_tokens, children, logits.argmax(dim=-1).tolist())
         else:
-            probs = verification.target_probs(logits, self.config.temperature, self.config.top_p)
-            path, next_token = verification.accept_tree_sampling(row_tokens, children, probs, generator)
+            path, next_token = verification.accept_tree_sampling(row_tokens, children, self._probs(logits), generator)
         rows = [0] + path
         self.cache.keep_path(length, torch.tensor(rows, device=self.device))
         return [row_tokens[row] for row in path] + [next_token], rows, output

@@ -16,6 +16,7 @@ interleaved so machine noise hits all alike) → save:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -91,7 +92,7 @@ class EvalRecipe:
     def _decoder(self, path: str | None, greedy: bool = False) -> Decoder:
         config = self.decoding
         if greedy:
-            config = DecodingConfig(**{**config.__dict__, "temperature": 0.0})
+            config = dataclasses.replace(config, temperature=0.0)
         return Decoder(self.target, self.drafters[path] if path else None, config, self.eos)
 
     def evaluate(self) -> list[dict]:

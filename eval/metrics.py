@@ -24,9 +24,12 @@ def tokens_per_second(generations: list[Generation]) -> float:
     return _sum(len(g.output_ids) for g in generations) / max(_sum(g.seconds for g in generations), 1e-12)
 
 
+def predicted_tau(alpha: float, depth: int) -> float:
+    return depth + 1.0 if alpha >= 1.0 else (1 - alpha ** (depth + 1)) / (1 - alpha)
+
+
 def predicted_speedup(alpha: float, depth: int, cost_ratio: float) -> float:
-    tau = depth + 1.0 if alpha >= 1.0 else (1 - alpha ** (depth + 1)) / (1 - alpha)
-    return tau / (depth * cost_ratio + 1)
+    return predicted_tau(alpha, depth) / (depth * cost_ratio + 1)
 
 
 def summarize(
