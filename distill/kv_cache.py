@@ -91,6 +91,12 @@ class KVCache(Cache):
         # `Cache` calls its layer class with no arguments when a layer is first used; bind the capacity
         super().__init__(layers=None, layer_class_to_replicate=functools.partial(KVLayer, capacity=capacity))
 
+    def layer(self, index: int) -> KVLayer:
+        """Layer `index`, created (with the layers before it) on first use."""
+        while len(self.layers) <= index:
+            self.layers.append(self.layer_class_to_replicate())
+        return self.layers[index]
+
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0

@@ -25,6 +25,7 @@ import torch
 from distill.kv_cache import KVCache
 from distill.target import FrozenTarget, TargetOutput
 from eval import verification
+from eval.lean import lean_causal_lm
 from eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
 from eval.proposers import Proposer
 
@@ -68,7 +69,10 @@ def _sync(device: torch.device) -> None:
 
 
 class Decoder:
-    """Speculative decoding of `target` with `proposer`; with `proposer=None`, plain autoregressive decoding."""
+    """Speculative decoding of `target` with `proposer`; with `proposer=None`, plain autoregressive decoding.
+
+    The target runs through eval/lean.py's forward when it supports the model (`lean=False`: always through
+    transformers' modules, as `FrozenTarget` does)."""
 
     def __init__(
         self,
@@ -76,15 +80,19 @@ class Decoder:
         proposer: Proposer | None,
         config: DecodingConfig,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        lean: bool = True,
     ):
-        check_attention_implementation(target.config, "target")
         self.target, self.proposer, self.config = target, proposer, config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(target.parameters()).device
         self.mask = PrefixMask(self.device)
         self.chain_block = causal_block(config.gamma + 1, self.device)
-        if proposer is not None:
-            target.set_feature_layers(proposer.feature_layers)
+        self.feature_layers = proposer.feature_layers if proposer is not None else ()
+        self.lean = lean_causal_lm(target.model) if lean else None  # None: through transformers' modules
+        if self.lean is None:
+            check_attention_implementation(target.config, "target")
+            if proposer is not None:
+                target.set_feature_layers(proposer.feature_layers)
 
     @property
     def greedy(self) -> bool:
@@ -92,7 +100,11 @@ class Decoder:
 
     # -- the target ------------------------------------------------------------------------------------------
 
-    def _target(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> TargetOutput:
+    def _target(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, last_logits_only: bool = False
+    ) -> TargetOutput:
+        if self.lean is not None:
+            return self.lean(tokens, positions, self.cache, mask, self.feature_layers, last_logits_only)
         mask = as_model_mask(mask, self.target.config, self.target.model.dtype)
         return self.target(tokens, attention_mask=mask, past_key_values=self.cache, position_ids=positions)
 
@@ -105,7 +117,7 @@ class Decoder:
     def prefill(self, prompt: torch.Tensor, generator: torch.Generator | None) -> tuple[int, TargetOutput]:
         self.cache = KVCache(capacity=prompt.shape[1] + self.config.max_new_tokens + self.config.tree_total_tokens)
         positions = torch.arange(prompt.shape[1], device=self.device)[None]
-        output = self._target(prompt, positions, None)  # no cache yet: transformers applies the causal mask
+        output = self._target(prompt, positions, None, last_logits_only=True)  # an empty cache: causal by default
         return self._choose(output.logits[0, -1], generator), output
 
     # -- drafting --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from distill.drafters.eagle import EagleConfig, EagleDrafter, check_drafter_matc
 from distill.errors import UserError
 from distill.kv_cache import KVCache
 from distill.target import FrozenTarget
+from eval.lean import LeanEagle, lean_causal_lm
 from eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
 
 
@@ -66,28 +67,26 @@ class Proposer(ABC):
 class EagleProposer(Proposer):
     def __init__(self, drafter: EagleDrafter, device: torch.device | str):
         super().__init__(device)
-        self.drafter = drafter.eval()
+        self.drafter = LeanEagle(drafter.eval())
         self.feature_layers = tuple(drafter.config.feature_layers)
-        self.kv_cache = drafter.new_kv_cache()
+        self.kv_cache = KVCache()
         self.last_hidden: torch.Tensor | None = None  # output rows of the previous call
 
     def _run(self, tokens, hidden, positions, mask) -> torch.Tensor:
-        self.last_hidden, logits = self.drafter.decode(tokens, hidden, positions, self.kv_cache, mask)
+        self.last_hidden, logits = self.drafter(tokens, hidden, positions, self.kv_cache, mask)
         return logits[0]
-
-    def _truncate(self) -> None:
-        for layer in self.kv_cache:
-            layer.truncate(self.length)
 
     def begin(self, prompt_ids, features, first_token):
         self.length = 0
-        self._truncate()
+        self.kv_cache.truncate(0)
         return self.extend(torch.cat([prompt_ids[:, 1:], first_token], dim=1), features)
 
     def extend(self, tokens, features):
-        self._truncate()  # drafted entries were computed from the drafter's own features: recompute from the target's
+        # drafted entries were computed from the drafter's own features: drop them, recompute from the target's
+        self.kv_cache.truncate(self.length)
         count = tokens.shape[1]
-        logits = self._run(tokens, self.drafter.decode_input(features), self._positions(count), self._commit_mask(count))
+        hidden = self.drafter.decode_input(features, self.feature_layers)
+        logits = self._run(tokens, hidden, self._positions(count), self._commit_mask(count))
         self.length += count
         self.last_hidden = self.last_hidden[:, -1:]
         return logits[-1]
@@ -99,15 +98,20 @@ class EagleProposer(Proposer):
 
 
 class LMProposer(Proposer):
-    """A causal LM that shares the target's tokenizer (a DistillSpec-style token-level drafter)."""
+    """A causal LM that shares the target's tokenizer (a DistillSpec-style token-level drafter). It runs through
+    eval/lean.py's forward when that supports the model, otherwise through transformers' modules."""
 
-    def __init__(self, model: nn.Module, device: torch.device | str):
+    def __init__(self, model: nn.Module, device: torch.device | str, lean: bool = True):
         super().__init__(device)
-        check_attention_implementation(model.config, "drafter")
         self.model = model.eval()
+        self.lean = lean_causal_lm(model) if lean else None
+        if self.lean is None:
+            check_attention_implementation(model.config, "drafter")
         self.cache = KVCache()
 
     def _run(self, tokens, positions, mask, last_only: bool) -> torch.Tensor:
+        if self.lean is not None:
+            return self.lean(tokens, positions, self.cache, mask, last_logits_only=last_only).logits[0]
         output = self.model(
             input_ids=tokens,
             position_ids=positions,

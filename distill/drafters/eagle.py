@@ -26,7 +26,6 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from distill import objectives
 from distill.drafters.modules import DraftDecoderLayer, RMSNorm, causal_bias, rotary_cos_sin
 from distill.errors import UserError
-from distill.kv_cache import KVLayer
 from distill.target import FINAL_NORMED, TargetOutput
 
 
@@ -175,27 +174,6 @@ class EagleDrafter(PreTrainedModel):
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         return rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, dtype)
 
-    # Drafting (eval): the drafter at position i reads (t_{i+1}, h_i) where h_i is `decode_input(target features)`
-    # at positions the target has run, and the drafter's own output hidden of position i−1 at drafted positions.
-
-    def new_kv_cache(self) -> list[KVLayer]:
-        return [KVLayer() for _ in self.layers]
-
-    def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def decode(
-        self,
-        input_ids: torch.Tensor,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        kv_cache: list[KVLayer],
-        mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One cached drafting call: (output hidden, fed back at the next position; logits over the target's
-        vocabulary). `mask` [batch, 1, q, cached + q] is boolean (True = visible), or None: all visible."""
-        raise NotImplementedError
-
 
 class Eagle1Drafter(EagleDrafter):
     config_class = Eagle1Config
@@ -218,22 +196,13 @@ class Eagle1Drafter(EagleDrafter):
         """Predicted next features: input_ids[i] is t_{i+1}, features[i] is f_i."""
         if position_ids is None:
             position_ids = sequence_positions(input_ids)
-        return self._layers(input_ids, features, position_ids, causal_bias(attention_mask, features.dtype))
-
-    def _layers(self, input_ids, features, position_ids, bias, kv_cache: list[KVLayer] | None = None) -> torch.Tensor:
+        bias = causal_bias(attention_mask, features.dtype)
         embeds = self.target_embed(input_ids).to(features.dtype)
         hidden = self.fc(torch.cat([embeds, features], dim=-1))
         cos, sin = self._rotary(position_ids, hidden.dtype)
-        for index, layer in enumerate(self.layers):
-            hidden, _ = layer(hidden, cos, sin, bias, cache=kv_cache[index] if kv_cache is not None else None)
+        for layer in self.layers:
+            hidden, _ = layer(hidden, cos, sin, bias)
         return hidden
-
-    def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        return features[FINAL_NORMED]
-
-    def decode(self, input_ids, hidden, position_ids, kv_cache, mask):
-        predicted = self._layers(input_ids, hidden, position_ids, mask, kv_cache)  # EAGLE-1 feeds f̂ back as f
-        return predicted, self.target_lm_head(predicted)
 
     def training_loss(
         self,
@@ -302,30 +271,17 @@ class Eagle3Drafter(EagleDrafter):
         position_ids: torch.Tensor,
         bias: torch.Tensor | None,
         caches: list[list] | None = None,
-        kv_cache: list[KVLayer] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One drafting step: (pre-norm output feature, draft-vocabulary logits). `caches` (one list per layer)
-        holds the keys/values of earlier training-time-test steps and receives this step's; `kv_cache` is the
-        decoding cache instead."""
+        """One training-time-test step: (pre-norm output feature, draft-vocabulary logits). `caches` (one list per
+        layer) holds the keys/values of earlier steps and receives this step's."""
         embeds = self.target_embed(input_ids).to(hidden.dtype)
         cos, sin = self._rotary(position_ids, hidden.dtype)
         for index, layer in enumerate(self.layers):
             earlier = caches[index] if caches is not None else None
-            cache = kv_cache[index] if kv_cache is not None else None
-            hidden, keys_values = layer(hidden, cos, sin, bias, embeds=embeds, earlier_steps=earlier or None, cache=cache)
+            hidden, keys_values = layer(hidden, cos, sin, bias, embeds=embeds, earlier_steps=earlier or None)
             if caches is not None:
                 caches[index].append(keys_values)
         return hidden, self.lm_head(self.norm(hidden))
-
-    def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        return self.fuse(features)
-
-    def decode(self, input_ids, hidden, position_ids, kv_cache, mask):
-        hidden, draft_logits = self.step(input_ids, hidden, position_ids, mask, kv_cache=kv_cache)
-        # tokens outside the draft vocabulary are never proposed: probability 0 in the target's vocabulary
-        logits = draft_logits.new_full((*draft_logits.shape[:-1], self.config.vocab_size), float("-inf"))
-        logits[..., self.draft_to_target] = draft_logits
-        return hidden, logits
 
     def forward(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor], attention_mask: torch.Tensor):
         """Step-0 draft-vocabulary logits: input_ids[i] is t_{i+1}, features hold the tapped layers at i."""

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.kv_cache import KVLayer
 
 
 class RMSNorm(nn.Module):
@@ -36,9 +35,14 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Llama's rotary frequencies θ^(−2k/d), k < d/2."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple:
     """cos and sin of the rotary angles, [batch, seq, head_dim] (Llama's half-split layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, position_ids.device)
     angles = position_ids.float()[..., None] * inv_freq  # [batch, seq, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -80,22 +84,14 @@ class DraftAttention(nn.Module):
         sin: torch.Tensor,
         bias: torch.Tensor,
         earlier_steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-        cache: KVLayer | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Attention of x's queries. Without `earlier_steps`: causal self-attention (TTT step 0). With them (a list
         whose first entry holds step 0's keys and values, then steps 1..s−1): TTT step s as in the module doc.
-        With a `cache` (decoding): x's keys/values are appended to it and the queries attend over all cached keys
-        under `bias` (a boolean mask, True = visible, or None: everything visible).
-        Returns the output and this step's (keys, values) for the next steps."""
+        Returns the output and this step's (keys, values) for the next steps. (Decoding runs eval/lean.py.)"""
         groups = self.num_heads // self.num_kv_heads
         q = apply_rotary(self._heads(self.q_proj(x), self.num_heads), cos, sin)
         k = apply_rotary(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
-        if cache is not None:
-            keys, values = cache.update(k, v)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=groups > 1)
-            batch, _, seq, _ = out.shape
-            return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), (k, v)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if not earlier_steps:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -142,13 +138,13 @@ class DraftDecoderLayer(nn.Module):
         self.hidden_norm = RMSNorm(hidden, config.rms_norm_eps) if reads_embeddings else None
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
 
-    def forward(self, hidden, cos, sin, bias, embeds=None, earlier_steps=None, cache=None):
+    def forward(self, hidden, cos, sin, bias, embeds=None, earlier_steps=None):
         residual = hidden
         if self.reads_embeddings:
             attention_input = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         else:
             attention_input = self.input_layernorm(hidden) if self.input_layernorm is not None else hidden
-        attended, keys_values = self.self_attn(attention_input, cos, sin, bias, earlier_steps, cache)
+        attended, keys_values = self.self_attn(attention_input, cos, sin, bias, earlier_steps)
         hidden = residual + attended
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, keys_values

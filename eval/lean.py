@@ -1,0 +1,310 @@
+"""The decoding forward: target, token-level drafter LM and EAGLE heads run on their own weights with few, fused
+kernels (gpt-fast style) instead of through transformers' modules.
+
+Why: at batch size 1 a small model's decoding step is mostly per-op overhead (mask building, module calls, casts)
+and, on CPU, the matmul kernel's choice. Per decoder layer this runs
+
+    x̂ = rms_norm(x)                              one fused op
+    q, k, v = split(x̂ · W_qkv)                   the three projections fused into one matmul
+    q, k ← q·cos + roll(q)·sin±, together         rotary on q and k in one go; cos, sin± from a table by position
+    K, V ← cache + (k, v); a = sdpa(q, K, V)      the KV cache written in place; grouped-query attention, no repeat
+    x = x + a · W_o
+    g, u = split(rms_norm(x) · W_gate_up);  x = x + (silu(g) ⊙ u) · W_down
+
+`roll(q)·sin±` is Llama's rotate_half(q)·sin: roll the head by head_dim/2 and negate sin's first half (bit-identical).
+
+`Linear` picks the matmul kernel: on CPU in float32, one row (a plain step, a chain draft) runs x·Wᵀ against a
+transposed copy of W, a GEMV about 1.8× faster than torch's default for it; several rows (verify, extend, a tree
+level) run oneDNN's GEMM on a weight packed once, about 2.3× faster than the default for 2–16 rows (toy target,
+1 thread). Elsewhere (GPU, bf16) `F.linear`. The weights are copied when the lean view is built: build it after
+loading, and rebuild it if the weights change.
+
+Targets and drafter LMs: Llama-family decoder-only models (model_type llama, mistral without a sliding window,
+qwen2, qwen3) with a static RoPE; `lean_causal_lm` returns None for anything else, which then decodes through
+transformers (`FrozenTarget`). EAGLE-1 and EAGLE-3 heads always decode here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from distill.drafters.eagle import Eagle3Drafter, EagleDrafter
+from distill.drafters.modules import DraftDecoderLayer, rope_inv_freq
+from distill.kv_cache import KVCache
+from distill.target import FINAL_NORMED, TargetOutput
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PACKED_ROWS = 8  # oneDNN packs the weight for this many rows; measured fastest for 1–12 rows on the toy target
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS)
+    except (RuntimeError, AttributeError):  # a torch build without oneDNN's packed linear
+        return None
+
+
+class Linear:
+    """y = x·Wᵀ + b with the kernel chosen by row count (module doc)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        weight = weight.detach()
+        self.bias = bias.detach() if bias is not None else None
+        self.packed = _pack(weight)
+        self.weight = weight if self.packed is None else None
+        self.weight_t = weight.t().contiguous() if self.packed is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.numel() == x.shape[-1]:  # one row: GEMV on Wᵀ
+            out = x @ self.weight_t
+            return out if self.bias is None else out + self.bias
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _fused(*linears: Any) -> Linear:
+    """One Linear computing several nn.Linear's outputs side by side."""
+    biases = [linear.bias for linear in linears]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else linear.weight.new_zeros(linear.out_features) for b, linear in zip(biases, linears)]
+    )
+    return Linear(torch.cat([linear.weight for linear in linears]), bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class RotaryTable:
+    """cos and sin± of every position up to a capacity that grows by doubling; a lookup per forward."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):
+        self.inv_freq, self.scaling, self.dtype = inv_freq.float(), scaling, dtype
+        self.cos = self.sin = torch.empty(0, 2 * len(inv_freq), dtype=dtype, device=inv_freq.device)
+
+    def _grow(self, needed: int) -> None:
+        count = max(needed, 2 * len(self.cos), 4096)
+        positions = torch.arange(count, device=self.inv_freq.device).float()
+        angles = positions[:, None] * self.inv_freq  # Llama's layout: the angles repeated for both halves
+        angles = torch.cat([angles, angles], dim=-1)
+        half = self.inv_freq.shape[0]
+        sign = torch.ones(2 * half, device=angles.device)
+        sign[:half] = -1.0  # rotate_half(x)·sin = roll(x, d/2)·(−sin ‖ sin)
+        self.cos = (angles.cos() * self.scaling).to(self.dtype)
+        self.sin = (angles.sin() * self.scaling * sign).to(self.dtype)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [batch, rows] → cos, sin± [batch, rows, 1, head_dim] (broadcast over heads)."""
+        needed = int(positions.max()) + 1
+        if needed > len(self.cos):
+            self._grow(needed)
+        return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+
+
+@dataclass
+class LeanLayer:
+    """A Llama decoder layer (module doc). `input_norm` None: attention reads the hidden state as is."""
+
+    input_norm: torch.Tensor | None
+    qkv: Linear
+    o: Linear
+    post_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    q_norm: torch.Tensor | None = None  # Qwen3: an RMSNorm over each query / key head before rotary
+    k_norm: torch.Tensor | None = None
+
+    @classmethod
+    def from_modules(cls, attention, mlp, input_norm, post_norm, num_heads, num_kv_heads, head_dim, eps) -> "LeanLayer":
+        q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        return cls(
+            input_norm=input_norm.weight.detach() if input_norm is not None else None,
+            qkv=_fused(attention.q_proj, attention.k_proj, attention.v_proj),
+            o=Linear(attention.o_proj.weight, attention.o_proj.bias),
+            post_norm=post_norm.weight.detach(),
+            gate_up=_fused(mlp.gate_proj, mlp.up_proj),
+            down=Linear(mlp.down_proj.weight, mlp.down_proj.bias),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            eps=eps,
+            q_norm=q_norm.weight.detach() if q_norm is not None else None,
+            k_norm=k_norm.weight.detach() if k_norm is not None else None,
+        )
+
+    def __call__(self, hidden, rotary, cache, mask, attention_input=None) -> torch.Tensor:
+        if attention_input is None:
+            attention_input = hidden if self.input_norm is None else rms_norm(hidden, self.input_norm, self.eps)
+        hidden = hidden + self.attend(attention_input, rotary, cache, mask)
+        gate, up = self.gate_up(rms_norm(hidden, self.post_norm, self.eps)).chunk(2, dim=-1)
+        return hidden + self.down(F.silu(gate) * up)
+
+    def attend(self, x: torch.Tensor, rotary, cache, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of x's rows after the cached ones. `mask` [batch, 1, rows, cached + rows] boolean (True =
+        visible), or None: causal among the rows, which then must start an empty cache (or be a single row)."""
+        batch, rows, _ = x.shape
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv(x).view(batch, rows, heads + 2 * kv_heads, self.head_dim)
+        qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+        if self.q_norm is not None:
+            qk = torch.cat(
+                [rms_norm(qk[:, :, :heads], self.q_norm, self.eps), rms_norm(qk[:, :, heads:], self.k_norm, self.eps)],
+                dim=2,
+            )
+        cos, sin = rotary
+        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
+        causal = mask is None and rows > 1
+        if causal and cache.length:
+            raise ValueError("several rows after cached ones need an explicit mask")
+        keys, values = cache.update(qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2))
+        out = F.scaled_dot_product_attention(
+            qk[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=heads != kv_heads
+        )
+        return self.o(out.transpose(1, 2).reshape(batch, rows, -1))
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why `model` cannot decode through the lean forward, or None when it can."""
+    if not callable(getattr(model, "get_decoder", None)):
+        return f"{type(model).__name__} is not a transformers causal LM"
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    rotary = getattr(model.get_decoder(), "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") not in ("default", "linear", "llama3", "yarn"):
+        return f"RoPE type {getattr(rotary, 'rope_type', None)!r} (changes with the sequence length)"
+    return None
+
+
+class LeanCausalLM:
+    """A Llama-family transformers causal LM for decoding (module doc), filling a `KVCache`."""
+
+    def __init__(self, model: Any):
+        config, decoder = model.config, model.get_decoder()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        with torch.no_grad():
+            self.embed = decoder.embed_tokens.weight.detach()
+            self.layers = [
+                LeanLayer.from_modules(
+                    layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
+                    config.num_attention_heads, config.num_key_value_heads, head_dim, config.rms_norm_eps,
+                )
+                for layer in decoder.layers
+            ]
+            self.norm = decoder.norm.weight.detach()
+            lm_head = model.get_output_embeddings()
+            self.lm_head = Linear(lm_head.weight, lm_head.bias)
+        self.eps = config.rms_norm_eps
+        rotary = decoder.rotary_emb
+        self.rotary = RotaryTable(rotary.inv_freq, rotary.attention_scaling, self.embed.dtype)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        mask: torch.Tensor | None = None,
+        feature_layers: tuple[int, ...] = (),
+        last_logits_only: bool = False,
+    ) -> TargetOutput:
+        """Logits (all rows, or the last one) and the features at `feature_layers` (FrozenTarget's ids)."""
+        hidden = F.embedding(input_ids, self.embed)
+        rotary = self.rotary(position_ids)
+        features = {}
+        for index, layer in enumerate(self.layers):
+            if index in feature_layers:
+                features[index] = hidden
+            hidden = layer(hidden, rotary, cache.layer(index), mask)
+        hidden = rms_norm(hidden, self.norm, self.eps)
+        if FINAL_NORMED in feature_layers:
+            features[FINAL_NORMED] = hidden
+        logits = self.lm_head(hidden[:, -1:] if last_logits_only else hidden)
+        return TargetOutput(logits=logits, features=features, past_key_values=cache)
+
+
+def lean_causal_lm(model: Any) -> LeanCausalLM | None:
+    """The lean view of `model`, or None when it must decode through transformers (`unsupported_reason`)."""
+    return LeanCausalLM(model) if unsupported_reason(model) is None else None
+
+
+class LeanEagle:
+    """An EAGLE-1 or EAGLE-3 head for drafting. At position i it reads (t_{i+1}, h_i): h_i is `decode_input` of the
+    target's features where the target has run, and the head's own output hidden state of position i−1 where it
+    drafts. EAGLE-1: fc([embed(t); h]) → layers → f̂, logits = target LM head(f̂), and f̂ is fed back. EAGLE-3: h is the
+    fused feature fc(layers ‖ …); the first layer's attention reads rms(embed(t)) ‖ rms(h); logits come from its own
+    LM head over the draft vocabulary, mapped into the target's (−inf outside it)."""
+
+    def __init__(self, drafter: EagleDrafter):
+        config = drafter.config
+        self.eagle3 = isinstance(drafter, Eagle3Drafter)
+        head_dim = config.hidden_size // config.num_attention_heads
+        with torch.no_grad():
+            self.embed = drafter.target_embed.weight.detach()
+            self.fc = Linear(drafter.fc.weight, drafter.fc.bias)
+            self.layers = [self._layer(layer, config, head_dim) for layer in drafter.layers]
+            if self.eagle3:
+                first = drafter.layers[0]
+                self.first_norms = (first.input_layernorm.weight.detach(), first.hidden_norm.weight.detach())
+                self.norm = drafter.norm.weight.detach()
+                self.lm_head = Linear(drafter.lm_head.weight)
+                draft_to_target = drafter.draft_to_target
+                identity = len(draft_to_target) == config.vocab_size  # the draft vocabulary is the whole vocabulary
+                self.draft_to_target = None if identity else draft_to_target
+            else:
+                lm_head = drafter.target_lm_head
+                self.lm_head = Linear(lm_head.weight, lm_head.bias)
+        self.vocab_size, self.eps = config.vocab_size, config.rms_norm_eps
+        self.rotary = RotaryTable(rope_inv_freq(head_dim, config.rope_theta, self.embed.device), 1.0, self.embed.dtype)
+
+    @staticmethod
+    def _layer(layer: DraftDecoderLayer, config: Any, head_dim: int) -> LeanLayer:
+        return LeanLayer.from_modules(
+            layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
+            config.num_attention_heads, config.num_key_value_heads, head_dim, config.rms_norm_eps,
+        )
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache()
+
+    def decode_input(self, features: dict[int, torch.Tensor], feature_layers: tuple[int, ...]) -> torch.Tensor:
+        if self.eagle3:
+            return self.fc(torch.cat([features[layer_id] for layer_id in feature_layers], dim=-1))
+        return features[FINAL_NORMED]
+
+    def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """One drafting call → (output hidden states, fed back at the next position; logits over the target's
+        vocabulary). `mask` as in `LeanLayer.attend`."""
+        embeds = F.embedding(input_ids, self.embed).to(hidden.dtype)
+        rotary = self.rotary(position_ids)
+        attention_input = None
+        if self.eagle3:
+            input_norm, hidden_norm = self.first_norms
+            attention_input = torch.cat([rms_norm(embeds, input_norm, self.eps), rms_norm(hidden, hidden_norm, self.eps)], -1)
+        else:
+            hidden = self.fc(torch.cat([embeds, hidden], dim=-1))
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, rotary, cache.layer(index), mask, attention_input if index == 0 else None)
+        if not self.eagle3:
+            return hidden, self.lm_head(hidden)
+        draft_logits = self.lm_head(rms_norm(hidden, self.norm, self.eps))
+        if self.draft_to_target is None:
+            return hidden, draft_logits
+        logits = draft_logits.new_full((*draft_logits.shape[:-1], self.vocab_size), float("-inf"))
+        logits[..., self.draft_to_target] = draft_logits
+        return hidden, logits
