@@ -25,7 +25,7 @@ import torch
 from distill.kv_cache import KVCache
 from distill.target import FrozenTarget, TargetOutput
 from eval import verification
-from eval.lean import lean_causal_lm
+from eval.lean import lean_target
 from eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
 from eval.proposers import Proposer
 
@@ -88,7 +88,7 @@ class Decoder:
         self.mask = PrefixMask(self.device)
         self.chain_block = causal_block(config.gamma + 1, self.device)
         self.feature_layers = proposer.feature_layers if proposer is not None else ()
-        self.lean = lean_causal_lm(target.model) if lean else None  # None: through transformers' modules
+        self.lean = lean_target(target) if lean else None  # None: through transformers' modules
         if self.lean is None:
             check_attention_implementation(target.config, "target")
             if proposer is not None:

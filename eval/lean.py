@@ -13,11 +13,12 @@ and, on CPU, the matmul kernel's choice. Per decoder layer this runs
 
 `roll(q)·sin±` is Llama's rotate_half(q)·sin: roll the head by head_dim/2 and negate sin's first half (bit-identical).
 
-`Linear` picks the matmul kernel: on CPU in float32, one row (a plain step, a chain draft) runs x·Wᵀ against a
-transposed copy of W, a GEMV about 1.8× faster than torch's default for it; several rows (verify, extend, a tree
-level) run oneDNN's GEMM on a weight packed once, about 2.3× faster than the default for 2–16 rows (toy target,
-1 thread). Elsewhere (GPU, bf16) `F.linear`. The weights are copied when the lean view is built: build it after
-loading, and rebuild it if the weights change.
+`Linear`: on CPU in float32 the matmuls run oneDNN's GEMM on a weight packed once, about 2.3× faster than torch's
+default `F.linear` for the 2–16 rows of a verify, extend or tree level (toy target, 1 thread) and as fast for one
+row. (A GEMV on a transposed copy is faster for one row in isolation, but two weight copies per matrix push the
+target out of the L3 cache while a drafter runs beside it: measured slower end to end.) Elsewhere (GPU, bf16)
+`F.linear`. The weights are copied when the lean view is built: build it after loading, and rebuild it if the
+weights change (`lean_target` builds a frozen target's once).
 
 Targets and drafter LMs: Llama-family decoder-only models (model_type llama, mistral without a sliding window,
 qwen2, qwen3) with a static RoPE; `lean_causal_lm` returns None for anything else, which then decodes through
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from distill.drafters.eagle import Eagle3Drafter, EagleDrafter
 from distill.drafters.modules import DraftDecoderLayer, rope_inv_freq
 from distill.kv_cache import KVCache
-from distill.target import FINAL_NORMED, TargetOutput
+from distill.target import FINAL_NORMED, FrozenTarget, TargetOutput
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PACKED_ROWS = 8  # oneDNN packs the weight for this many rows; measured fastest for 1–12 rows on the toy target
@@ -51,21 +52,17 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class Linear:
-    """y = x·Wᵀ + b with the kernel chosen by row count (module doc)."""
+    """y = x·Wᵀ + b; on CPU in float32 through oneDNN on a weight packed once (module doc)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         weight = weight.detach()
         self.bias = bias.detach() if bias is not None else None
         self.packed = _pack(weight)
-        self.weight = weight if self.packed is None else None
-        self.weight_t = weight.t().contiguous() if self.packed is not None else None
+        self.weight = weight if self.packed is None else None  # the packed copy replaces it
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        if x.numel() == x.shape[-1]:  # one row: GEMV on Wᵀ
-            out = x @ self.weight_t
-            return out if self.bias is None else out + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -243,6 +240,14 @@ def lean_causal_lm(model: Any) -> LeanCausalLM | None:
     return LeanCausalLM(model) if unsupported_reason(model) is None else None
 
 
+def lean_target(target: FrozenTarget) -> LeanCausalLM | None:
+    """`lean_causal_lm` of a frozen target, built once (its weights never change) and shared by every decoder and
+    EAGLE-1 head that uses it: one packed copy of the weights stays in cache."""
+    if "_lean" not in target.__dict__:
+        target.__dict__["_lean"] = lean_causal_lm(target.model)
+    return target.__dict__["_lean"]
+
+
 class LeanEagle:
     """An EAGLE-1 or EAGLE-3 head for drafting. At position i it reads (t_{i+1}, h_i): h_i is `decode_input` of the
     target's features where the target has run, and the head's own output hidden state of position i−1 where it
@@ -250,7 +255,8 @@ class LeanEagle:
     fused feature fc(layers ‖ …); the first layer's attention reads rms(embed(t)) ‖ rms(h); logits come from its own
     LM head over the draft vocabulary, mapped into the target's (−inf outside it)."""
 
-    def __init__(self, drafter: EagleDrafter):
+    def __init__(self, drafter: EagleDrafter, target_lm_head: Linear | None = None):
+        """`target_lm_head`: the target's lean LM head, for EAGLE-1 to share (built from the drafter's otherwise)."""
         config = drafter.config
         self.eagle3 = isinstance(drafter, Eagle3Drafter)
         head_dim = config.hidden_size // config.num_attention_heads
@@ -268,7 +274,7 @@ class LeanEagle:
                 self.draft_to_target = None if identity else draft_to_target
             else:
                 lm_head = drafter.target_lm_head
-                self.lm_head = Linear(lm_head.weight, lm_head.bias)
+                self.lm_head = target_lm_head or Linear(lm_head.weight, lm_head.bias)
         self.vocab_size, self.eps = config.vocab_size, config.rms_norm_eps
         self.rotary = RotaryTable(rope_inv_freq(head_dim, config.rope_theta, self.embed.device), 1.0, self.embed.dtype)
 
@@ -287,9 +293,11 @@ class LeanEagle:
             return self.fc(torch.cat([features[layer_id] for layer_id in feature_layers], dim=-1))
         return features[FINAL_NORMED]
 
-    def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One drafting call → (output hidden states, fed back at the next position; logits over the target's
-        vocabulary). `mask` as in `LeanLayer.attend`."""
+        vocabulary, of every row or the last). `mask` as in `LeanLayer.attend`."""
         embeds = F.embedding(input_ids, self.embed).to(hidden.dtype)
         rotary = self.rotary(position_ids)
         attention_input = None
@@ -300,9 +308,10 @@ class LeanEagle:
             hidden = self.fc(torch.cat([embeds, hidden], dim=-1))
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, rotary, cache.layer(index), mask, attention_input if index == 0 else None)
+        rows = hidden[:, -1:] if last_logits_only else hidden
         if not self.eagle3:
-            return hidden, self.lm_head(hidden)
-        draft_logits = self.lm_head(rms_norm(hidden, self.norm, self.eps))
+            return hidden, self.lm_head(rows)
+        draft_logits = self.lm_head(rms_norm(rows, self.norm, self.eps))
         if self.draft_to_target is None:
             return hidden, draft_logits
         logits = draft_logits.new_full((*draft_logits.shape[:-1], self.vocab_size), float("-inf"))

@@ -29,7 +29,7 @@ from distill.drafters.eagle import EagleConfig, EagleDrafter, check_drafter_matc
 from distill.errors import UserError
 from distill.kv_cache import KVCache
 from distill.target import FrozenTarget
-from eval.lean import LeanEagle, lean_causal_lm
+from eval.lean import LeanEagle, lean_causal_lm, lean_target
 from eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
 
 
@@ -65,15 +65,16 @@ class Proposer(ABC):
 
 
 class EagleProposer(Proposer):
-    def __init__(self, drafter: EagleDrafter, device: torch.device | str):
+    def __init__(self, drafter: EagleDrafter, device: torch.device | str, target: FrozenTarget | None = None):
         super().__init__(device)
-        self.drafter = LeanEagle(drafter.eval())
+        lean = lean_target(target) if target is not None else None
+        self.drafter = LeanEagle(drafter.eval(), lean.lm_head if lean is not None else None)
         self.feature_layers = tuple(drafter.config.feature_layers)
         self.kv_cache = KVCache()
         self.last_hidden: torch.Tensor | None = None  # output rows of the previous call
 
-    def _run(self, tokens, hidden, positions, mask) -> torch.Tensor:
-        self.last_hidden, logits = self.drafter(tokens, hidden, positions, self.kv_cache, mask)
+    def _run(self, tokens, hidden, positions, mask, last_only: bool = False) -> torch.Tensor:
+        self.last_hidden, logits = self.drafter(tokens, hidden, positions, self.kv_cache, mask, last_only)
         return logits[0]
 
     def begin(self, prompt_ids, features, first_token):
@@ -86,7 +87,7 @@ class EagleProposer(Proposer):
         self.kv_cache.truncate(self.length)
         count = tokens.shape[1]
         hidden = self.drafter.decode_input(features, self.feature_layers)
-        logits = self._run(tokens, hidden, self._positions(count), self._commit_mask(count))
+        logits = self._run(tokens, hidden, self._positions(count), self._commit_mask(count), last_only=True)
         self.length += count
         self.last_hidden = self.last_hidden[:, -1:]
         return logits[-1]
@@ -157,7 +158,7 @@ def load_proposer(
         check_drafter_matches_target(config, target.config, "drafter_path")
         drafter = AutoModel.from_pretrained(path, use_safetensors=True).to(device=device, dtype=target.model.dtype)
         drafter.attach_target(target.embed_tokens, target.lm_head)
-        return EagleProposer(drafter, device)
+        return EagleProposer(drafter, device, target)
     if getattr(config, "vocab_size", None) != target.config.vocab_size:
         raise UserError(
             f"drafter_path: {path} has vocabulary size {getattr(config, 'vocab_size', None)}, the target "
