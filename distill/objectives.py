@@ -24,7 +24,11 @@ def feature_regression(predicted: torch.Tensor, target: torch.Tensor) -> torch.T
 
 def soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """−Σ_v p_target(v) · log q_draft(v) per position (the target distribution is a constant)."""
-    target_probs = target_logits.float().softmax(dim=-1)
+    return cross_entropy_with_probs(draft_logits, target_logits.float().softmax(dim=-1))
+
+
+def cross_entropy_with_probs(draft_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """`soft_cross_entropy` with the target's distribution given as probabilities (computed once, reused)."""
     return -(target_probs * draft_logits.float().log_softmax(dim=-1)).sum(dim=-1)
 
 
@@ -34,6 +38,8 @@ def restrict_to_draft_vocab(
     """EAGLE-3's reduced vocabulary: the target's logits at the draft-vocabulary ids (a distribution over the draft
     vocabulary once softmaxed), and a `[batch, seq]` mask that is 1 where the target's argmax lies inside it
     (positions whose best token the drafter cannot propose are not trained on)."""
+    if len(draft_to_target) == target_logits.shape[-1]:  # the whole vocabulary (the ids are sorted and unique)
+        return target_logits, torch.ones(target_logits.shape[:-1], dtype=torch.bool, device=target_logits.device)
     in_vocab = torch.zeros(target_logits.shape[-1], dtype=torch.bool, device=target_logits.device)
     in_vocab[draft_to_target] = True
     argmax_in_vocab = in_vocab[target_logits.argmax(dim=-1)]

@@ -41,6 +41,15 @@ def test_draft_vocab_restriction_and_argmax_mask():
     restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target_logits, draft_to_target)
     assert torch.equal(restricted, torch.tensor([[[5.0, 1.0], [0.0, 1.0]]]))
     assert argmax_in_vocab.tolist() == [[True, False]]  # position 1's argmax (id 0) is outside the draft vocab
+    whole, everywhere = objectives.restrict_to_draft_vocab(target_logits, torch.arange(4))
+    assert torch.equal(whole, target_logits) and everywhere.all()
+
+
+def test_cross_entropy_with_probs_is_soft_cross_entropy():
+    torch.manual_seed(0)
+    target_logits, draft_logits = torch.randn(5, 9), torch.randn(5, 9)
+    assert torch.allclose(objectives.cross_entropy_with_probs(draft_logits, target_logits.softmax(-1)),
+                          objectives.soft_cross_entropy(draft_logits, target_logits))
 
 
 def test_top_k_cross_entropy_equals_full_when_k_is_the_vocab():

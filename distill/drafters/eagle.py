@@ -94,6 +94,17 @@ def trained_positions(loss_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
     return shift_left(loss_mask, 2 + step)
 
 
+def trained_rows(loss_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
+    """`trained_positions` as a boolean [batch, T − 2 − step] selector (the positions that have a token i + 2 + step):
+    the LM head and the losses run on the selected rows only."""
+    return loss_mask[:, 2 + step :].bool()
+
+
+def rows(x: torch.Tensor, offset: int, selected: torch.Tensor) -> torch.Tensor:
+    """The rows of x at positions i + offset for the positions i that `selected` marks → [count, ...]."""
+    return x[:, offset : offset + selected.shape[1]][selected]
+
+
 def sequence_positions(input_ids: torch.Tensor) -> torch.Tensor:
     """Position ids 0..T−1 for every row of a right-padded batch."""
     return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
@@ -216,17 +227,19 @@ class Eagle1Drafter(EagleDrafter):
         features = target.features[FINAL_NORMED]
         noisy = objectives.uniform_noise(features, weights.noise, generator)
         predicted = self(shift_left(input_ids, 1), noisy, attention_mask)
-        target_features, target_logits = shift_left(features, 1), shift_left(target.logits, 1)
-        mask = trained_positions(loss_mask).to(predicted.dtype)
+        # position i predicts f_{i+1} and the target's distribution there; only trained rows reach the LM head
+        selected = trained_rows(loss_mask)
+        predicted = rows(predicted, 0, selected)
+        target_features, target_logits = rows(features, 1, selected), rows(target.logits, 1, selected)
         draft_logits = self.target_lm_head(predicted)
-        per_position = weights.feature * objectives.feature_regression(predicted, target_features)
-        per_position = per_position + weights.token * objectives.soft_cross_entropy(draft_logits, target_logits)
-        agree = (objectives.top1_agreement(draft_logits, target_logits) * mask).sum()
+        per_row = weights.feature * objectives.feature_regression(predicted, target_features)
+        per_row = per_row + weights.token * objectives.soft_cross_entropy(draft_logits, target_logits)
+        count = selected.sum().to(predicted.dtype)
         return DraftLoss(
-            loss_sum=(per_position * mask).sum(),
-            num_tokens=mask.sum(),
-            agree=agree.detach()[None],
-            counted=mask.sum().detach()[None],
+            loss_sum=per_row.sum(),
+            num_tokens=count,
+            agree=objectives.top1_agreement(draft_logits, target_logits).sum().detach()[None],
+            counted=count.detach()[None],
         )
 
 
@@ -271,9 +284,9 @@ class Eagle3Drafter(EagleDrafter):
         position_ids: torch.Tensor,
         bias: torch.Tensor | None,
         caches: list[list] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training-time-test step: (pre-norm output feature, draft-vocabulary logits). `caches` (one list per
-        layer) holds the keys/values of earlier steps and receives this step's."""
+    ) -> torch.Tensor:
+        """One training-time-test step → the pre-norm output feature (`logits` reads it out). `caches` (one list
+        per layer) holds the keys/values of earlier steps and receives this step's."""
         embeds = self.target_embed(input_ids).to(hidden.dtype)
         cos, sin = self._rotary(position_ids, hidden.dtype)
         for index, layer in enumerate(self.layers):
@@ -281,13 +294,17 @@ class Eagle3Drafter(EagleDrafter):
             hidden, keys_values = layer(hidden, cos, sin, bias, embeds=embeds, earlier_steps=earlier or None)
             if caches is not None:
                 caches[index].append(keys_values)
-        return hidden, self.lm_head(self.norm(hidden))
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of output features."""
+        return self.lm_head(self.norm(hidden))
 
     def forward(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor], attention_mask: torch.Tensor):
         """Step-0 draft-vocabulary logits: input_ids[i] is t_{i+1}, features hold the tapped layers at i."""
         hidden = self.fuse(features)
         position_ids = sequence_positions(input_ids)
-        return self.step(input_ids, hidden, position_ids, causal_bias(attention_mask, hidden.dtype))[1]
+        return self.logits(self.step(input_ids, hidden, position_ids, causal_bias(attention_mask, hidden.dtype)))
 
     def training_loss(
         self,
@@ -304,20 +321,26 @@ class Eagle3Drafter(EagleDrafter):
         positions = sequence_positions(input_ids)
         caches: list[list] = [[] for _ in self.layers]
         draft_to_target = self.draft_to_target
+        # the target's side once for every step: its argmax, whether that lies in the draft vocabulary (positions
+        # whose best token the drafter cannot propose are not trained on) and its distribution over that vocabulary
+        target_argmax = target.logits.argmax(dim=-1)
+        restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target.logits, draft_to_target)
+        target_probs = restricted.float().softmax(dim=-1)
         loss_sum, agree, counted = hidden.new_zeros(()), [], []
         for step, decay in enumerate(objectives.decay_weights(weights.ttt_steps, weights.ttt_decay)):
-            hidden, draft_logits = self.step(shift_left(input_ids, 1 + step), hidden, positions + step, bias, caches)
-            target_logits = shift_left(target.logits, 1 + step)
-            restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target_logits, draft_to_target)
-            step_mask = trained_positions(loss_mask, step).to(hidden.dtype)
-            trained = step_mask * argmax_in_vocab
-            loss_sum = loss_sum + decay * (objectives.soft_cross_entropy(draft_logits, restricted) * trained).sum()
+            hidden = self.step(shift_left(input_ids, 1 + step), hidden, positions + step, bias, caches)
+            # position i predicts token i + 2 + step from the target's logits at i + 1 + step; trained rows only
+            selected = trained_rows(loss_mask, step)
+            draft_logits = self.logits(rows(hidden, 0, selected))
+            in_vocab = rows(argmax_in_vocab, 1 + step, selected).to(draft_logits.dtype)
+            cross_entropy = objectives.cross_entropy_with_probs(draft_logits, rows(target_probs, 1 + step, selected))
+            loss_sum = loss_sum + decay * (cross_entropy * in_vocab).sum()
             # agreement in the target's vocabulary, over every masked position (an honest acceptance proxy)
             draft_tokens = draft_to_target[draft_logits.argmax(dim=-1)]
-            agree.append(((draft_tokens == target_logits.argmax(dim=-1)) * step_mask).sum().detach())
-            counted.append(step_mask.sum().detach())
+            agree.append((draft_tokens == rows(target_argmax, 1 + step, selected)).sum().to(hidden.dtype).detach())
+            counted.append(selected.sum().to(hidden.dtype))
             if step == 0:
-                num_tokens = step_mask.sum()
+                num_tokens = counted[0]
         return DraftLoss(loss_sum, num_tokens, torch.stack(agree), torch.stack(counted))
 
 
