@@ -97,11 +97,11 @@ class RotaryTable:
         self.cos = (angles.cos() * self.scaling).to(self.dtype)
         self.sin = (angles.sin() * self.scaling * sign).to(self.dtype)
 
-    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [batch, rows] → cos, sin± [batch, rows, 1, head_dim] (broadcast over heads)."""
-        needed = int(positions.max()) + 1
-        if needed > len(self.cos):
-            self._grow(needed)
+    def __call__(self, positions: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [batch, rows], all below `bound` (known on the host: no device sync) → cos, sin±
+        [batch, rows, 1, head_dim] (broadcast over heads)."""
+        if bound > len(self.cos):
+            self._grow(bound)
         return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
 
 
@@ -171,6 +171,11 @@ class LeanLayer:
         return self.o(out.transpose(1, 2).reshape(batch, rows, -1))
 
 
+def _position_bound(cache: KVCache, input_ids: torch.Tensor) -> int:
+    """A new entry's position never exceeds the number of entries before it (chain, tree levels, extends)."""
+    return cache.length + input_ids.shape[1]
+
+
 def unsupported_reason(model: Any) -> str | None:
     """Why `model` cannot decode through the lean forward, or None when it can."""
     if not callable(getattr(model, "get_decoder", None)):
@@ -222,7 +227,7 @@ class LeanCausalLM:
     ) -> TargetOutput:
         """Logits (all rows, or the last one) and the features at `feature_layers` (FrozenTarget's ids)."""
         hidden = F.embedding(input_ids, self.embed)
-        rotary = self.rotary(position_ids)
+        rotary = self.rotary(position_ids, _position_bound(cache, input_ids))
         features = {}
         for index, layer in enumerate(self.layers):
             if index in feature_layers:
@@ -285,9 +290,6 @@ class LeanEagle:
             config.num_attention_heads, config.num_key_value_heads, head_dim, config.rms_norm_eps,
         )
 
-    def new_kv_cache(self) -> KVCache:
-        return KVCache()
-
     def decode_input(self, features: dict[int, torch.Tensor], feature_layers: tuple[int, ...]) -> torch.Tensor:
         if self.eagle3:
             return self.fc(torch.cat([features[layer_id] for layer_id in feature_layers], dim=-1))
@@ -299,7 +301,7 @@ class LeanEagle:
         """One drafting call → (output hidden states, fed back at the next position; logits over the target's
         vocabulary, of every row or the last). `mask` as in `LeanLayer.attend`."""
         embeds = F.embedding(input_ids, self.embed).to(hidden.dtype)
-        rotary = self.rotary(position_ids)
+        rotary = self.rotary(position_ids, _position_bound(cache, input_ids))
         attention_input = None
         if self.eagle3:
             input_norm, hidden_norm = self.first_norms
