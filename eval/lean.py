@@ -4,7 +4,7 @@ kernels (gpt-fast style) instead of through transformers' modules.
 Why: at batch size 1 a small model's decoding step is mostly per-op overhead (mask building, module calls, casts)
 and, on CPU, the matmul kernel's choice. Per decoder layer this runs
 
-    x̂ = rms_norm(x)                              one fused op
+    x̂ = rms_norm(x)                              one call
     q, k, v = split(x̂ · W_qkv)                   the three projections fused into one matmul
     q, k ← q·cos + roll(q)·sin±, together         rotary on q and k in one go; cos, sin± from a table by position
     K, V ← cache + (k, v); a = sdpa(q, K, V)      the KV cache written in place; grouped-query attention, no repeat
@@ -13,9 +13,9 @@ and, on CPU, the matmul kernel's choice. Per decoder layer this runs
 
 `roll(q)·sin±` is Llama's rotate_half(q)·sin: roll the head by head_dim/2 and negate sin's first half (bit-identical).
 
-`Linear`: on CPU in float32 the matmuls run oneDNN's GEMM on a weight packed once, about 2.3× faster than torch's
-default `F.linear` for the 2–16 rows of a verify, extend or tree level (toy target, 1 thread) and as fast for one
-row. (A GEMV on a transposed copy is faster for one row in isolation, but two weight copies per matrix push the
+`Linear`: on CPU in float32 the matmuls run oneDNN's GEMM on a weight packed once: for the toy target's 43 matrices
+on 1 thread, 1.02 ms for 5 rows (a verify, an extend, a tree level) against 2.34 ms with `F.linear`, and 0.90 ms
+against 1.40 ms for one row. (A GEMV on a transposed copy is faster for one row in isolation, but two weight copies per matrix push the
 target out of the L3 cache while a drafter runs beside it: measured slower end to end.) Elsewhere (GPU, bf16)
 `F.linear`. The weights are copied when the lean view is built: build it after loading, and rebuild it if the
 weights change (`lean_target` builds a frozen target's once).
