@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.drafters.eagle import Eagle3Drafter, EagleDrafter
-from distill.drafters.modules import DraftDecoderLayer, rope_inv_freq
+from distill.drafters.modules import rope_inv_freq
 from distill.kv_cache import KVCache
 from distill.target import FINAL_NORMED, FrozenTarget, TargetOutput
 
@@ -123,19 +123,21 @@ class LeanLayer:
     k_norm: torch.Tensor | None = None
 
     @classmethod
-    def from_modules(cls, attention, mlp, input_norm, post_norm, num_heads, num_kv_heads, head_dim, eps) -> "LeanLayer":
+    def from_layer(cls, layer: Any, config: Any, head_dim: int) -> "LeanLayer":
+        """From a transformers Llama-family decoder layer or a `DraftDecoderLayer` (the same module names)."""
+        attention, mlp, input_norm = layer.self_attn, layer.mlp, layer.input_layernorm
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         return cls(
             input_norm=input_norm.weight.detach() if input_norm is not None else None,
             qkv=_fused(attention.q_proj, attention.k_proj, attention.v_proj),
             o=Linear(attention.o_proj.weight, attention.o_proj.bias),
-            post_norm=post_norm.weight.detach(),
+            post_norm=layer.post_attention_layernorm.weight.detach(),
             gate_up=_fused(mlp.gate_proj, mlp.up_proj),
             down=Linear(mlp.down_proj.weight, mlp.down_proj.bias),
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
             head_dim=head_dim,
-            eps=eps,
+            eps=config.rms_norm_eps,
             q_norm=q_norm.weight.detach() if q_norm is not None else None,
             k_norm=k_norm.weight.detach() if k_norm is not None else None,
         )
@@ -202,13 +204,7 @@ class LeanCausalLM:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         with torch.no_grad():
             self.embed = decoder.embed_tokens.weight.detach()
-            self.layers = [
-                LeanLayer.from_modules(
-                    layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
-                    config.num_attention_heads, config.num_key_value_heads, head_dim, config.rms_norm_eps,
-                )
-                for layer in decoder.layers
-            ]
+            self.layers = [LeanLayer.from_layer(layer, config, head_dim) for layer in decoder.layers]
             self.norm = decoder.norm.weight.detach()
             lm_head = model.get_output_embeddings()
             self.lm_head = Linear(lm_head.weight, lm_head.bias)
@@ -268,7 +264,7 @@ class LeanEagle:
         with torch.no_grad():
             self.embed = drafter.target_embed.weight.detach()
             self.fc = Linear(drafter.fc.weight, drafter.fc.bias)
-            self.layers = [self._layer(layer, config, head_dim) for layer in drafter.layers]
+            self.layers = [LeanLayer.from_layer(layer, config, head_dim) for layer in drafter.layers]
             if self.eagle3:
                 first = drafter.layers[0]
                 self.first_norms = (first.input_layernorm.weight.detach(), first.hidden_norm.weight.detach())
@@ -282,13 +278,6 @@ class LeanEagle:
                 self.lm_head = target_lm_head or Linear(lm_head.weight, lm_head.bias)
         self.vocab_size, self.eps = config.vocab_size, config.rms_norm_eps
         self.rotary = RotaryTable(rope_inv_freq(head_dim, config.rope_theta, self.embed.device), 1.0, self.embed.dtype)
-
-    @staticmethod
-    def _layer(layer: DraftDecoderLayer, config: Any, head_dim: int) -> LeanLayer:
-        return LeanLayer.from_modules(
-            layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
-            config.num_attention_heads, config.num_key_value_heads, head_dim, config.rms_norm_eps,
-        )
 
     def decode_input(self, features: dict[int, torch.Tensor], feature_layers: tuple[int, ...]) -> torch.Tensor:
         if self.eagle3:
