@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -50,6 +51,20 @@ def toy_tokenizer(toy_tiny_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(toy_tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tiny(toy_tiny_path: Path, toy_tokenizer):
+    """The tiny toy target (model and FrozenTarget) and 6 toy-bench prompts rendered with its chat template."""
+    from transformers import LlamaForCausalLM
+
+    from distill.target import FrozenTarget
+    from eval.benches import BenchConfig, load_bench, render_prompt
+
+    model = LlamaForCausalLM.from_pretrained(toy_tiny_path)
+    prompts = [render_prompt(toy_tokenizer, prompt, chat_template=True)
+               for prompt in load_bench(BenchConfig(name="toy"), num_prompts=6)]
+    return SimpleNamespace(model=model, target=FrozenTarget(model), prompts=prompts)
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

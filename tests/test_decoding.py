@@ -14,20 +14,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from distill.drafters.eagle import build_eagle_drafter
 from distill.target import FrozenTarget
 from eval import verification
-from eval.benches import BenchConfig, load_bench, render_prompt
 from eval.decoding import Decoder, DecodingConfig
 from eval.proposers import EagleProposer, LMProposer, load_proposer
 
 CHAIN = DecodingConfig(method="chain", gamma=4, max_new_tokens=40)
 TREE = DecodingConfig(method="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=12, max_new_tokens=40)
-
-
-@pytest.fixture(scope="module")
-def tiny(toy_tiny_path, toy_tokenizer):
-    model = LlamaForCausalLM.from_pretrained(toy_tiny_path)
-    prompts = [render_prompt(toy_tokenizer, prompt, chat_template=True)
-               for prompt in load_bench(BenchConfig(name="toy"), num_prompts=6)]
-    return SimpleNamespace(model=model, target=FrozenTarget(model), prompts=prompts)
 
 
 def plain_outputs(target: FrozenTarget, prompts, config: DecodingConfig, eos=frozenset()) -> list[list[int]]:
