@@ -33,16 +33,17 @@ def cross_entropy_with_probs(draft_logits: torch.Tensor, target_probs: torch.Ten
 
 
 def restrict_to_draft_vocab(
-    target_logits: torch.Tensor, draft_to_target: torch.Tensor
+    target_logits: torch.Tensor, draft_to_target: torch.Tensor, target_argmax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EAGLE-3's reduced vocabulary: the target's logits at the draft-vocabulary ids (a distribution over the draft
     vocabulary once softmaxed), and a `[batch, seq]` mask that is 1 where the target's argmax lies inside it
-    (positions whose best token the drafter cannot propose are not trained on)."""
+    (positions whose best token the drafter cannot propose are not trained on). `target_argmax`: that argmax, when
+    the caller already has it."""
     if len(draft_to_target) == target_logits.shape[-1]:  # the whole vocabulary (the ids are sorted and unique)
         return target_logits, torch.ones(target_logits.shape[:-1], dtype=torch.bool, device=target_logits.device)
     in_vocab = torch.zeros(target_logits.shape[-1], dtype=torch.bool, device=target_logits.device)
     in_vocab[draft_to_target] = True
-    argmax_in_vocab = in_vocab[target_logits.argmax(dim=-1)]
+    argmax_in_vocab = in_vocab[target_logits.argmax(dim=-1) if target_argmax is None else target_argmax]
     return target_logits[..., draft_to_target], argmax_in_vocab
 
 

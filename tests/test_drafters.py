@@ -123,7 +123,7 @@ def test_training_loss_is_finite_and_reaches_every_trainable_weight(kind, ttt_st
 def test_losses_on_trained_rows_equal_losses_everywhere_then_masked(kind, target):
     """The LM head and losses run on trained rows only; the reference computes every position and masks."""
     from distill import objectives
-    from distill.drafters.eagle import sequence_positions, shift_left, trained_positions
+    from distill.drafters.eagle import sequence_positions, shift_left
 
     drafter = build(kind, target)
     input_ids, attention_mask, loss_mask = batch_of(seq=16)
@@ -137,7 +137,7 @@ def test_losses_on_trained_rows_equal_losses_everywhere_then_masked(kind, target
         logits, target_logits = drafter.target_lm_head(predicted), shift_left(output.logits, 1)
         per_position = objectives.feature_regression(predicted, shift_left(features, 1))
         per_position = per_position + 0.1 * objectives.soft_cross_entropy(logits, target_logits)
-        mask = trained_positions(loss_mask).float()
+        mask = shift_left(loss_mask, 2).float()  # position i is trained when token i + 2 is masked
         expected = (per_position * mask).sum()
         agree.append((objectives.top1_agreement(logits, target_logits) * mask).sum())
     else:
@@ -147,14 +147,14 @@ def test_losses_on_trained_rows_equal_losses_everywhere_then_masked(kind, target
             hidden = drafter.step(shift_left(input_ids, 1 + step), hidden, positions + step, bias, caches)
             logits, target_logits = drafter.logits(hidden), shift_left(output.logits, 1 + step)
             restricted, in_vocab = objectives.restrict_to_draft_vocab(target_logits, drafter.draft_to_target)
-            mask = trained_positions(loss_mask, step).float()
+            mask = shift_left(loss_mask, 2 + step).float()
             cross_entropy = objectives.soft_cross_entropy(logits, restricted)
             expected = expected + 0.8**step * (cross_entropy * mask * in_vocab).sum()
             drafted = drafter.draft_to_target[logits.argmax(-1)]
             agree.append(((drafted == target_logits.argmax(-1)) * mask).sum())
     torch.testing.assert_close(loss.loss_sum, expected, rtol=1e-5, atol=1e-5)
     assert loss.agree.tolist() == torch.stack(agree).tolist()
-    assert loss.num_tokens.item() == trained_positions(loss_mask).sum().item()
+    assert loss.num_tokens.item() == shift_left(loss_mask, 2).sum().item()
 
 
 def test_draft_vocab_is_the_most_frequent_ids_with_vllm_offsets():

@@ -41,6 +41,8 @@ def test_draft_vocab_restriction_and_argmax_mask():
     restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target_logits, draft_to_target)
     assert torch.equal(restricted, torch.tensor([[[5.0, 1.0], [0.0, 1.0]]]))
     assert argmax_in_vocab.tolist() == [[True, False]]  # position 1's argmax (id 0) is outside the draft vocab
+    given = objectives.restrict_to_draft_vocab(target_logits, draft_to_target, target_logits.argmax(-1))
+    assert torch.equal(given[0], restricted) and torch.equal(given[1], argmax_in_vocab)
     whole, everywhere = objectives.restrict_to_draft_vocab(target_logits, torch.arange(4))
     assert torch.equal(whole, target_logits) and everywhere.all()
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from conf import CONFIG_DIR
 from data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
-from distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers, trained_positions
+from distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers, trained_rows
 from distill.errors import UserError, exit_on_user_error
 from distill.objectives import expected_accept_length
 from distill.target import FrozenTarget, check_feature_layers
@@ -289,7 +289,7 @@ class TrainRecipe:
         for step in progress:
             micro = [next(batches) for _ in range(loop.grad_accum)]
             # positions trained on in the whole step, over every process: the per-token normaliser
-            step_tokens = sum(trained_positions(batch["loss_mask"]).sum() for batch in micro)
+            step_tokens = sum(trained_rows(batch["loss_mask"]).sum() for batch in micro)
             step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
             loss_total, local_tokens, agree, counted = 0.0, 0, 0, 0
             self.module.train()

@@ -12,7 +12,7 @@ from distill.drafters.eagle import (
     default_eagle3_layers,
     draft_config_from_target,
     select_draft_vocab,
-    trained_positions,
+    trained_rows,
 )
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "check_drafter_matches_target",
     "draft_config_from_target",
     "select_draft_vocab",
-    "trained_positions",
+    "trained_rows",
 ]

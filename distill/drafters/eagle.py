@@ -89,14 +89,10 @@ def shift_left(x: torch.Tensor, shift: int, fill: float | int = 0) -> torch.Tens
     return torch.cat([x[:, shift:], padding], dim=1)
 
 
-def trained_positions(loss_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
-    """Where the drafter is trained at unrolled step `step`: position i predicts token i + 2 + step (module doc)."""
-    return shift_left(loss_mask, 2 + step)
-
-
 def trained_rows(loss_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
-    """`trained_positions` as a boolean [batch, T − 2 − step] selector (the positions that have a token i + 2 + step):
-    the LM head and the losses run on the selected rows only."""
+    """Where the drafter is trained at unrolled step `step`: position i predicts token i + 2 + step (module doc), so
+    it is trained when that token is under the loss mask → a boolean [batch, T − 2 − step] selector of the positions
+    that have such a token. The LM head and the losses run on the selected rows only."""
     return loss_mask[:, 2 + step :].bool()
 
 
@@ -324,7 +320,7 @@ class Eagle3Drafter(EagleDrafter):
         # the target's side once for every step: its argmax, whether that lies in the draft vocabulary (positions
         # whose best token the drafter cannot propose are not trained on) and its distribution over that vocabulary
         target_argmax = target.logits.argmax(dim=-1)
-        restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target.logits, draft_to_target)
+        restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target.logits, draft_to_target, target_argmax)
         target_probs = restricted.float().softmax(dim=-1)
         loss_sum, agree, counted = hidden.new_zeros(()), [], []
         for step, decay in enumerate(objectives.decay_weights(weights.ttt_steps, weights.ttt_decay)):
