@@ -45,14 +45,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from data_prep.targets import tokenizer_fingerprint
-from data_prep.toy import END_OF_TURN, ToyTargetConfig, ensure_toy_target
-from distill.target import FrozenTarget
-from eval.baselines import hf_generate
-from eval.benches import BenchConfig, load_bench, render_prompt
-from eval.decoding import Decoder, DecodingConfig, Generation
-from eval.metrics import predicted_speedup, predicted_tau
-from eval.proposers import LMProposer, load_proposer
+from specdistill.data_prep.targets import tokenizer_fingerprint
+from specdistill.data_prep.toy import END_OF_TURN, ToyTargetConfig, ensure_toy_target
+from specdistill.distill.target import FrozenTarget
+from specdistill.eval.baselines import hf_generate
+from specdistill.eval.benches import BenchConfig, load_bench, render_prompt
+from specdistill.eval.decoding import Decoder, DecodingConfig, Generation
+from specdistill.eval.metrics import predicted_speedup, predicted_tau
+from specdistill.eval.proposers import LMProposer, load_proposer
 
 WARMUP_PROMPTS = 2
 TOY_DRAFTER = ToyTargetConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192)

@@ -22,9 +22,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conf import CONFIG_DIR
-from data_prep.config import register_configs
-from data_prep.toy import ToyTargetConfig, ensure_toy_target
+from specdistill.conf import CONFIG_DIR
+from specdistill.data_prep.config import register_configs
+from specdistill.data_prep.toy import ToyTargetConfig, ensure_toy_target
 
 
 def main() -> None:

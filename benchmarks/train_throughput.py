@@ -23,8 +23,8 @@ from datetime import date
 
 import torch
 
-from distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers
-from distill.target import FrozenTarget
+from specdistill.distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers
+from specdistill.distill.target import FrozenTarget
 
 
 def load_target(shape: str, device: torch.device):
@@ -33,9 +33,9 @@ def load_target(shape: str, device: torch.device):
     if shape == "toy":
         from hydra import compose, initialize_config_dir
 
-        from conf import CONFIG_DIR
-        from data_prep.config import register_configs
-        from data_prep.targets import load_target_model
+        from specdistill.conf import CONFIG_DIR
+        from specdistill.data_prep.config import register_configs
+        from specdistill.data_prep.targets import load_target_model
 
         register_configs()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

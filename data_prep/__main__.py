@@ -1,5 +1,5 @@
-"""`python -m data_prep ...` is `specdistill prep ...`."""
+"""`python -m specdistill.data_prep ...` is `specdistill prep ...`."""
 
-from data_prep.prep import main
+from specdistill.data_prep.prep import main
 
 main()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_prep.readers import MalformedRecord
+from specdistill.data_prep.readers import MalformedRecord
 
 IGNORE = 0
 TRAIN = 1

@@ -14,7 +14,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from data_prep.toy import ToyTargetConfig
+from specdistill.data_prep.toy import ToyTargetConfig
 
 
 class DType(Enum):

@@ -3,7 +3,7 @@
     specdistill prep target=toy data=toy_chat
     specdistill prep target=llama3_8b_instruct data=local data.path=chats.jsonl data.max_length=2048
     specdistill prep target=qwen3_8b data=ultrachat data.regenerate=true data.regen.temperature=0.7
-    python -m data_prep target=toy data=toy_chat out_dir=runs/toy_prep    # same thing
+    python -m specdistill.data_prep target=toy data=toy_chat out_dir=runs/toy_prep    # same thing
 
 setup (tokenizer, records) → parse → [regenerate with the target] → tokenize and mask → split → save:
 
@@ -31,13 +31,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from conf import CONFIG_DIR
-from data_prep.chat import TemplateMismatch, end_of_turn_ids, tokenize_conversation, tokenize_text
-from data_prep.config import register_configs
-from data_prep.readers import Conversation, MalformedRecord, PlainText, parse_record, read_records
-from data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
-from data_prep.toy import toy_chat_conversations
-from distill.errors import UserError, exit_on_user_error
+from specdistill.conf import CONFIG_DIR
+from specdistill.data_prep.chat import TemplateMismatch, end_of_turn_ids, tokenize_conversation, tokenize_text
+from specdistill.data_prep.config import register_configs
+from specdistill.data_prep.readers import Conversation, MalformedRecord, PlainText, parse_record, read_records
+from specdistill.data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
+from specdistill.data_prep.toy import toy_chat_conversations
+from specdistill.distill.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("specdistill.prep")
 MAX_REPORTED_ERRORS = 20  # malformed records listed by index in stats.json and the log
@@ -77,7 +77,7 @@ def parse_all(records: Any, data_cfg: Any, errors: RecordErrors) -> dict[int, Co
 
 
 def regenerate(cfg: Any, parsed: dict[int, Conversation | PlainText], tokenizer: Any, out_dir: Path) -> dict[str, int]:
-    from data_prep.regenerate import regenerate_conversations
+    from specdistill.data_prep.regenerate import regenerate_conversations
 
     conversations = {index: item for index, item in parsed.items() if isinstance(item, Conversation)}
     if len(conversations) != len(parsed):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from distill.errors import UserError
+from specdistill.distill.errors import UserError
 
 # ShareGPT dumps name the assistant after the service it came from; all of these are the assistant role.
 ROLE_ALIASES = {

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from data_prep.chat import render
-from data_prep.readers import Conversation
+from specdistill.data_prep.chat import render
+from specdistill.data_prep.readers import Conversation
 
 
 def _assistant_positions(messages: list[dict[str, str]]) -> list[int]:

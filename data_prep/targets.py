@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill.errors import UserError
-from data_prep.toy import ToyTargetConfig, ensure_toy_target
+from specdistill.distill.errors import UserError
+from specdistill.data_prep.toy import ToyTargetConfig, ensure_toy_target
 
 
 def resolve_target_path(target_cfg: Any, cache_dir: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from distill.errors import UserError
+from specdistill.distill.errors import UserError
 
 FINAL_NORMED = -1
 

@@ -1,5 +1,5 @@
-"""`python -m eval ...` is `specdistill eval ...`."""
+"""`python -m specdistill.eval ...` is `specdistill eval ...`."""
 
-from eval.eval import main
+from specdistill.eval.eval import main
 
 main()

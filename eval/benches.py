@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from distill.errors import UserError
+from specdistill.distill.errors import UserError
 
 SPEC_BENCH_URL = "https://github.com/hemingkx/Spec-Bench/blob/main/data/spec_bench/question.jsonl"
 # Benches that are not on the Hub: where their prompt file comes from.
@@ -83,7 +83,7 @@ def render_prompt(tokenizer: Any, prompt: BenchPrompt, chat_template: bool) -> l
 
 
 def _toy_prompts(cfg: BenchConfig, num_prompts: int | None, seed: int) -> list[BenchPrompt]:
-    from data_prep.toy import toy_chat_conversations
+    from specdistill.data_prep.toy import toy_chat_conversations
 
     conversations = toy_chat_conversations(split="bench", seed=seed, max_conversations=num_prompts)
     prompts = []

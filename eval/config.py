@@ -9,9 +9,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from data_prep.config import StageConfig
-from data_prep.config import register_configs as register_data_configs
-from eval.benches import BenchConfig
+from specdistill.data_prep.config import StageConfig
+from specdistill.data_prep.config import register_configs as register_data_configs
+from specdistill.eval.benches import BenchConfig
 
 
 class Method(Enum):

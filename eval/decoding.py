@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.kv_cache import KVCache
-from distill.target import FrozenTarget, TargetOutput
-from eval import verification
-from eval.lean import lean_target
-from eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
-from eval.proposers import Proposer
+from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.target import FrozenTarget, TargetOutput
+from specdistill.eval import verification
+from specdistill.eval.lean import lean_target
+from specdistill.eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
+from specdistill.eval.proposers import Proposer
 
 
 @dataclass

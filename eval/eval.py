@@ -28,16 +28,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from conf import CONFIG_DIR
-from data_prep.targets import load_target_model, load_target_tokenizer
-from distill.errors import UserError, exit_on_user_error
-from distill.target import FrozenTarget
-from eval.benches import load_bench, render_prompt
-from eval.config import register_configs
-from eval.decoding import Decoder, DecodingConfig, Generation
-from eval.metrics import summarize, tokens_per_second
-from eval.proposers import LMProposer, load_proposer
-from eval.report import format_table, write_report
+from specdistill.conf import CONFIG_DIR
+from specdistill.data_prep.targets import load_target_model, load_target_tokenizer
+from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.target import FrozenTarget
+from specdistill.eval.benches import load_bench, render_prompt
+from specdistill.eval.config import register_configs
+from specdistill.eval.decoding import Decoder, DecodingConfig, Generation
+from specdistill.eval.metrics import summarize, tokens_per_second
+from specdistill.eval.proposers import LMProposer, load_proposer
+from specdistill.eval.report import format_table, write_report
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -122,7 +122,7 @@ class EvalRecipe:
         """transformers' own assisted generation and prompt lookup with each token-level drafter (greedy only)."""
         if not self.cfg.eval.hf_baselines or self.decoding.temperature > 0:
             return
-        from eval.baselines import hf_generate
+        from specdistill.eval.baselines import hf_generate
 
         gamma, new = self.decoding.gamma, self.decoding.max_new_tokens
         for path, proposer in self.drafters.items():

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill.drafters.eagle import Eagle3Drafter, EagleDrafter
-from distill.drafters.modules import rope_inv_freq
-from distill.kv_cache import KVCache
-from distill.target import FINAL_NORMED, FrozenTarget, TargetOutput
+from specdistill.distill.drafters.eagle import Eagle3Drafter, EagleDrafter
+from specdistill.distill.drafters.modules import rope_inv_freq
+from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.target import FINAL_NORMED, FrozenTarget, TargetOutput
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PACKED_ROWS = 8  # oneDNN packs the weight for this many rows; measured fastest for 1–12 rows on the toy target

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.errors import UserError
+from specdistill.distill.errors import UserError
 
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations that take an explicit 4-D mask (tree and chain verify)
 

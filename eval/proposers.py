@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from distill.drafters.eagle import EagleConfig, EagleDrafter, check_drafter_matches_target
-from distill.errors import UserError
-from distill.kv_cache import KVCache
-from distill.target import FrozenTarget
-from eval.lean import LeanEagle, lean_causal_lm, lean_target
-from eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
+from specdistill.distill.drafters.eagle import EagleConfig, EagleDrafter, check_drafter_matches_target
+from specdistill.distill.errors import UserError
+from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.target import FrozenTarget
+from specdistill.eval.lean import LeanEagle, lean_causal_lm, lean_target
+from specdistill.eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
 
 
 class Proposer(ABC):
@@ -151,7 +151,7 @@ def load_proposer(
             f"drafter_path: {path} has no config.json; pass the `drafter` folder that `specdistill train` wrote "
             "(<out_dir>/drafter) or a Hugging Face causal LM folder"
         )
-    import distill.drafters  # noqa: F401  (registers the drafter classes with the Auto classes)
+    import specdistill.distill.drafters  # noqa: F401  (registers the drafter classes with the Auto classes)
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if isinstance(config, EagleConfig):

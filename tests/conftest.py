@@ -30,8 +30,8 @@ def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from conf import CONFIG_DIR
-    from data_prep.config import register_configs
+    from specdistill.conf import CONFIG_DIR
+    from specdistill.data_prep.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -40,7 +40,7 @@ def compose(config_name: str, overrides: list[str]):
 
 @pytest.fixture(scope="session")
 def toy_tiny_path(cache_dir: Path) -> Path:
-    from data_prep.targets import resolve_target_path
+    from specdistill.data_prep.targets import resolve_target_path
 
     cfg = compose("prep", ["target=toy_tiny", f"cache_dir={cache_dir}", f"out_dir={cache_dir / 'unused'}"])
     return Path(resolve_target_path(cfg.target, cfg.cache_dir))
@@ -58,8 +58,8 @@ def tiny(toy_tiny_path: Path, toy_tokenizer):
     """The tiny toy target (model and FrozenTarget) and 6 toy-bench prompts rendered with its chat template."""
     from transformers import LlamaForCausalLM
 
-    from distill.target import FrozenTarget
-    from eval.benches import BenchConfig, load_bench, render_prompt
+    from specdistill.distill.target import FrozenTarget
+    from specdistill.eval.benches import BenchConfig, load_bench, render_prompt
 
     model = LlamaForCausalLM.from_pretrained(toy_tiny_path)
     prompts = [render_prompt(toy_tokenizer, prompt, chat_template=True)
@@ -69,9 +69,8 @@ def tiny(toy_tiny_path: Path, toy_tokenizer):
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `specdistill <args>` as a user would, in `cwd`, with the session's cache."""
-    command = [sys.executable, "-c", "from train.cli import main; main()", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-c", "from specdistill.train.cli import main; main()", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

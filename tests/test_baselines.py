@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from eval.baselines import hf_generate
-from eval.decoding import Decoder, DecodingConfig
+from specdistill.eval.baselines import hf_generate
+from specdistill.eval.decoding import Decoder, DecodingConfig
 
 METHODS = {
     "plain": {},

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conf import CONFIG_DIR
-from data_prep.toy import ASSISTANT, toy_chat_conversations
-from distill.errors import UserError
-from eval.benches import BenchConfig, BenchPrompt, load_bench, render_prompt
+from specdistill.conf import CONFIG_DIR
+from specdistill.data_prep.toy import ASSISTANT, toy_chat_conversations
+from specdistill.distill.errors import UserError
+from specdistill.eval.benches import BenchConfig, BenchPrompt, load_bench, render_prompt
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:

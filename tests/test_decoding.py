@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.drafters.eagle import build_eagle_drafter
-from distill.target import FrozenTarget
-from eval import verification
-from eval.decoding import Decoder, DecodingConfig
-from eval.proposers import EagleProposer, LMProposer, load_proposer
+from specdistill.distill.drafters.eagle import build_eagle_drafter
+from specdistill.distill.target import FrozenTarget
+from specdistill.eval import verification
+from specdistill.eval.decoding import Decoder, DecodingConfig
+from specdistill.eval.proposers import EagleProposer, LMProposer, load_proposer
 
 CHAIN = DecodingConfig(method="chain", gamma=4, max_new_tokens=40)
 TREE = DecodingConfig(method="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=12, max_new_tokens=40)

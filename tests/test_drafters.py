@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from distill.drafters import (
+from specdistill.distill.drafters import (
     Eagle1Config,
     Eagle3Config,
     ObjectiveWeights,
@@ -17,9 +17,9 @@ from distill.drafters import (
     draft_config_from_target,
     select_draft_vocab,
 )
-from distill.drafters.modules import DraftAttention, causal_bias, rotary_cos_sin
-from distill.errors import UserError
-from distill.target import FINAL_NORMED, FrozenTarget
+from specdistill.distill.drafters.modules import DraftAttention, causal_bias, rotary_cos_sin
+from specdistill.distill.errors import UserError
+from specdistill.distill.target import FINAL_NORMED, FrozenTarget
 
 
 def test_ttt_attention_equals_attention_under_the_explicit_mask():
@@ -45,7 +45,7 @@ def test_ttt_attention_equals_attention_under_the_explicit_mask():
     for step in range(steps):
         cos, sin = rotary_cos_sin(positions + step, hidden // heads, 10000.0, torch.float32)
         q = attention._heads(attention.q_proj(inputs[step]), heads)
-        from distill.drafters.modules import apply_rotary
+        from specdistill.distill.drafters.modules import apply_rotary
 
         q = apply_rotary(q, cos, sin)
         visible = torch.zeros(batch, 1, seq, steps * seq, dtype=torch.bool)
@@ -64,7 +64,7 @@ def target(toy_tiny_path):
 
 
 def build(kind: str, target: FrozenTarget):
-    from distill.drafters import Eagle1Drafter, Eagle3Drafter
+    from specdistill.distill.drafters import Eagle1Drafter, Eagle3Drafter
 
     if kind == "eagle1":
         drafter = Eagle1Drafter(draft_config_from_target(Eagle1Config, target.config, [FINAL_NORMED]))
@@ -122,8 +122,8 @@ def test_training_loss_is_finite_and_reaches_every_trainable_weight(kind, ttt_st
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_losses_on_trained_rows_equal_losses_everywhere_then_masked(kind, target):
     """The LM head and losses run on trained rows only; the reference computes every position and masks."""
-    from distill import objectives
-    from distill.drafters.eagle import sequence_positions, shift_left
+    from specdistill.distill import objectives
+    from specdistill.distill.drafters.eagle import sequence_positions, shift_left
 
     drafter = build(kind, target)
     input_ids, attention_mask, loss_mask = batch_of(seq=16)
@@ -161,7 +161,7 @@ def test_draft_vocab_is_the_most_frequent_ids_with_vllm_offsets():
     counts = torch.tensor([5, 0, 9, 9, 1, 7])
     ids = select_draft_vocab(counts, 3, vocab_size=8)
     assert ids.tolist() == [2, 3, 5]
-    from distill.drafters import Eagle3Drafter
+    from specdistill.distill.drafters import Eagle3Drafter
 
     drafter = Eagle3Drafter(Eagle3Config(hidden_size=8, num_attention_heads=2, num_key_value_heads=1,
                                          intermediate_size=16, vocab_size=8, draft_vocab_size=3))

@@ -16,12 +16,12 @@ from transformers import (
     Qwen3Config,
 )
 
-from distill.kv_cache import KVCache
-from distill.target import FINAL_NORMED, FrozenTarget
-from eval.decoding import Decoder, DecodingConfig
-from eval.lean import Linear, lean_causal_lm, unsupported_reason
-from eval.masks import PrefixMask
-from eval.proposers import LMProposer
+from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.target import FINAL_NORMED, FrozenTarget
+from specdistill.eval.decoding import Decoder, DecodingConfig
+from specdistill.eval.lean import Linear, lean_causal_lm, unsupported_reason
+from specdistill.eval.masks import PrefixMask
+from specdistill.eval.proposers import LMProposer
 
 SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from distill import objectives
+from specdistill.distill import objectives
 
 
 def test_masked_mean_ignores_unmasked_positions():

@@ -10,8 +10,8 @@ import datasets
 import pytest
 from safetensors.torch import load_file
 
-from data_prep.chat import end_of_turn_ids, tokenize_conversation
-from data_prep.toy import toy_chat_conversations
+from specdistill.data_prep.chat import end_of_turn_ids, tokenize_conversation
+from specdistill.data_prep.toy import toy_chat_conversations
 from tests.conftest import run_cli
 
 # The real Llama-3 Instruct template (content trimmed, <|eot_id|> ends a turn) and a Qwen-2.5-style ChatML one
@@ -208,19 +208,29 @@ def test_multirun_sweeps_write_one_dataset_per_job(tmp_path: Path, cache_dir: Pa
 
 
 def test_python_dash_m_entry_points(tmp_path: Path):
-    import os
+    """`python -m specdistill.<stage>` runs the stage, from any folder (the installed namespace, not the checkout)."""
     import subprocess
     import sys
 
-    from tests.conftest import REPO_ROOT
+    for module, header in [("specdistill.data_prep", "specdistill prep: tokenize conversations"),
+                           ("specdistill.train", "specdistill train: distill a drafter"),
+                           ("specdistill.eval", "specdistill eval: decode the bench's prompts")]:
+        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0 and header in result.stdout, result.stderr
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    prep = subprocess.run([sys.executable, "-m", "data_prep", "--help"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True)
-    assert prep.returncode == 0 and "specdistill prep: tokenize conversations" in prep.stdout
-    train = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=tmp_path, env=env, capture_output=True,
-                           text=True)
-    assert train.returncode == 0 and "specdistill train: distill a drafter" in train.stdout
-    evaluate = subprocess.run([sys.executable, "-m", "eval", "--help"], cwd=tmp_path, env=env, capture_output=True,
-                              text=True)
-    assert evaluate.returncode == 0 and "specdistill eval: decode the bench's prompts" in evaluate.stdout
+
+def test_install_puts_no_top_level_train_eval_or_conf_on_the_path(tmp_path: Path):
+    """Installing specdistill must not shadow another project's `train`, `eval`, `conf`, `distill` or `data_prep`."""
+    import subprocess
+    import sys
+
+    script = ("import importlib.util, json; "
+              "print(json.dumps({name: importlib.util.find_spec(name) is not None "
+              "for name in ['train', 'eval', 'conf', 'distill', 'data_prep', 'specdistill.train', 'specdistill.eval', "
+              "'specdistill.conf', 'specdistill.distill', 'specdistill.data_prep']}))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    import json
+
+    found = json.loads(result.stdout)
+    assert not any(found[name] for name in ["train", "eval", "conf", "distill", "data_prep"]), found
+    assert all(found[f"specdistill.{name}"] for name in ["train", "eval", "conf", "distill", "data_prep"]), found

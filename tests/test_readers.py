@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.readers import Conversation, MalformedRecord, PlainText, parse_record, read_records
-from distill.errors import UserError
+from specdistill.data_prep.readers import Conversation, MalformedRecord, PlainText, parse_record, read_records
+from specdistill.distill.errors import UserError
 from tests.conftest import compose
 
 GOOD_SHAREGPT = {

@@ -12,10 +12,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from data_prep.chat import render
-from data_prep.readers import parse_record
-from data_prep.regenerate import regenerate_conversations
-from data_prep.toy import toy_chat_conversations
+from specdistill.data_prep.chat import render
+from specdistill.data_prep.readers import parse_record
+from specdistill.data_prep.regenerate import regenerate_conversations
+from specdistill.data_prep.toy import toy_chat_conversations
 from tests.conftest import run_cli
 
 

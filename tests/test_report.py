@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from eval.report import SCHEMA_KEYS, format_table, write_report
+from specdistill.eval.report import SCHEMA_KEYS, format_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOT_NAMES = {"alpha_per_position.png", "per_category.png", "accept_lengths.png"}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.errors import UserError
-from distill.target import FINAL_NORMED, FrozenTarget
+from specdistill.distill.errors import UserError
+from specdistill.distill.target import FINAL_NORMED, FrozenTarget
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep import toy
+from specdistill.data_prep import toy
 from tests.conftest import compose
-from data_prep.toy import (
+from specdistill.data_prep.toy import (
     END_OF_TURN,
     ENDOFTEXT,
     SPECIAL_TOKENS,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import distill.drafters  # noqa: F401  (registers the drafter classes with the Auto classes)
+import specdistill.distill.drafters  # noqa: F401  (registers the drafter classes with the Auto classes)
 
 from tests.conftest import REPO_ROOT, TRAIN_FAST as FAST, run_cli
 
@@ -61,8 +61,8 @@ def test_killed_run_resumes_to_the_same_final_loss(toy_dataset, tmp_path: Path, 
     # start the same run, kill it once its first checkpoint exists, then start it again: it must resume
     import os
 
-    command = [sys.executable, "-c", "from train.cli import main; main()", "train", *args, f"out_dir={tmp_path}/killed"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-c", "from specdistill.train.cli import main; main()", "train", *args, f"out_dir={tmp_path}/killed"]
+    env = dict(os.environ)
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "step_10" / "trainer_state.json"
     deadline = time.monotonic() + 300
@@ -130,14 +130,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy_dataset, tm
             "optim.warmup_steps=2"]
     single = run_cli("train", *args, "train.batch_size=4", f"out_dir={tmp_path}/one", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = dict(os.environ)
     import socket
 
     with socket.socket() as probe:  # a free rendezvous port: never collide with another run's default 29500
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={port}",
-               "-m", "train", *args, "train.batch_size=2", f"out_dir={tmp_path}/two"]
+               "-m", "specdistill.train", *args, "train.batch_size=2", f"out_dir={tmp_path}/two"]
     double = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = summary(tmp_path / "one"), summary(tmp_path / "two")

@@ -1,7 +1,7 @@
-"""`python -m train ...` is `specdistill train ...`."""
+"""`python -m specdistill.train ...` is `specdistill train ...`."""
 
 import sys
 
-from train.cli import run_stage
+from specdistill.train.cli import run_stage
 
 run_stage("train", sys.argv[1:])

@@ -17,11 +17,11 @@ import sys
 
 # sub-command → (module, description); module None: not built yet.
 STAGES: dict[str, tuple[str | None, str]] = {
-    "prep": ("data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
-    "train": ("train.train", "distill a drafter from the frozen target → drafter checkpoint"),
-    "eval": ("eval.eval", "speculative decoding with a drafter → τ, α, speedup report"),
+    "prep": ("specdistill.data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
+    "train": ("specdistill.train.train", "distill a drafter from the frozen target → drafter checkpoint"),
+    "eval": ("specdistill.eval.eval", "speculative decoding with a drafter → τ, α, speedup report"),
     "export": (None, "write a drafter in vLLM / SGLang / Hub layout"),
-    "run": ("train.run", "prep → train → eval end to end (experiment=quickstart)"),
+    "run": ("specdistill.train.run", "prep → train → eval end to end (experiment=quickstart)"),
 }
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from data_prep.config import StageConfig, register_configs as register_data_configs
+from specdistill.data_prep.config import StageConfig, register_configs as register_data_configs
 
 
 class DrafterKind(Enum):

@@ -20,8 +20,8 @@ from hydra import compose
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from conf import CONFIG_DIR
-from distill.errors import UserError, exit_on_user_error
+from specdistill.conf import CONFIG_DIR
+from specdistill.distill.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def quoted(value: object) -> str:
 
 def run(cfg: DictConfig) -> Path:
     """Run the three stages; returns the eval folder."""
-    from data_prep.prep import prep
-    from eval.eval import evaluate
-    from train.train import train
+    from specdistill.data_prep.prep import prep
+    from specdistill.eval.eval import evaluate
+    from specdistill.train.train import train
 
     if not any((cfg.common, cfg.prep, cfg.train, cfg.eval)):
         raise UserError("run: nothing chosen; pick an experiment, e.g. `specdistill run experiment=quickstart` "

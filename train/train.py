@@ -3,7 +3,7 @@
     specdistill train target=toy drafter=eagle3 data_dir=outputs/prep/<date>/<time>/dataset
     specdistill train target=toy drafter=eagle1 data_dir=... train.max_steps=1400 optim.lr=1e-3 optim.warmup_steps=50
     specdistill train ... logger=wandb                                   # WANDB_MODE=offline logs locally
-    torchrun --nproc_per_node 2 -m train data_dir=...                    # DDP (one process per GPU, or gloo on CPU)
+    torchrun --nproc_per_node 2 -m specdistill.train data_dir=...                    # DDP (one process per GPU, or gloo on CPU)
 
 setup (target, data, drafter, optimizer, resume) → train (accumulated steps, validation, checkpoints) → save:
 
@@ -33,13 +33,13 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from conf import CONFIG_DIR
-from data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
-from distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers, trained_rows
-from distill.errors import UserError, exit_on_user_error
-from distill.objectives import expected_accept_length
-from distill.target import FrozenTarget, check_feature_layers
-from train.config import register_configs
+from specdistill.conf import CONFIG_DIR
+from specdistill.data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
+from specdistill.distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers, trained_rows
+from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.objectives import expected_accept_length
+from specdistill.distill.target import FrozenTarget, check_feature_layers
+from specdistill.train.config import register_configs
 
 log = logging.getLogger("specdistill.train")
 CHECKPOINT_PREFIX = "step_"

@@ -1,6 +1,6 @@
 """Drafter models; importing this package registers their configs and models with transformers' Auto classes."""
 
-from distill.drafters.eagle import (
+from specdistill.distill.drafters.eagle import (
     DraftLoss,
     Eagle1Config,
     Eagle1Drafter,

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from distill import objectives
-from distill.drafters.modules import DraftDecoderLayer, RMSNorm, causal_bias, rotary_cos_sin
-from distill.errors import UserError
-from distill.target import FINAL_NORMED, TargetOutput
+from specdistill.distill import objectives
+from specdistill.distill.drafters.modules import DraftDecoderLayer, RMSNorm, causal_bias, rotary_cos_sin
+from specdistill.distill.errors import UserError
+from specdistill.distill.target import FINAL_NORMED, TargetOutput
 
 
 class EagleConfig(PretrainedConfig):
