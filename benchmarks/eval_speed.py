@@ -8,7 +8,7 @@
 Methods, all greedy, on the same target and prompts (the toy bench, chat template, EOS `<|end|>`):
 
     ours plain        Decoder(target, None): plain autoregressive decoding, our KV cache (the speedup baseline)
-    ours LM γ         our speculative decoding, chain of γ drafts from a token-level drafter LM (LMProposer)
+    ours LM γ         our speculative decoding, chain of γ drafts from a token-level drafter LM (LMDrafting)
     ours EAGLE γ      … from the `specdistill train` drafter at --drafter-path (chain, γ), when given
     HF plain          transformers `generate`
     HF assisted γ     transformers assisted generation, the same drafter LM as assistant, γ drafts a round
@@ -45,14 +45,15 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from specdistill.data_prep.targets import tokenizer_fingerprint
-from specdistill.data_prep.toy import END_OF_TURN, ToyTargetConfig, ensure_toy_target
+from specdistill.distill.targets import tokenizer_fingerprint
+from specdistill.distill.toy import END_OF_TURN, ToyTargetConfig, ensure_toy_target
 from specdistill.distill.target import FrozenTarget
 from specdistill.eval.baselines import hf_generate
 from specdistill.eval.benches import BenchConfig, load_bench, render_prompt
 from specdistill.eval.decoding import Decoder, DecodingConfig, Generation
 from specdistill.eval.metrics import predicted_speedup, predicted_tau
-from specdistill.eval.proposers import LMProposer, load_proposer
+from specdistill.distill.drafters import load_drafting
+from specdistill.distill.drafters.token_lm import LMDrafting
 
 WARMUP_PROMPTS = 2
 TOY_DRAFTER = ToyTargetConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192)
@@ -196,12 +197,12 @@ def main() -> None:
     target = FrozenTarget(model)
     plain_config = DecodingConfig(max_new_tokens=args.max_new_tokens)
     chain_config = DecodingConfig(method="chain", gamma=args.gamma, max_new_tokens=args.max_new_tokens)
-    ours: dict[str, tuple[Decoder, tuple[int, ...]]] = {"ours plain": (Decoder(target, None, plain_config, eos), ())}
+    ours: dict[str, Decoder] = {"ours plain": Decoder(target, None, plain_config, eos)}
     lm_name, eagle_name = f"ours LM γ={args.gamma}", f"ours EAGLE γ={args.gamma}"
-    ours[lm_name] = (Decoder(target, LMProposer(drafter_model, device), chain_config, eos), ())
+    ours[lm_name] = Decoder(target, LMDrafting(drafter_model, device), chain_config, eos)
     if args.drafter_path:
-        proposer = load_proposer(args.drafter_path, target, device)
-        ours[eagle_name] = (Decoder(target, proposer, chain_config, eos), proposer.feature_layers)
+        proposer = load_drafting(args.drafter_path, target, device)
+        ours[eagle_name] = Decoder(target, proposer, chain_config, eos)
     hf_name = f"HF assisted γ={args.gamma}"
     theirs = {
         "HF plain": {},
@@ -212,11 +213,8 @@ def main() -> None:
 
     def run(name: str, prompt: list[int]) -> tuple[list[int], Generation | None, float]:
         if name in ours:
-            decoder, feature_layers = ours[name]
-            target.set_feature_layers(feature_layers)  # tap only what this method's drafter reads
-            generation = decoder.generate(prompt)
+            generation = ours[name].generate(prompt)
             return generation.output_ids, generation, generation.seconds
-        target.set_feature_layers(())  # the hooks sit on the model that transformers runs too
         tokens, seconds = hf_generate(model, prompt, args.max_new_tokens, eos, **theirs[name])
         return tokens, None, seconds
 

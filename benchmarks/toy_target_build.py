@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from specdistill.conf import CONFIG_DIR
 from specdistill.data_prep.config import register_configs
-from specdistill.data_prep.toy import ToyTargetConfig, ensure_toy_target
+from specdistill.distill.toy import ToyTargetConfig, ensure_toy_target
 
 
 def main() -> None:

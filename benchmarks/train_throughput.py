@@ -23,7 +23,10 @@ from datetime import date
 
 import torch
 
-from specdistill.distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers
+from specdistill.distill.drafters import drafter_kind
+from specdistill.distill.drafters.eagle3 import default_eagle3_layers
+from specdistill.distill.drafters.feature import BuildContext
+from specdistill.distill.objectives import ObjectiveConfig
 from specdistill.distill.target import FrozenTarget
 
 
@@ -35,12 +38,12 @@ def load_target(shape: str, device: torch.device):
 
         from specdistill.conf import CONFIG_DIR
         from specdistill.data_prep.config import register_configs
-        from specdistill.data_prep.targets import load_target_model
+        from specdistill.distill.targets import eagle3_layers, load_target_model
 
         register_configs()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name="prep", overrides=["target=toy", "out_dir=unused"])
-        return load_target_model(cfg.target, os.path.expanduser(cfg.cache_dir), device=device), list(cfg.target.eagle3_layers)
+        return load_target_model(cfg.target, os.path.expanduser(cfg.cache_dir), device=device), eagle3_layers(cfg.target)
     config = LlamaConfig(  # Llama-3.1-8B's shape, random weights
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -83,19 +86,20 @@ def main() -> None:
 
     results = {}
     for kind, layers, weights in (
-        ("eagle1", [-1], ObjectiveWeights()),
-        ("eagle3", eagle3_layers, ObjectiveWeights(feature=0.0, token=1.0, noise=0.0, ttt_steps=args.ttt_steps)),
+        ("eagle1", [-1], ObjectiveConfig()),
+        ("eagle3", eagle3_layers, ObjectiveConfig(feature_weight=0.0, token_weight=1.0, noise=0.0, ttt_steps=args.ttt_steps)),
     ):
-        target = FrozenTarget(model, layers)
-        drafter = build_eagle_drafter(kind, target, 1, layers, 32000 if kind == "eagle3" else None).to(device)
+        target, unit = FrozenTarget(model), drafter_kind(kind)
+        options = unit.options(feature_layers=layers, **({"draft_vocab_size": 32000} if kind == "eagle3" else {}))
+        drafter = unit.model_class.build(options, BuildContext(target)).to(device)
         optimizer = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4)
 
         def forward_only() -> None:
-            target(input_ids, attention_mask)
+            target(input_ids, attention_mask, feature_layers=layers)
 
         def training_step() -> None:
             with autocast:
-                output = target(input_ids, attention_mask, for_training=True)
+                output = target(input_ids, attention_mask, feature_layers=layers, for_training=True)
                 loss = drafter.training_loss(input_ids, attention_mask, loss_mask, output, weights)
             (loss.loss_sum / loss.num_tokens).backward()
             torch.nn.utils.clip_grad_norm_(drafter.parameters(), 0.5)

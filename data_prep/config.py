@@ -1,8 +1,9 @@
-"""Config schemas shared by every stage, registered in Hydra's ConfigStore.
+"""The `specdistill prep` schema (the data it reads and how), registered in Hydra's ConfigStore.
 
-Each primary config in `conf/` starts from one of these schemas (`defaults: [<stage>_schema, ...]`), so group
-files and command-line overrides are merged onto typed dataclasses: an unknown or misspelled key, or a value of
-the wrong type, fails at start with a message naming the key. Enum fields list their valid values in that message.
+Each primary config in `conf/` starts from its stage's schema (`defaults: [<stage>_schema, ...]`), so group files
+and command-line overrides are merged onto typed dataclasses: an unknown or misspelled key, or a value of the wrong
+type, fails at start with a message naming the key. Enum fields list their valid values in that message. The keys
+every stage shares (`target`, `out_dir`, `cache_dir`, `seed`) are in `distill/config.py`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,11 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from specdistill.data_prep.toy import ToyTargetConfig
-
-
-class DType(Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+from specdistill.distill.config import StageConfig
 
 
 class DataFormat(Enum):
-    auto = "auto"  # detect from the first record's fields
+    auto = "auto"  # detect each record's form from its fields
     sharegpt = "sharegpt"  # {"conversations": [{"from": "human"|"gpt"|"system", "value": str}]}
     messages = "messages"  # {"messages": [{"role": "user"|"assistant"|"system", "content": str}]}
     text = "text"  # {"text": str}, every token is trained on
@@ -34,20 +28,6 @@ class DataFormat(Enum):
 # skip: count and report malformed records and keep going; raise: the first malformed record is fatal.
 # (Functional form because `raise` is a keyword; OmegaConf matches enum values by member name.)
 OnError = Enum("OnError", [("skip", "skip"), ("raise", "raise")])
-
-
-@dataclass
-class TargetConfig:
-    """The frozen target: a Hub name or local folder, or the built-in toy target when `toy` is set."""
-
-    name_or_path: str = MISSING
-    dtype: DType = DType.auto  # auto: bfloat16 on GPU, float32 on CPU
-    revision: Optional[str] = None
-    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' default)
-    trust_remote_code: bool = False  # only turn on for repositories you trust
-    chat_template: Optional[str] = None  # a Jinja template string that replaces the tokenizer's own
-    eagle3_layers: Optional[list[int]] = None  # layers EAGLE-3 taps (low, middle, high); None: [2, L/2, L−3]
-    toy: Optional[ToyTargetConfig] = None  # set (by target=toy) to build the toy target locally
 
 
 @dataclass
@@ -74,16 +54,6 @@ class DataConfig:
     on_error: OnError = OnError.skip
     regenerate: bool = False
     regen: RegenerateConfig = field(default_factory=RegenerateConfig)
-
-
-@dataclass
-class StageConfig:
-    """Keys every stage has."""
-
-    target: TargetConfig = field(default_factory=TargetConfig)
-    out_dir: str = "${hydra:runtime.output_dir}"  # where this stage writes
-    cache_dir: str = "${oc.env:SPECDISTILL_CACHE,'~/.cache/specdistill'}"  # toy target and other built artefacts
-    seed: int = 0
 
 
 @dataclass

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,9 +34,10 @@ from specdistill.conf import CONFIG_DIR
 from specdistill.data_prep.chat import TemplateMismatch, end_of_turn_ids, tokenize_conversation, tokenize_text
 from specdistill.data_prep.config import register_configs
 from specdistill.data_prep.readers import Conversation, MalformedRecord, PlainText, parse_record, read_records
-from specdistill.data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
-from specdistill.data_prep.toy import toy_chat_conversations
+from specdistill.distill.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
+from specdistill.distill.toy import toy_chat_conversations
 from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.outputs import hold_out_dir, replace_folder
 
 log = logging.getLogger("specdistill.prep")
 MAX_REPORTED_ERRORS = 20  # malformed records listed by index in stats.json and the log
@@ -116,6 +116,22 @@ def tokenize_all(
     return examples, truncated
 
 
+def no_usable_records_error(
+    source: str, records_in: int, dropped: Counter, errors: RecordErrors, data_format: str
+) -> UserError:
+    """Every record was dropped: say how many, why, the first reason in full, and what to change."""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in dropped.most_common())
+    first = f"; record {errors.examples[0]['index']}: {errors.examples[0]['reason']}" if errors.examples else ""
+    if data_format != "auto" and errors.reasons["malformed"]:
+        advice = (f"data.format={data_format} reads only that form: set data.format=auto to detect each record's "
+                  "form (sharegpt, messages or text), or fix the records.")
+    else:
+        advice = "Fix the records, or the setting a reason names (data.max_length; target.chat_template for templates)."
+    return UserError(
+        f"data.path: no usable records in {source}: {records_in} read, all dropped ({reasons}){first}\n  {advice}"
+    )
+
+
 def split_examples(examples: list[dict], validation_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -136,12 +152,12 @@ def count_masked_tokens(examples: list[dict], vocab_size: int) -> torch.Tensor:
 
 
 def save_dataset(train: list[dict], validation: list[dict], counts: torch.Tensor, stats: dict, out_dir: Path) -> Path:
-    """Write everything to a temporary folder and rename it into place, so a dataset folder is always complete."""
+    """Write everything to a temporary folder and rename it into place, so a dataset folder is always complete and
+    the previous one stays until the new one is; a second prep writing into the same out_dir meanwhile is refused."""
     import datasets
     from safetensors.torch import save_file
 
     final = out_dir / "dataset"
-    staging = out_dir / f".dataset.tmp-{time.time_ns()}"
     features = datasets.Features(
         {"input_ids": datasets.Sequence(datasets.Value("int32")), "loss_mask": datasets.Sequence(datasets.Value("int8"))}
     )
@@ -153,16 +169,10 @@ def save_dataset(train: list[dict], validation: list[dict], counts: torch.Tensor
     }
     # an empty split needs one (empty) shard file, or datasets cannot load it back; others: ~500 MB a shard
     shards = {name: max(1, math.ceil(split.data.nbytes / 500e6)) for name, split in splits.items()}
-    datasets.DatasetDict(splits).save_to_disk(str(staging), num_shards=shards)
-    (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    save_file({"counts": counts}, str(staging / "token_counts.safetensors"))
-    if final.exists():
-        retired = out_dir / f".dataset.old-{time.time_ns()}"
-        final.rename(retired)
-        staging.rename(final)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(final)
+    with hold_out_dir(out_dir), replace_folder(final) as staging:
+        datasets.DatasetDict(splits).save_to_disk(str(staging), num_shards=shards)
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        save_file({"counts": counts}, str(staging / "token_counts.safetensors"))
     return final
 
 
@@ -185,10 +195,7 @@ def prep(cfg: DictConfig) -> Path:
     examples, truncated = tokenize_all(parsed, tokenizer, cfg.data.max_length, errors, dropped)
     dropped.update(errors.reasons)
     if not examples:
-        raise UserError(
-            f"data.path: no usable records in {source}: {len(records)} read, all dropped "
-            f"({dict(dropped)}); first problems: {errors.examples[:3]}"
-        )
+        raise no_usable_records_error(source, len(records), dropped, errors, cfg.data.format.name)
 
     # split → save
     train, validation = split_examples(examples, cfg.data.validation_fraction, cfg.seed)

@@ -1,20 +1,16 @@
 """Training objectives as pure tensor functions.
 
 Per-position functions return a `[batch, seq]` tensor of losses, so the recipe can normalise by the number of
-masked tokens across a whole accumulated batch (`masked_mean` does it for one batch). Conventions: `mask` is 1 where
+masked tokens across a whole accumulated batch. Conventions: `mask` is 1 where
 a position is trained on; logits are `[batch, seq, vocab]`; features are `[batch, seq, hidden]`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over positions where `mask` is 1 (0 when nothing is masked in)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def feature_regression(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -82,3 +78,15 @@ def expected_accept_length(agreement_per_step: list[float], num_drafts: int = 5)
         reach *= agreement_per_step[min(step, len(agreement_per_step) - 1)]
         tau += reach
     return tau
+
+
+@dataclass
+class ObjectiveConfig:
+    """The loss knobs of a drafter's `training_loss`; also the Hydra schema of the `objective=` group
+    (conf/objective/<name>.yaml), so the names users set are the names the losses read."""
+
+    feature_weight: float = 1.0  # SmoothL1 feature regression (EAGLE-1)
+    token_weight: float = 0.1  # soft cross-entropy against the target's distribution
+    noise: float = 0.1  # U(−noise, noise) added to the input features
+    ttt_steps: int = 1  # unrolled training-time-test steps (EAGLE-3)
+    ttt_decay: float = 0.8  # weight of step s is ttt_decay**s

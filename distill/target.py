@@ -37,34 +37,15 @@ def check_feature_layers(layer_ids: Sequence[int], num_layers: int, where: str =
 
 
 class FrozenTarget(nn.Module):
-    """Wraps a Hugging Face causal LM (Llama-like: `model.model.layers`, `model.lm_head`)."""
+    """Wraps a Hugging Face causal LM (Llama-like: `model.model.layers`, `model.lm_head`).
 
-    def __init__(self, model: nn.Module, feature_layers: Sequence[int] = (FINAL_NORMED,)):
+    The layers to tap are passed with each call, not stored on the target, so one target serves several drafters
+    (each reading its own layers) in any order."""
+
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.num_layers = model.config.num_hidden_layers
-        self._captured: dict[int, torch.Tensor] = {}
-        self._hooks: list = []
-        self.set_feature_layers(feature_layers)
-
-    def set_feature_layers(self, feature_layers: Sequence[int]) -> None:
-        """Tap these layer ids from now on (the evaluator serves several drafters with one target)."""
-        check_feature_layers(feature_layers, self.num_layers)
-        for handle in self._hooks:
-            handle.remove()
-        self.feature_layers = tuple(feature_layers)
-        layers = self.model.get_decoder().layers
-        self._hooks = [
-            layers[layer_id].register_forward_pre_hook(self._capture_hook(layer_id), with_kwargs=True)
-            for layer_id in self.feature_layers
-            if layer_id != FINAL_NORMED
-        ]
-
-    def _capture_hook(self, layer_id: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._captured[layer_id] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
 
     @property
     def config(self) -> Any:
@@ -84,25 +65,40 @@ class FrozenTarget(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Any = None,
         position_ids: torch.Tensor | None = None,
+        feature_layers: Sequence[int] = (),
         compute_logits: bool = True,
         for_training: bool = False,
     ) -> TargetOutput:
-        """Logits and features of `input_ids`. `for_training` returns ordinary tensors (copies of the inference
-        tensors) so a drafter's autograd graph may use them."""
-        with torch.inference_mode():
-            hidden = self.model.get_decoder()(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
-            )
-            last = hidden.last_hidden_state
-            features = {
-                layer_id: last if layer_id == FINAL_NORMED else self._captured.pop(layer_id)
-                for layer_id in self.feature_layers
-            }
-            logits = self.lm_head(last) if compute_logits else None
+        """Logits and the features at `feature_layers` of `input_ids`. `for_training` returns ordinary tensors
+        (copies of the inference tensors) so a drafter's autograd graph may use them."""
+        check_feature_layers(feature_layers, self.num_layers)
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(layer_id: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                captured[layer_id] = args[0] if args else kwargs["hidden_states"]
+
+            return hook
+
+        layers = self.model.get_decoder().layers
+        hooks = [layers[layer_id].register_forward_pre_hook(capture(layer_id), with_kwargs=True)
+                 for layer_id in feature_layers if layer_id != FINAL_NORMED]
+        try:
+            with torch.inference_mode():
+                hidden = self.model.get_decoder()(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=past_key_values is not None,
+                )
+                last = hidden.last_hidden_state
+                features = {layer_id: last if layer_id == FINAL_NORMED else captured[layer_id]
+                            for layer_id in feature_layers}
+                logits = self.lm_head(last) if compute_logits else None
+        finally:
+            for handle in hooks:
+                handle.remove()
         if for_training:
             features = {layer_id: feature.clone() for layer_id, feature in features.items()}
             logits = logits.clone() if logits is not None else None

@@ -83,7 +83,7 @@ def render_prompt(tokenizer: Any, prompt: BenchPrompt, chat_template: bool) -> l
 
 
 def _toy_prompts(cfg: BenchConfig, num_prompts: int | None, seed: int) -> list[BenchPrompt]:
-    from specdistill.data_prep.toy import toy_chat_conversations
+    from specdistill.distill.toy import toy_chat_conversations
 
     conversations = toy_chat_conversations(split="bench", seed=seed, max_conversations=num_prompts)
     prompts = []
@@ -100,23 +100,33 @@ def _local_prompts(cfg: BenchConfig, num_prompts: int | None) -> list[BenchPromp
     if not path.is_file():
         raise UserError(f"bench.path={cfg.path}: no such file; expected a .jsonl file, {LOCAL_FORMAT}")
     prompts: list[BenchPrompt] = []
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
+    with path.open("rb") as file:  # bytes, decoded line by line, so a bad byte is reported with its line
+        for line_number, raw_line in enumerate(file, start=1):
             if num_prompts is not None and len(prompts) >= num_prompts:
                 break
+            where = f"{path}, line {line_number}"
+            try:  # utf-8-sig: a byte-order mark at the start of the file is not part of the first row
+                line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(
+                    f"{where}: not UTF-8 text (byte 0x{raw_line[error.start]:02x} at column {error.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}, line {line_number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise UserError(f"{where}: not valid JSON ({error.msg}); expected {LOCAL_FORMAT}") from None
+                raise UserError(
+                    f"{where}: not valid JSON ({error.msg} at column {error.colno}); expected {LOCAL_FORMAT}"
+                ) from None
             if not isinstance(row, dict):
                 raise UserError(f"{where}: a JSON {type(row).__name__}, not an object; expected {LOCAL_FORMAT}")
             # "turns" first (MT-Bench / Spec-Bench rows), then the configured field, then "prompt".
             field = next((f for f in ("turns", cfg.prompt_field, "prompt") if f in row), None)
             if field is None:
-                raise UserError(f"{where}: no 'prompt' or 'turns' field; expected {LOCAL_FORMAT}")
+                configured = f" nor bench.prompt_field='{cfg.prompt_field}'" if cfg.prompt_field != "prompt" else ""
+                raise UserError(f"{where}: no 'prompt' or 'turns' field{configured}; expected {LOCAL_FORMAT}")
             prompts.append(_row_prompt(cfg, row, field, len(prompts), where))
     return prompts
 
@@ -152,6 +162,8 @@ def _row_prompt(cfg: BenchConfig, row: dict, field: str, index: int, where: str)
     extra = row.get(cfg.input_field) if cfg.input_field else None
     if isinstance(extra, str) and extra.strip():
         turns[0] = f"{turns[0]}\n\n{extra}"
+    if not turns[0].strip():  # without a chat template an empty prompt is no tokens at all: nothing to decode from
+        raise UserError(f"{where}: field '{field}' holds an empty prompt; give it text or remove the row")
     row_id = next((row[f] for f in ID_FIELDS if row.get(f) is not None), f"{cfg.name}-{index}")
     category = cfg.category or row.get("category") or cfg.name
     return BenchPrompt(id=str(row_id), category=str(category), turns=turns)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
-from specdistill.data_prep.config import StageConfig
 from specdistill.data_prep.config import register_configs as register_data_configs
+from specdistill.distill.config import StageConfig
+from specdistill.distill.errors import UserError
 from specdistill.eval.benches import BenchConfig
 
 
@@ -40,6 +42,30 @@ class EvalConfig(StageConfig):
     drafter_path: Any = MISSING  # a drafter folder, or a list of them for one side-by-side report
     bench: BenchConfig = field(default_factory=BenchConfig)
     eval: EvalLoopConfig = field(default_factory=EvalLoopConfig)
+
+
+# key under `eval.` → (the test a valid value passes, the valid range in words). Out-of-range values otherwise end
+# deep in decoding (an empty reshape, a division by zero, NaN probabilities) or, for a negative temperature, silently
+# decode greedily.
+LOOP_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "gamma": (lambda v: v >= 1, "an integer ≥ 1"),
+    "tree_depth": (lambda v: v >= 1, "an integer ≥ 1"),
+    "tree_top_k": (lambda v: v >= 1, "an integer ≥ 1"),
+    "tree_total_tokens": (lambda v: v >= 2, "an integer ≥ 2 (the root and at least one drafted token)"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer ≥ 1"),
+    "num_prompts": (lambda v: v is None or v >= 1, "an integer ≥ 1, or null for the whole bench"),
+    "warmup_prompts": (lambda v: v >= 0, "an integer ≥ 0"),
+}
+
+
+def check_loop_ranges(loop: DictConfig | EvalLoopConfig) -> None:
+    """Raise a UserError naming the first `eval.*` key outside its valid range (checked before anything loads)."""
+    for key, (valid, valid_range) in LOOP_RANGES.items():
+        value = getattr(loop, key)
+        if not valid(value):
+            raise UserError(f"eval.{key}={value} is out of range: it must be {valid_range}")
 
 
 def register_configs() -> None:

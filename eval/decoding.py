@@ -18,16 +18,16 @@ EOS and max_new_tokens cut the committed tokens exactly where plain decoding wou
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.target import FrozenTarget, TargetOutput
 from specdistill.eval import verification
-from specdistill.eval.lean import lean_target
-from specdistill.eval.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
-from specdistill.eval.proposers import Proposer
+from specdistill.distill.drafting import Drafting
+from specdistill.distill.lean import lean_target
+from specdistill.distill.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
 
 
 @dataclass
@@ -71,13 +71,13 @@ def _sync(device: torch.device) -> None:
 class Decoder:
     """Speculative decoding of `target` with `proposer`; with `proposer=None`, plain autoregressive decoding.
 
-    The target runs through eval/lean.py's forward when it supports the model (`lean=False`: always through
+    The target runs through distill/lean.py's forward when it supports the model (`lean=False`: always through
     transformers' modules, as `FrozenTarget` does)."""
 
     def __init__(
         self,
         target: FrozenTarget,
-        proposer: Proposer | None,
+        proposer: Drafting | None,
         config: DecodingConfig,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         lean: bool = True,
@@ -91,8 +91,6 @@ class Decoder:
         self.lean = lean_target(target) if lean else None  # None: through transformers' modules
         if self.lean is None:
             check_attention_implementation(target.config, "target")
-            if proposer is not None:
-                target.set_feature_layers(proposer.feature_layers)
 
     @property
     def greedy(self) -> bool:
@@ -106,7 +104,8 @@ class Decoder:
         if self.lean is not None:
             return self.lean(tokens, positions, self.cache, mask, self.feature_layers, last_logits_only)
         mask = as_model_mask(mask, self.target.config, self.target.model.dtype)
-        return self.target(tokens, attention_mask=mask, past_key_values=self.cache, position_ids=positions)
+        return self.target(tokens, attention_mask=mask, past_key_values=self.cache, position_ids=positions,
+                           feature_layers=self.feature_layers)
 
     def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         """The target's own next token: argmax, or a sample from its (temperature, top-p) distribution."""

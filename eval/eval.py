@@ -12,6 +12,10 @@ interleaved so machine noise hits all alike) → save:
     <out_dir>/report.json   DESIGN.md's schema (a list when several drafters are compared)
     <out_dir>/report.md     the table, per-category numbers, α per position, plots (*.png)
     <out_dir>/generations.jsonl   per prompt and drafter: prompt, output_ids, accept_lengths
+
+Once its config and prompts check out, and before loading the target, a run moves the previous run's report files
+into <out_dir>/previous/, so a run that fails never leaves an older report looking like its own; every file is
+written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +32,55 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from specdistill.conf import CONFIG_DIR
-from specdistill.data_prep.targets import load_target_model, load_target_tokenizer
 from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.outputs import replace_folder, write_text_atomic
+from specdistill.distill.drafters import load_drafting
 from specdistill.distill.target import FrozenTarget
+from specdistill.distill.targets import load_target_model, load_target_tokenizer
 from specdistill.eval.benches import load_bench, render_prompt
-from specdistill.eval.config import register_configs
+from specdistill.eval.config import check_loop_ranges, register_configs
 from specdistill.eval.decoding import Decoder, DecodingConfig, Generation
 from specdistill.eval.metrics import summarize, tokens_per_second
-from specdistill.eval.proposers import LMProposer, load_proposer
-from specdistill.eval.report import format_table, write_report
+from specdistill.eval.report import REPORT_FILES, format_table, write_report
 
 log = logging.getLogger(__name__)
 register_configs()
 
+DRAFTER_PATH_HINT = (
+    "pass drafter_path=<train out_dir>/drafter (the folder `specdistill train` wrote, or a Hugging Face causal LM "
+    "folder sharing the target's tokenizer), or drafter_path='[a/drafter,b/drafter]' to compare several"
+)
+# What `lossless_check` compared, by how the run decoded (report.json's `lossless_check_method`).
+LOSSLESS_GREEDY = "greedy output equals plain decoding"
+LOSSLESS_RE_DECODE = (
+    "greedy re-decode with and without the drafter; the sampled outputs are not compared (lossless sampling is "
+    "checked statistically by the test suite)"
+)
+LOSSLESS_SKIPPED = "not run (eval.verify_lossless=false; it defaults to true only for bench=toy)"
+
 
 def drafter_paths(cfg: DictConfig) -> list[str]:
+    if OmegaConf.is_missing(cfg, "drafter_path") or cfg.drafter_path is None:
+        raise UserError(f"drafter_path is not set: {DRAFTER_PATH_HINT}")
     value = cfg.drafter_path
     paths = [str(path) for path in value] if OmegaConf.is_list(value) else [str(value)]
-    if not paths:
-        raise UserError("drafter_path: give a drafter folder (or a list of them)")
+    if not paths or not all(path.strip() for path in paths):
+        raise UserError(f"drafter_path is empty: {DRAFTER_PATH_HINT}")
+    repeated = sorted({path for path in paths if paths.count(path) > 1})
+    if repeated:  # drafters are keyed by path: a repeat would silently be evaluated once
+        raise UserError(f"drafter_path lists {', '.join(repeated)} more than once; give each drafter folder once")
     return paths
+
+
+def move_previous_report(out_dir: Path) -> None:
+    """Move the report files of an earlier run in `out_dir` into `out_dir/previous/` (replacing what was there)."""
+    found = [out_dir / name for name in REPORT_FILES if (out_dir / name).is_file()]
+    if not found:
+        return
+    with replace_folder(out_dir / "previous") as staging:
+        for path in found:
+            path.rename(staging / path.name)
+    log.info("moved the previous report (%s) to %s", ", ".join(p.name for p in found), out_dir / "previous")
 
 
 def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
@@ -66,15 +98,26 @@ class EvalRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        paths = drafter_paths(cfg)  # before loading anything: a missing drafter_path fails fast
+        loop = cfg.eval
+        # Before loading anything (and before touching out_dir): a missing drafter_path, an out-of-range eval.* key
+        # or a malformed prompt file fails fast.
+        paths = drafter_paths(cfg)
+        check_loop_ranges(loop)
+        if loop.top_p < 1.0 and loop.temperature == 0:
+            log.warning("eval.top_p=%s has no effect at eval.temperature=0 (greedy); set a temperature to sample",
+                        loop.top_p)
+        self.prompts = load_bench(cfg.bench, loop.num_prompts, seed=cfg.seed)
+        move_previous_report(self.out_dir)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
         self.model = load_target_model(cfg.target, cfg.cache_dir, self.device)
         self.target = FrozenTarget(self.model)
         self.eos = eos_token_ids(self.tokenizer, self.model)
-        loop = cfg.eval
-        self.prompts = load_bench(cfg.bench, loop.num_prompts, seed=cfg.seed)
+        vocab_size = self.model.config.vocab_size
+        if loop.method.value == "tree" and loop.tree_top_k > vocab_size:
+            raise UserError(f"eval.tree_top_k={loop.tree_top_k} is out of range: it must be at most the target's "
+                            f"vocabulary size, {vocab_size}")
         self.prompt_ids = [render_prompt(self.tokenizer, prompt, cfg.bench.chat_template) for prompt in self.prompts]
         self.decoding = DecodingConfig(
             method=loop.method.value, gamma=loop.gamma, tree_depth=loop.tree_depth, tree_top_k=loop.tree_top_k,
@@ -82,7 +125,7 @@ class EvalRecipe:
             max_new_tokens=loop.max_new_tokens,
         )
         self.drafters = {
-            path: load_proposer(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths
+            path: load_drafting(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths
         }
         verify = loop.verify_lossless
         self.verify_lossless = cfg.bench.name == "toy" if verify is None else verify
@@ -126,15 +169,16 @@ class EvalRecipe:
 
         gamma, new = self.decoding.gamma, self.decoding.max_new_tokens
         for path, proposer in self.drafters.items():
-            if isinstance(proposer, LMProposer):
+            if proposer.causal_lm is not None:
                 runs.setdefault(f"transformers assisted: {path}", []).append(
-                    hf_generate(self.model, prompt, new, self.eos, assistant_model=proposer.model, num_assistant_tokens=gamma))
-        if any(isinstance(proposer, LMProposer) for proposer in self.drafters.values()):
+                    hf_generate(self.model, prompt, new, self.eos, assistant_model=proposer.causal_lm, num_assistant_tokens=gamma))
+        if any(proposer.causal_lm is not None for proposer in self.drafters.values()):
             runs.setdefault("transformers prompt lookup", []).append(
                 hf_generate(self.model, prompt, new, self.eos, prompt_lookup_num_tokens=gamma))
 
     def _lossless_check(self, path: str, baseline: list[Generation], generations: list[Generation]) -> str:
-        """Greedy: the speculative output must equal plain decoding's. Sampling: re-decode greedily to compare."""
+        """Greedy: the speculative output must equal plain decoding's. Sampling: re-decode greedily to compare
+        (`_lossless_check_method` says which was done)."""
         if not self.verify_lossless:
             return "skipped"
         if self.decoding.temperature > 0:
@@ -147,6 +191,11 @@ class EvalRecipe:
             log.error("lossless check FAILED for %s on prompts %s", path, mismatches)
         return "failed" if mismatches else "passed"
 
+    def _lossless_check_method(self) -> str:
+        if not self.verify_lossless:
+            return LOSSLESS_SKIPPED
+        return LOSSLESS_RE_DECODE if self.decoding.temperature > 0 else LOSSLESS_GREEDY
+
     def _common(self, drafter: str) -> dict:
         loop = self.cfg.eval
         return {"target": str(self.cfg.target.name_or_path), "drafter": drafter, "bench": str(self.cfg.bench.name),
@@ -156,7 +205,8 @@ class EvalRecipe:
     def _report(self, path: str, baseline: list[Generation], generations: list[Generation], check: str) -> dict:
         depth = self.decoding.gamma if self.decoding.method == "chain" else self.decoding.tree_depth
         categories = [prompt.category for prompt in self.prompts]
-        return {**self._common(path), **summarize(generations, baseline, categories, depth), "lossless_check": check}
+        return {**self._common(path), **summarize(generations, baseline, categories, depth), "lossless_check": check,
+                "lossless_check_method": self._lossless_check_method()}
 
     def _hf_report(self, name: str, runs: list[tuple[list[int], float]], baseline: list[Generation]) -> dict:
         speed = sum(len(ids) for ids, _ in runs) / max(sum(seconds for _, seconds in runs), 1e-12)
@@ -165,19 +215,17 @@ class EvalRecipe:
         return {**self._common(name), "tau": None, "alpha_per_position": [], "speedup": speed / baseline_speed,
                 "predicted_speedup": None, "tokens_per_s": speed, "baseline_tokens_per_s": baseline_speed,
                 "cost_ratio": None, "num_prompts": len(runs), "new_tokens": sum(len(ids) for ids, _ in runs),
-                "lossless_check": "passed" if same else "failed"}
+                "lossless_check": "passed" if same else "failed", "lossless_check_method": LOSSLESS_GREEDY}
 
     def _write_generations(self, baseline: list[Generation], results: dict[str, list[Generation]]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path, partial = self.out_dir / "generations.jsonl", self.out_dir / ".generations.jsonl.tmp"
-        with partial.open("w") as file:
-            for index, prompt in enumerate(self.prompts):
-                rows = [("plain", baseline[index])] + [(name, runs[index]) for name, runs in results.items()]
-                for drafter, generation in rows:
-                    file.write(json.dumps({"id": prompt.id, "category": prompt.category, "drafter": drafter,
-                                           "prompt": prompt.turns[0], "output_ids": generation.output_ids,
-                                           "accept_lengths": generation.accept_lengths}) + "\n")
-        os.replace(partial, path)
+        lines = []
+        for index, prompt in enumerate(self.prompts):
+            rows = [("plain", baseline[index])] + [(name, runs[index]) for name, runs in results.items()]
+            for drafter, generation in rows:
+                lines.append(json.dumps({"id": prompt.id, "category": prompt.category, "drafter": drafter,
+                                         "prompt": prompt.turns[0], "output_ids": generation.output_ids,
+                                         "accept_lengths": generation.accept_lengths}) + "\n")
+        write_text_atomic(self.out_dir / "generations.jsonl", "".join(lines))
 
     def save(self, reports: list[dict]) -> dict[str, Path]:
         written = write_report(self.out_dir, reports)

@@ -2,24 +2,27 @@
 
 A result has the DESIGN.md report.json keys (`SCHEMA_KEYS`) and may add `accept_length_histogram` (list[int]: how
 many decoding steps committed 1, 2, 3, ... tokens; index 0 is 1 token) and `per_category` (category →
-{"tau", "speedup", "num_prompts"}); those two are kept in report.json too and feed the plots.
+{"tau", "speedup", "num_prompts"}); those two are kept in report.json too and feed the plots. A result may also add
+`lossless_check_method` (str: what `lossless_check` compared), shown under the table in report.md.
 
 `report.json` holds the result object itself when there is one result, and a JSON list of result objects (in the
 order given) when several drafters were evaluated; a reader should accept both (wrap an object in a list).
 Non-finite numbers are written as null (NaN is not JSON). Every file is written under a temporary name and
-renamed when complete, so a file with its final name is always whole.
+renamed when complete, so a file with its final name is always whole; report.json is written last, so when it is
+there the whole report is.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from specdistill.distill.outputs import json_text, write_text_atomic
 
 SCHEMA_KEYS = (
     "target", "drafter", "bench", "temperature", "method", "tau", "alpha_per_position", "speedup",
@@ -34,6 +37,8 @@ PLOTS = {
     "per_category.png": "Speedup and τ per category",
     "accept_lengths.png": "Tokens committed per target forward",
 }
+# Every file an eval run writes into its out_dir (a new run moves an earlier run's into `previous/`).
+REPORT_FILES = ("report.json", "report.md", "generations.jsonl", *PLOTS)
 
 
 def write_report(out_dir: Path, results: list[dict]) -> dict[str, Path]:
@@ -46,20 +51,16 @@ def write_report(out_dir: Path, results: list[dict]) -> dict[str, Path]:
             raise ValueError(f"result for drafter {result.get('drafter')!r} lacks report.json keys {missing}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-
-    def write(name: str, write_to: Callable[[IO[bytes]], None]) -> None:
-        written[name] = _write_atomically(out_dir / name, write_to)
-
-    ordered = [_finite({**{key: r[key] for key in SCHEMA_KEYS}, **r}) for r in results]
+    ordered = [{**{key: r[key] for key in SCHEMA_KEYS}, **r} for r in results]
     document = ordered[0] if len(ordered) == 1 else ordered
     # default=str: configs may hold enums or paths; the report must not fail at the very end of a long eval.
-    write("report.json", lambda f: f.write((json.dumps(document, indent=2, default=str) + "\n").encode()))
+    report_json = json_text(document, indent=2, default=str) + "\n"  # non-finite numbers become null
 
     plots = {name: figure for name, figure in _figures(results).items() if figure is not None}
-    for name, figure in plots.items():
-        write(name, lambda f, figure=figure: figure.savefig(f, format="png", dpi=120))
-    write("report.md", lambda f: f.write(_markdown(results, list(plots)).encode()))
+    written = {name: _write_png(out_dir / name, figure) for name, figure in plots.items()}
+    for name, text in (("report.md", _markdown(results, list(plots))), ("report.json", report_json)):
+        write_text_atomic(out_dir / name, text)
+        written[name] = out_dir / name
     return written
 
 
@@ -86,6 +87,9 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
         "",
         format_table(results),
     ]
+    methods = {str(r["lossless_check_method"]) for r in results if r.get("lossless_check_method")}
+    if methods:
+        lines += ["", "Lossless check: " + "; ".join(sorted(methods)) + "."]
     category_rows = [
         f"| {label} | {category} | {stats.get('num_prompts', '—')} | {_num(stats.get('tau'), '.2f')} | "
         f"{_num(stats.get('speedup'), '.2f', '×')} |"
@@ -130,7 +134,7 @@ def _alpha_figure(labels: list[str], results: list[dict]) -> Figure | None:
         return None
     figure, (axes,) = _new_figure()
     for label, r in zip(labels, results):
-        alphas = [math.nan if a is None else a for a in r["alpha_per_position"] or []]
+        alphas = [_float(a) for a in r["alpha_per_position"] or []]
         axes.plot(range(1, len(alphas) + 1), alphas, marker="o", label=label)
     axes.set(xlabel="draft position k", ylabel="α_k", ylim=(0, 1.02), title=PLOTS["alpha_per_position.png"])
     axes.xaxis.get_major_locator().set_params(integer=True)
@@ -180,12 +184,11 @@ def _accept_length_figure(labels: list[str], results: list[dict]) -> Figure | No
     return figure
 
 
-def _write_atomically(path: Path, write_to: Callable[[IO[bytes]], None]) -> Path:
-    """Write via `<dir>/.<name>.<pid>.tmp` and rename, so a reader never sees a partial file under `path`."""
+def _write_png(path: Path, figure: Figure) -> Path:
+    """Save `figure` via `<dir>/.<name>.<pid>.tmp` and rename (outputs.write_text_atomic's way, for binary data)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with temporary.open("wb") as file:
-            write_to(file)
+        figure.savefig(temporary, format="png", dpi=120)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -205,7 +208,8 @@ def _joined(results: list[dict], key: str) -> str:
 
 
 def _float(value: Any) -> float:
-    return math.nan if value is None else float(value)
+    """A plottable number: None and ±inf become NaN (no bar, no point) instead of stretching the axes."""
+    return math.nan if value is None or not math.isfinite(value) else float(value)
 
 
 def _num(value: Any, spec: str, unit: str = "") -> str:
@@ -214,12 +218,3 @@ def _num(value: Any, spec: str, unit: str = "") -> str:
     return f"{value:{spec}}{unit}"
 
 
-def _finite(value: Any) -> Any:
-    """`value` with NaN and ±inf replaced by None, through dicts and lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value

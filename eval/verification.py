@@ -52,12 +52,25 @@ def accept_chain_sampling(
     positions = torch.arange(gamma, device=probs.device)
     p_draft, q_draft = probs[positions, draft_tokens], draft_probs[positions, draft_tokens]
     uniform = torch.rand(gamma, generator=generator, device=probs.device)
-    accepted_flags = (uniform * q_draft <= p_draft).int()  # u < p/q without dividing (q(x) > 0: x was drawn from q)
+    # u < p/q without dividing (q(x) > 0: x was drawn from q). Strict, as in the tree path: u is drawn from [0, 1),
+    # so with `<=` a draw of exactly 0 would accept a token the target gives probability 0.
+    accepted_flags = (uniform * q_draft < p_draft).int()
     accepted = int(accepted_flags.cumprod(dim=0).sum())
     if accepted == gamma:
         return accepted, int(sample(probs[gamma], generator))
-    residual = (probs[accepted] - draft_probs[accepted]).clamp_min(0.0)
-    return accepted, int(sample(residual / residual.sum(), generator))
+    return accepted, int(sample(residual_distribution(probs[accepted], draft_probs[accepted]), generator))
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p − q)): what to sample from after the target rejects a token drafted from q.
+
+    An all-zero residual means p ≤ q everywhere, and as both sum to 1, p == q: a rejection then has probability 0
+    (it happens only through float rounding, e.g. p an ulp below q everywhere), and the residual would be 0 / 0.
+    The residual exists to make the output ~ p, and with p == q sampling from p itself does exactly that."""
+    residual = (p - q).clamp_min(0.0)
+    total = residual.sum()
+    # torch.where, not `if`: no host sync; the clamp only keeps the unused branch free of 0 / 0.
+    return torch.where(total > 0, residual / total.clamp_min(torch.finfo(residual.dtype).tiny), p)
 
 
 def accept_tree_greedy(tokens: list[int], children: list[list[int]], wanted: list[int]) -> tuple[list[int], int]:
@@ -88,5 +101,5 @@ def accept_tree_sampling(
             residual = residual.clone()
             residual[token] = 0.0
             residual = residual / residual.sum().clamp_min(torch.finfo(residual.dtype).tiny)
-        else:
-            return path, int(sample(residual, generator))
+        else:  # every sibling rejected; nothing left of p happens only through float rounding (as in the chain)
+            return path, int(sample(residual if float(residual.sum()) > 0 else probs[row], generator))

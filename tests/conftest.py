@@ -40,7 +40,7 @@ def compose(config_name: str, overrides: list[str]):
 
 @pytest.fixture(scope="session")
 def toy_tiny_path(cache_dir: Path) -> Path:
-    from specdistill.data_prep.targets import resolve_target_path
+    from specdistill.distill.targets import resolve_target_path
 
     cfg = compose("prep", ["target=toy_tiny", f"cache_dir={cache_dir}", f"out_dir={cache_dir / 'unused'}"])
     return Path(resolve_target_path(cfg.target, cfg.cache_dir))
@@ -83,7 +83,8 @@ def toy_dataset(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tu
 
 
 TRAIN_FAST = ["target=toy_tiny", "optim.warmup_steps=10", "optim.lr=2e-3", "train.batch_size=8",
-              "drafter.draft_vocab_size=512", "objective.ttt_steps=3", "train.checkpoint_every=1000"]
+              "train.checkpoint_every=1000"]
+EAGLE3_FAST = ["drafter.draft_vocab_size=512", "objective.ttt_steps=3"]  # EAGLE-3's own options, made small
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +97,8 @@ def trained_drafter(tmp_path_factory: pytest.TempPathFactory, toy_dataset):
         if kind not in runs:
             out_dir = tmp_path_factory.mktemp(f"train_{kind}")
             result = run_cli("train", f"drafter={kind}", f"data_dir={toy_dataset[0]}", f"out_dir={out_dir}",
-                             "train.max_steps=150", "train.eval_every=150", *TRAIN_FAST, cwd=out_dir)
+                             "train.max_steps=150", "train.eval_every=150", *TRAIN_FAST,
+                             *(EAGLE3_FAST if kind == "eagle3" else []), cwd=out_dir)
             runs[kind] = out_dir, result
         return runs[kind]
 

@@ -21,9 +21,8 @@ def test_hf_decoding_equals_our_plain_greedy_decoding(tiny, method):
     assistant = tiny.model if method == "assisted" else None
     for prompt in tiny.prompts[:3]:
         expected = ours.generate(prompt).output_ids
-        tokens, seconds = hf_generate(tiny.model, prompt, 20, set(), assistant_model=assistant, **METHODS[method])
+        tokens, _ = hf_generate(tiny.model, prompt, 20, set(), assistant_model=assistant, **METHODS[method])
         assert tokens == expected
-        assert seconds > 0
 
 
 @pytest.mark.parametrize("method", list(METHODS))

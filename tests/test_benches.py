@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from specdistill.conf import CONFIG_DIR
-from specdistill.data_prep.toy import ASSISTANT, toy_chat_conversations
+from specdistill.distill.toy import ASSISTANT, toy_chat_conversations
 from specdistill.distill.errors import UserError
 from specdistill.eval.benches import BenchConfig, BenchPrompt, load_bench, render_prompt
 
@@ -64,6 +64,29 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, bad_line: str, expec
     message = str(error.value)
     assert f"{path}, line 2" in message and expected in message
     assert '{"prompt": str}' in message or "strings" in message  # says what is expected
+
+
+def test_non_utf8_line_names_file_line_and_byte(tmp_path: Path) -> None:
+    path = tmp_path / "cp1252.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n\n{"prompt": "\x93quoted\x94"}\n')
+    with pytest.raises(UserError) as error:
+        load_bench(BenchConfig(path=str(path)), num_prompts=None)
+    assert str(error.value) == f"{path}, line 3: not UTF-8 text (byte 0x93 at column 13); save the file as UTF-8"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + json.dumps({"prompt": "café"}).encode() + b"\n")
+    assert load_bench(BenchConfig(path=str(path)), num_prompts=None)[0].turns == ["café"]
+
+
+def test_an_empty_prompt_or_a_missing_configured_field_is_named(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": "fine"}), json.dumps({"turns": ["  ", "b"]})])
+    with pytest.raises(UserError, match=rf"^{path}, line 2: field 'turns' holds an empty prompt"):
+        load_bench(BenchConfig(path=str(path)), num_prompts=None)
+    path = write_jsonl(tmp_path / "q.jsonl", [json.dumps({"text": "no prompt"})])
+    with pytest.raises(UserError, match=r"line 1: no 'prompt' or 'turns' field nor bench.prompt_field='question'"):
+        load_bench(BenchConfig(path=str(path), prompt_field="question"), num_prompts=None)
 
 
 def test_empty_or_missing_file_is_a_user_error(tmp_path: Path) -> None:

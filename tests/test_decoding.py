@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specdistill.distill.drafters.eagle import build_eagle_drafter
+from specdistill.distill.drafters import drafter_kind, load_drafting
+from specdistill.distill.drafters.feature import BuildContext
+from specdistill.distill.drafters.token_lm import LMDrafting
 from specdistill.distill.target import FrozenTarget
 from specdistill.eval import verification
 from specdistill.eval.decoding import Decoder, DecodingConfig
-from specdistill.eval.proposers import EagleProposer, LMProposer, load_proposer
 
 CHAIN = DecodingConfig(method="chain", gamma=4, max_new_tokens=40)
 TREE = DecodingConfig(method="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=12, max_new_tokens=40)
@@ -28,15 +29,16 @@ def plain_outputs(target: FrozenTarget, prompts, config: DecodingConfig, eos=fro
 
 def untrained(kind: str, target: FrozenTarget):
     torch.manual_seed(0)
-    layers = [-1] if kind == "eagle1" else [0, 1, -1]
-    return build_eagle_drafter(kind, target, num_layers=1, feature_layers=layers, draft_vocab_size=512)
+    unit = drafter_kind(kind)
+    options = unit.options() if kind == "eagle1" else unit.options(feature_layers=[0, 1, -1], draft_vocab_size=512)
+    return unit.model_class.build(options, BuildContext(target))
 
 
 @pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_greedy_equals_plain_decoding_with_untrained_drafters(tiny, kind, config):
     expected = plain_outputs(tiny.target, tiny.prompts, config)
-    decoder = Decoder(tiny.target, EagleProposer(untrained(kind, tiny.target), "cpu"), config)
+    decoder = Decoder(tiny.target, untrained(kind, tiny.target).drafting("cpu"), config)
     for prompt, plain in zip(tiny.prompts, expected):
         generation = decoder.generate(prompt)
         assert generation.output_ids == plain
@@ -47,7 +49,7 @@ def test_greedy_equals_plain_decoding_with_untrained_drafters(tiny, kind, config
 def test_greedy_equals_plain_decoding_with_a_trained_drafter(tiny, trained_drafter, config):
     out_dir, result = trained_drafter("eagle3")
     assert result.returncode == 0, result.stderr[-2000:]
-    proposer = load_proposer(str(out_dir / "drafter"), tiny.target, "cpu")
+    proposer = load_drafting(str(out_dir / "drafter"), tiny.target, "cpu")
     decoder = Decoder(tiny.target, proposer, config)
     expected = plain_outputs(tiny.target, tiny.prompts, config)
     accept_lengths = []
@@ -65,7 +67,7 @@ def test_greedy_equals_plain_decoding_with_a_trained_drafter(tiny, trained_draft
 def test_max_new_tokens_and_eos_cut_exactly_where_plain_decoding_stops(tiny, max_new_tokens, method):
     config = DecodingConfig(method=method, gamma=4, tree_depth=4, tree_top_k=3, tree_total_tokens=12,
                             max_new_tokens=max_new_tokens)
-    oracle = LMProposer(tiny.model, "cpu")  # always right: steps commit γ+1 tokens, so the cuts fall mid-step
+    oracle = LMDrafting(tiny.model, "cpu")  # always right: steps commit γ+1 tokens, so the cuts fall mid-step
     for prompt in tiny.prompts[:3]:
         [plain] = plain_outputs(tiny.target, [prompt], config)
         assert len(plain) == max_new_tokens
@@ -91,15 +93,15 @@ class WrongLM(nn.Module):
 def test_tau_is_gamma_plus_one_for_an_always_right_drafter_and_one_for_an_always_wrong_one(tiny):
     gamma, steps = 4, 6
     config = DecodingConfig(method="chain", gamma=gamma, max_new_tokens=1 + steps * (gamma + 1))
-    right = Decoder(tiny.target, LMProposer(tiny.model, "cpu"), config).generate(tiny.prompts[0])
+    right = Decoder(tiny.target, LMDrafting(tiny.model, "cpu"), config).generate(tiny.prompts[0])
     assert right.accept_lengths == [gamma + 1] * steps
     assert right.accepted == right.reached == [steps] * gamma  # α_k = 1 at every position
-    wrong = Decoder(tiny.target, LMProposer(WrongLM(tiny.model), "cpu"), config).generate(tiny.prompts[0])
+    wrong = Decoder(tiny.target, LMDrafting(WrongLM(tiny.model), "cpu"), config).generate(tiny.prompts[0])
     assert wrong.accept_lengths == [1] * (config.max_new_tokens - 1)
     assert wrong.accepted == [0] * gamma and wrong.reached == [config.max_new_tokens - 1] + [0] * (gamma - 1)
     # every generated node kept (3 + 3·9 < 40): the argmax path is in the tree
     tree = DecodingConfig(method="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=40, max_new_tokens=1 + 6 * 5)
-    assert Decoder(tiny.target, LMProposer(tiny.model, "cpu"), tree).generate(tiny.prompts[0]).accept_lengths == [5] * 6
+    assert Decoder(tiny.target, LMDrafting(tiny.model, "cpu"), tree).generate(tiny.prompts[0]).accept_lengths == [5] * 6
 
 
 # ---- sampling keeps the target's distribution ---------------------------------------------------------------
@@ -180,7 +182,7 @@ def test_sampled_speculative_output_has_the_target_distribution(config):
     target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
-    decoder = Decoder(FrozenTarget(target_model), LMProposer(drafter_model, "cpu"), config)
+    decoder = Decoder(FrozenTarget(target_model), LMDrafting(drafter_model, "cpu"), config)
     generator = torch.Generator().manual_seed(0)
     counts = torch.zeros(5 ** 3)
     accepted = reached = 0
@@ -194,3 +196,14 @@ def test_sampled_speculative_output_has_the_target_distribution(config):
     statistic, critical = chi_square_test(counts, exact)
     print(config.method, "chi-square", round(statistic, 1), "critical", round(critical, 1))
     assert statistic < critical
+
+
+def test_several_drafters_share_a_target_that_decodes_through_transformers_in_any_order(tiny):
+    """The target's taps are per call: an EAGLE-3 decoder made before an EAGLE-1 decoder on one target (not on the
+    lean path) still gets its own layers' features (this order used to fail with KeyError: 0)."""
+    plain = plain_outputs(tiny.target, tiny.prompts[:2], CHAIN)
+    decoders = [Decoder(tiny.target, untrained(kind, tiny.target).drafting("cpu"), CHAIN, lean=False)
+                for kind in ("eagle3", "eagle1")]
+    for prompt, expected in zip(tiny.prompts[:2], plain):
+        for decoder in decoders + decoders[::-1]:
+            assert decoder.generate(prompt).output_ids == expected

@@ -9,14 +9,10 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from specdistill.distill.drafters import (
-    Eagle1Config,
-    Eagle3Config,
-    ObjectiveWeights,
-    check_drafter_matches_target,
-    draft_config_from_target,
-    select_draft_vocab,
-)
+from specdistill.distill.drafters.eagle1 import Eagle1Config, Eagle1Drafter
+from specdistill.distill.drafters.eagle3 import Eagle3Config, Eagle3Drafter, select_draft_vocab
+from specdistill.distill.drafters.feature import check_drafter_matches_target, draft_config_from_target
+from specdistill.distill.objectives import ObjectiveConfig
 from specdistill.distill.drafters.modules import DraftAttention, causal_bias, rotary_cos_sin
 from specdistill.distill.errors import UserError
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget
@@ -60,19 +56,20 @@ def test_ttt_attention_equals_attention_under_the_explicit_mask():
 
 @pytest.fixture(scope="module")
 def target(toy_tiny_path):
-    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path), feature_layers=(0, 1, FINAL_NORMED))
+    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path))
+
+
+TAPS = (0, 1, FINAL_NORMED)
 
 
 def build(kind: str, target: FrozenTarget):
-    from specdistill.distill.drafters import Eagle1Drafter, Eagle3Drafter
-
     if kind == "eagle1":
         drafter = Eagle1Drafter(draft_config_from_target(Eagle1Config, target.config, [FINAL_NORMED]))
     else:
         config = draft_config_from_target(Eagle3Config, target.config, [0, 1, FINAL_NORMED], draft_vocab_size=300)
         drafter = Eagle3Drafter(config)
         drafter.set_draft_vocab(select_draft_vocab(torch.arange(1024), 300, 1024), target.lm_head)
-    drafter.attach_target(target.embed_tokens, target.lm_head)
+    drafter.attach_target(target)
     return drafter
 
 
@@ -90,14 +87,14 @@ def batch_of(seq: int = 12):
 def test_saved_drafter_reloads_with_auto_model_and_gives_identical_outputs(kind, target, tmp_path: Path):
     drafter = build(kind, target).eval()
     input_ids, attention_mask, _ = batch_of()
-    features = target(input_ids, attention_mask).features
+    features = target(input_ids, attention_mask, feature_layers=TAPS).features
     inputs = features[FINAL_NORMED] if kind == "eagle1" else {i: features[i] for i in (0, 1, FINAL_NORMED)}
     before = drafter(input_ids, inputs, attention_mask)
     drafter.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     assert type(reloaded) is type(drafter) and reloaded.config.feature_layers == drafter.config.feature_layers
-    reloaded.attach_target(target.embed_tokens, target.lm_head)
+    reloaded.attach_target(target)
     assert torch.equal(reloaded(input_ids, inputs, attention_mask), before)
     if kind == "eagle3":
         assert torch.equal(reloaded.d2t, drafter.d2t) and torch.equal(reloaded.t2d, drafter.t2d)
@@ -107,8 +104,8 @@ def test_saved_drafter_reloads_with_auto_model_and_gives_identical_outputs(kind,
 def test_training_loss_is_finite_and_reaches_every_trainable_weight(kind, ttt_steps, target):
     drafter = build(kind, target)
     input_ids, attention_mask, loss_mask = batch_of()
-    target_output = target(input_ids, attention_mask, for_training=True)
-    weights = ObjectiveWeights(ttt_steps=ttt_steps, noise=0.1)
+    target_output = target(input_ids, attention_mask, feature_layers=drafter.feature_layers, for_training=True)
+    weights = ObjectiveConfig(ttt_steps=ttt_steps, noise=0.1)
     loss = drafter.training_loss(input_ids, attention_mask, loss_mask, target_output, weights)
     assert loss.num_tokens.item() == torch.roll(loss_mask, -2, 1)[:, :-2].sum().item()
     assert loss.agree.shape == (ttt_steps,) and (loss.agree <= loss.counted).all()
@@ -123,12 +120,12 @@ def test_training_loss_is_finite_and_reaches_every_trainable_weight(kind, ttt_st
 def test_losses_on_trained_rows_equal_losses_everywhere_then_masked(kind, target):
     """The LM head and losses run on trained rows only; the reference computes every position and masks."""
     from specdistill.distill import objectives
-    from specdistill.distill.drafters.eagle import sequence_positions, shift_left
+    from specdistill.distill.drafters.feature import sequence_positions, shift_left
 
     drafter = build(kind, target)
     input_ids, attention_mask, loss_mask = batch_of(seq=16)
-    output = target(input_ids, attention_mask, for_training=True)
-    weights = ObjectiveWeights(ttt_steps=1 if kind == "eagle1" else 3, noise=0.0)
+    output = target(input_ids, attention_mask, feature_layers=drafter.feature_layers, for_training=True)
+    weights = ObjectiveConfig(ttt_steps=1 if kind == "eagle1" else 3, noise=0.0)
     loss = drafter.training_loss(input_ids, attention_mask, loss_mask, output, weights)
     expected, agree = torch.zeros(()), []
     if kind == "eagle1":
@@ -161,8 +158,6 @@ def test_draft_vocab_is_the_most_frequent_ids_with_vllm_offsets():
     counts = torch.tensor([5, 0, 9, 9, 1, 7])
     ids = select_draft_vocab(counts, 3, vocab_size=8)
     assert ids.tolist() == [2, 3, 5]
-    from specdistill.distill.drafters import Eagle3Drafter
-
     drafter = Eagle3Drafter(Eagle3Config(hidden_size=8, num_attention_heads=2, num_key_value_heads=1,
                                          intermediate_size=16, vocab_size=8, draft_vocab_size=3))
     drafter.set_draft_vocab(ids)
@@ -172,7 +167,7 @@ def test_draft_vocab_is_the_most_frequent_ids_with_vllm_offsets():
 
 def test_a_drafter_for_another_target_is_refused(target):
     config = draft_config_from_target(Eagle1Config, target.config, [FINAL_NORMED])
-    check_drafter_matches_target(config, target.config, "drafter_path")
+    check_drafter_matches_target(config, target, "drafter_path")
     config.target_hidden_size = 4096
     with pytest.raises(UserError, match="drafter_path: the drafter was built for a target with hidden size 4096"):
-        check_drafter_matches_target(config, target.config, "drafter_path")
+        check_drafter_matches_target(config, target, "drafter_path")

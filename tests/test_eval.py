@@ -15,14 +15,17 @@ def test_eval_writes_the_report_of_a_trained_drafter(trained_drafter, tmp_path: 
     out_dir, result = trained_drafter("eagle3")
     assert result.returncode == 0, result.stderr[-2000:]
     eagle3 = out_dir / "drafter"
+    (tmp_path / "report.json").write_text('{"tau": 9.9}')  # an earlier run's report in the same out_dir
     eval_run = run_cli("eval", *EVAL, f"drafter_path={eagle3}", f"out_dir={tmp_path}", cwd=tmp_path)
     assert eval_run.returncode == 0, eval_run.stderr[-3000:]
+    assert (tmp_path / "previous" / "report.json").read_text() == '{"tau": 9.9}'
     report = json.loads((tmp_path / "report.json").read_text())
     schema = {"target", "drafter", "bench", "temperature", "method", "tau", "alpha_per_position", "speedup",
               "predicted_speedup", "tokens_per_s", "baseline_tokens_per_s", "cost_ratio", "num_prompts",
               "new_tokens", "lossless_check", "config"}
     assert schema <= set(report)
     assert report["lossless_check"] == "passed" and report["num_prompts"] == 4 and report["method"] == "chain"
+    assert report["lossless_check_method"] == "greedy output equals plain decoding"
     assert report["tau"] > 1.0 and len(report["alpha_per_position"]) == 5
     assert "| drafter |" in eval_run.stdout and "report.md" in eval_run.stdout  # the table is printed at the end
     for name in ("report.md", "alpha_per_position.png", "generations.jsonl"):
@@ -43,6 +46,9 @@ def test_eval_compares_drafters_side_by_side_with_tree_decoding_and_sampling(tra
     assert [r["drafter"] for r in reports] == [str(path) for path in paths]
     assert all(r["method"] == "tree" and r["temperature"] == 0.8 for r in reports)
     assert all(r["lossless_check"] == "passed" for r in reports)  # re-decoded greedily with and without the drafter
+    assert all(r["lossless_check_method"].startswith("greedy re-decode with and without the drafter; the sampled "
+                                                     "outputs are not compared") for r in reports)
+    assert "Lossless check: greedy re-decode" in (tmp_path / "report.md").read_text()
 
 
 def test_eval_refuses_bad_input_with_one_clear_message(tmp_path: Path, toy_tiny_path):
@@ -52,7 +58,7 @@ def test_eval_refuses_bad_input_with_one_clear_message(tmp_path: Path, toy_tiny_
         assert not (tmp_path / "out" / "report.json").exists()
         return result.stderr
 
-    assert "drafter_path: /nope has no config.json" in eval_error("drafter_path=/nope")
+    assert "error: drafter_path: /nope " in eval_error("drafter_path=/nope")  # the loader says what is wrong
     assert "eval.gama" in eval_error("drafter_path=/nope", "eval.gama=3")  # a typo fails at start
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n')

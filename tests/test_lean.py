@@ -1,4 +1,4 @@
-"""The lean decoding forward (eval/lean.py) computes what transformers computes: logits and tapped features of
+"""The lean decoding forward (distill/lean.py) computes what transformers computes: logits and tapped features of
 Llama-family models (llama, mistral, qwen2 with q/k/v biases, qwen3 with q/k norms and a wider head, Llama-3 RoPE
 scaling) through prefill, a masked multi-row verify after a prefix and single-row steps; models it does not cover
 are reported and decode through transformers."""
@@ -19,9 +19,9 @@ from transformers import (
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget
 from specdistill.eval.decoding import Decoder, DecodingConfig
-from specdistill.eval.lean import Linear, lean_causal_lm, unsupported_reason
-from specdistill.eval.masks import PrefixMask
-from specdistill.eval.proposers import LMProposer
+from specdistill.distill.drafters.token_lm import LMDrafting
+from specdistill.distill.lean import Linear, lean_causal_lm, unsupported_reason
+from specdistill.distill.masks import PrefixMask
 
 SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -51,7 +51,7 @@ def build(name: str):
 def test_lean_forward_matches_transformers(name):
     model = build(name)
     assert unsupported_reason(model) is None
-    target, lean = FrozenTarget(model, LAYERS), lean_causal_lm(model)
+    target, lean = FrozenTarget(model), lean_causal_lm(model)
     hf_cache, lean_cache, masks = KVCache(), KVCache(), PrefixMask()
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, 30), generator=generator)
@@ -64,7 +64,8 @@ def test_lean_forward_matches_transformers(name):
     with torch.inference_mode():
         for tokens, positions, block in steps:
             mask = None if block is None else masks(hf_cache.length, block)
-            expected = target(tokens, attention_mask=mask, past_key_values=hf_cache, position_ids=positions)
+            expected = target(tokens, attention_mask=mask, past_key_values=hf_cache, position_ids=positions,
+                              feature_layers=LAYERS)
             actual = lean(tokens, positions, lean_cache, mask, LAYERS)
             torch.testing.assert_close(actual.logits, expected.logits, atol=2e-5, rtol=1e-4)
             for layer_id in LAYERS:
@@ -103,6 +104,6 @@ def test_transformers_path_and_lean_path_decode_the_same_tokens(method):
     target = FrozenTarget(model)
     prompt = list(range(3, 40))
     plain = Decoder(target, None, config).generate(prompt).output_ids
-    via_transformers = Decoder(target, LMProposer(build("qwen2"), "cpu", lean=False), config, lean=False)
+    via_transformers = Decoder(target, LMDrafting(build("qwen2"), "cpu", lean=False), config, lean=False)
     assert via_transformers.lean is None
     assert via_transformers.generate(prompt).output_ids == plain

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from specdistill.data_prep.chat import end_of_turn_ids, tokenize_conversation
-from specdistill.data_prep.toy import toy_chat_conversations
+from specdistill.distill.toy import toy_chat_conversations
 from tests.conftest import run_cli
 
 # The real Llama-3 Instruct template (content trimmed, <|eot_id|> ends a turn) and a Qwen-2.5-style ChatML one
@@ -183,9 +183,9 @@ def test_unbuilt_commands_say_so(tmp_path: Path):
     result = run_cli("export", cwd=tmp_path)
     assert result.returncode == 2 and "`specdistill export` is not built yet" in result.stderr
     result = run_cli("train", cwd=tmp_path)  # built: a missing mandatory key is named
-    assert result.returncode != 0 and "Missing mandatory value: data_dir" in result.stderr
+    assert result.returncode == 2 and "error: data_dir is required but was not set" in result.stderr
     result = run_cli("eval", cwd=tmp_path)
-    assert result.returncode != 0 and "Missing mandatory value: drafter_path" in result.stderr
+    assert result.returncode == 2 and "error: drafter_path is not set: pass drafter_path=" in result.stderr
     result = run_cli("run", cwd=tmp_path)  # nothing to run: name the experiment to choose
     assert result.returncode == 2 and "experiment=quickstart" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("prepp", cwd=tmp_path)

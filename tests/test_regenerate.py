@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from specdistill.data_prep.chat import render
 from specdistill.data_prep.readers import parse_record
 from specdistill.data_prep.regenerate import regenerate_conversations
-from specdistill.data_prep.toy import toy_chat_conversations
+from specdistill.distill.toy import toy_chat_conversations
 from tests.conftest import run_cli
 
 

@@ -85,3 +85,17 @@ def test_repeated_drafter_names_get_method_and_temperature(tmp_path: Path) -> No
     sampled["temperature"] = 1.0
     table = format_table([greedy, sampled])
     assert "eagle3 (chain, T=0.0)" in table and "eagle3 (chain, T=1.0)" in table
+
+
+def test_report_json_never_holds_bare_nan_and_md_says_what_the_lossless_check_compared(tmp_path: Path) -> None:
+    result = fake_result("eagle3-toy", 2.9, 2.3)
+    result["alpha_per_position"] = [0.8, math.nan]
+    result["per_category"]["other"]["speedup"] = math.inf
+    result["lossless_check_method"] = "greedy output equals plain decoding"
+    write_report(tmp_path, [result])
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    report = json.loads(text)
+    assert report["alpha_per_position"] == [0.8, None] and report["per_category"]["other"]["speedup"] is None
+    assert report["lossless_check_method"] == "greedy output equals plain decoding"
+    assert "Lossless check: greedy output equals plain decoding." in (tmp_path / "report.md").read_text()

@@ -9,8 +9,8 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from specdistill.data_prep.toy import toy_chat_conversations
-from specdistill.data_prep.targets import resolve_target_path
+from specdistill.distill.toy import toy_chat_conversations
+from specdistill.distill.targets import resolve_target_path
 from tests.conftest import compose, run_cli
 from tests.test_prep import masked_runs
 

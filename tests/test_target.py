@@ -12,12 +12,15 @@ from specdistill.distill.target import FINAL_NORMED, FrozenTarget
 
 @pytest.fixture(scope="module")
 def target(toy_tiny_path):
-    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path), feature_layers=(0, 1, FINAL_NORMED))
+    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path))
+
+
+TAPS = (0, 1, FINAL_NORMED)
 
 
 def test_features_are_the_hidden_states_entering_each_layer(target):
     input_ids = torch.randint(0, 1000, (2, 9))
-    output = target(input_ids)
+    output = target(input_ids, feature_layers=TAPS)
     # reference: transformers' hidden_states[i] is the input of layer i; the last output is after the final norm
     with torch.no_grad():
         reference = target.model(input_ids, output_hidden_states=True)
@@ -29,7 +32,7 @@ def test_features_are_the_hidden_states_entering_each_layer(target):
 
 
 def test_training_features_can_feed_a_trainable_layer(target):
-    features = target(torch.randint(0, 1000, (1, 5)), for_training=True).features[FINAL_NORMED]
+    features = target(torch.randint(0, 1000, (1, 5)), feature_layers=TAPS, for_training=True).features[FINAL_NORMED]
     layer = torch.nn.Linear(features.shape[-1], 3)
     layer(features).sum().backward()  # inference tensors would refuse to be saved for backward
     assert layer.weight.grad is not None
@@ -38,4 +41,15 @@ def test_training_features_can_feed_a_trainable_layer(target):
 def test_layer_ids_out_of_range_name_the_key(toy_tiny_path):
     model = AutoModelForCausalLM.from_pretrained(toy_tiny_path)
     with pytest.raises(UserError, match=r"drafter.feature_layers: layer id 2 is out of range for a target with 2 layers"):
-        FrozenTarget(model, feature_layers=(0, 2))
+        FrozenTarget(model)(torch.zeros(1, 3, dtype=torch.long), feature_layers=(0, 2))
+
+
+def test_two_drafters_tap_different_layers_of_one_target_in_any_order(target):
+    """The taps are per call: a call for one drafter's layers never leaves hooks that change another's features."""
+    input_ids = torch.randint(0, 1000, (1, 6))
+    first = target(input_ids, feature_layers=(0, 1)).features
+    only_final = target(input_ids, feature_layers=(FINAL_NORMED,)).features
+    again = target(input_ids, feature_layers=(1, 0)).features
+    assert set(only_final) == {FINAL_NORMED}
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert all(not hooks for hooks in (layer._forward_pre_hooks for layer in target.model.get_decoder().layers))

@@ -1,9 +1,9 @@
-"""Tests of the toy target builder (data_prep/toy.py): data splits, conversations, build and cache."""
+"""Tests of the toy target builder (distill/toy.py): data splits, conversations, build and cache."""
 
 import json
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,13 +11,15 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specdistill.data_prep import toy
+from specdistill.distill import toy
+from specdistill.distill.config import DType, ToyTarget
 from tests.conftest import compose
-from specdistill.data_prep.toy import (
+from specdistill.distill.toy import (
     END_OF_TURN,
     ENDOFTEXT,
     SPECIAL_TOKENS,
     ToyTargetConfig,
+    build_settings,
     ensure_toy_target,
     render_chat,
     stdlib_source_files,
@@ -26,7 +28,7 @@ from specdistill.data_prep.toy import (
     toy_target_cache_key,
 )
 
-TINY: ToyTargetConfig = OmegaConf.to_object(compose("prep", ["target=toy_tiny", "out_dir=unused"]).target.toy)
+TINY: ToyTarget = OmegaConf.to_object(compose("prep", ["target=toy_tiny", "out_dir=unused"]).target.toy)
 EXPECTED_FILES = [
     "config.json",
     "generation_config.json",
@@ -105,6 +107,13 @@ def test_cache_key_depends_on_every_setting():
     assert toy_target_cache_key(ToyTargetConfig()) != key
 
 
+def test_cache_key_ignores_the_presets_loading_values():
+    # name, dtype and eagle3_layers say how the built toy is used, not how it is built: no rebuild when they change
+    loading_changed = replace(TINY, name="other", dtype=DType.bfloat16, eagle3_layers=[0])
+    assert toy_target_cache_key(loading_changed) == toy_target_cache_key(TINY)
+    assert set(build_settings(TINY)) == set(vars(ToyTargetConfig()))
+
+
 def _fake_build(calls: list, delay: float = 0.0):
     def build(cfg, out_dir):
         calls.append(cfg)
@@ -151,7 +160,7 @@ def test_build_folder_layout(tiny_target, cache_dir, build_info):
     siblings = {p.name for p in tiny_target.parent.iterdir()}
     assert siblings == {tiny_target.name, f"{tiny_target.name}.lock"}
     assert build_info["key"] == tiny_target.name
-    assert build_info["config"] == asdict(TINY)
+    assert build_info["config"] == build_settings(TINY)
     assert build_info["steps"] == TINY.steps
     assert build_info["tokens_trained"] == TINY.steps * TINY.batch_size * TINY.seq_len
     assert build_info["num_parameters"] > 0 and build_info["build_seconds"] > 0

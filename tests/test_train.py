@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModel
 
 import specdistill.distill.drafters  # noqa: F401  (registers the drafter classes with the Auto classes)
 
-from tests.conftest import REPO_ROOT, TRAIN_FAST as FAST, run_cli
+from tests.conftest import EAGLE3_FAST, TRAIN_FAST as FAST, run_cli
 
 
 def summary(out_dir: Path) -> list[dict]:
@@ -54,7 +53,7 @@ def test_drafter_learns_to_agree_with_the_target(kind, trained_drafter):
 def test_killed_run_resumes_to_the_same_final_loss(toy_dataset, tmp_path: Path, cache_dir: Path):
     dataset_dir, _ = toy_dataset
     args = ["drafter=eagle3", f"data_dir={dataset_dir}", "train.max_steps=40", "train.eval_every=20",
-            *FAST[:-1], "train.checkpoint_every=10", "train.keep_last=2"]
+            *FAST[:-1], *EAGLE3_FAST, "train.checkpoint_every=10", "train.keep_last=2"]
     whole = run_cli("train", *args, f"out_dir={tmp_path}/whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
@@ -92,7 +91,7 @@ def test_bad_inputs_are_refused_before_training(toy_dataset, tmp_path: Path):
 
     assert "error: data_dir: /nope does not exist" in train("data_dir=/nope").stderr
     result = train(f"data_dir={dataset_dir}", "drafter=eagle3", "drafter.feature_layers=[0,7]")
-    assert "drafter.feature_layers: layer id 7 is out of range for a target with 2 layers" in result.stderr
+    assert "feature_layers: layer id 7 is out of range for a target with 2 layers" in result.stderr
 
     other = tmp_path / "other_tokenizer"
     shutil.copytree(dataset_dir, other)

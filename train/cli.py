@@ -15,6 +15,8 @@ import importlib
 import os
 import sys
 
+from specdistill.distill.errors import exit_interrupted
+
 # sub-command → (module, description); module None: not built yet.
 STAGES: dict[str, tuple[str | None, str]] = {
     "prep": ("specdistill.data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
@@ -51,8 +53,11 @@ def run_stage(command: str, overrides: list[str]) -> None:
         print(f"error: `specdistill {command}` is not built yet in this version of specdistill.", file=sys.stderr)
         sys.exit(2)
     sys.argv = [f"specdistill {command}", *overrides]
-    _quiet_deepspeed_on_cpu()
-    importlib.import_module(module).main()
+    try:
+        _quiet_deepspeed_on_cpu()
+        importlib.import_module(module).main()
+    except KeyboardInterrupt:  # Ctrl-C while torch & co. import, before the stage's own handler (exit_on_user_error)
+        exit_interrupted()
 
 
 def main() -> None:

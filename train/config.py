@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from specdistill.data_prep.config import StageConfig, register_configs as register_data_configs
-
-
-class DrafterKind(Enum):
-    eagle1 = "eagle1"
-    eagle3 = "eagle3"
+from specdistill.data_prep.config import register_configs as register_data_configs
+from specdistill.distill.config import StageConfig
+from specdistill.distill.objectives import ObjectiveConfig
 
 
 class Schedule(Enum):
@@ -31,29 +28,12 @@ class MixedPrecision(Enum):
 
 
 @dataclass
-class DrafterConfig:
-    kind: DrafterKind = MISSING
-    num_layers: int = 1  # decoder layers in the drafter
-    # target layer ids read (input of layer i; -1: final normed state); None: target.eagle3_layers, else [2, L/2, L−3]
-    feature_layers: Optional[list[int]] = None
-    draft_vocab_size: Optional[int] = None  # EAGLE-3: most frequent masked tokens; None: full vocabulary
-
-
-@dataclass
-class ObjectiveConfig:
-    feature_weight: float = 1.0  # SmoothL1 feature regression (EAGLE-1)
-    token_weight: float = 0.1  # soft cross-entropy against the target
-    noise: float = 0.1  # uniform feature noise amplitude
-    ttt_steps: int = 1  # unrolled training-time-test steps (EAGLE-3)
-    ttt_decay: float = 0.8
-
-
-@dataclass
 class OptimConfig:
     lr: float = 3e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
-    warmup_steps: int = 2000
+    warmup_steps: int = 2000  # linear warm-up length, unless warmup_ratio is set
+    warmup_ratio: Optional[float] = None  # warm-up as a fraction of train.max_steps; when set, it decides the warm-up
     schedule: Schedule = Schedule.cosine
     min_lr_ratio: float = 0.0  # the schedule decays to lr × min_lr_ratio
     grad_clip_norm: float = 0.5
@@ -76,21 +56,26 @@ class LoopConfig:
     eval_every: int = 200
     eval_batches: int = 20  # validation micro-batches per evaluation
     checkpoint_every: int = 500
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept (at least one)
     log_every: int = 10
 
 
 @dataclass
 class TrainConfig(StageConfig):
     data_dir: str = MISSING  # a `specdistill prep` output folder (…/dataset)
-    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    # the drafter kind's own options dataclass (distill/drafters/<kind>.py), chosen by drafter=<kind>
+    drafter: Any = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
-    resume: str = "auto"  # auto: continue from the newest checkpoint in out_dir; never: start over
+    # auto: continue the run in out_dir (same settings) from its newest checkpoint; never: start a new run, refused
+    # when out_dir already holds one
+    resume: str = "auto"
 
 
 def register_configs() -> None:
+    import specdistill.distill.drafters  # noqa: F401  (each drafter kind stores its `<kind>_schema` in the drafter group)
+
     register_data_configs()
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -1,10 +1,11 @@
 """specdistill run: the whole pipeline in one command, prep → train → eval, each stage in its own folder.
 
     specdistill run experiment=quickstart                      # the toy target end to end, < 15 min on 2 CPU cores
-    specdistill run experiment=quickstart 'train=[drafter=eagle1,train.max_steps=600]'   # replace a stage's list
+    specdistill run experiment=quickstart 'train=["drafter=eagle1","train.max_steps=600"]'   # replace a stage's list
 
 Each stage is composed from its own config (conf/prep.yaml, train.yaml, eval.yaml) with `common` + its own override
-list, so everything a stage accepts on its command line it accepts here:
+list, so everything a stage accepts on its command line it accepts here. All three are composed before the first
+starts, so a typo in the eval list fails at once, not after prep and train have run:
 
     <out_dir>/prep/dataset   <out_dir>/train/drafter   <out_dir>/eval/report.md
 """
@@ -18,8 +19,11 @@ from pathlib import Path
 import hydra
 from hydra import compose
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+import specdistill.distill.outputs  # noqa: F401  (registers the run-folder resolver conf/hydra/output uses)
 from specdistill.conf import CONFIG_DIR
 from specdistill.distill.errors import UserError, exit_on_user_error
 
@@ -45,8 +49,21 @@ def quoted(value: object) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
+    """The stage's config as its own command line would compose it, resolved once so a bad value or interpolation
+    fails here too; a `UserError` naming the stage when it does not compose."""
+    try:
+        cfg = compose(stage, overrides)
+        OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        message = " ".join(str(error).split())
+        raise UserError(f"run: the {stage} stage does not compose ({message}); fix `{stage}=[...]` or `common=[...]` "
+                        f"(each entry is one override of `specdistill {stage}`)") from None
+    return cfg
+
+
 def run(cfg: DictConfig) -> Path:
-    """Run the three stages; returns the eval folder."""
+    """Compose every stage, then run the three; returns the eval folder."""
     from specdistill.data_prep.prep import prep
     from specdistill.eval.eval import evaluate
     from specdistill.train.train import train
@@ -57,12 +74,18 @@ def run(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.out_dir).expanduser()
     common = [*cfg.common, f"cache_dir={quoted(cfg.cache_dir)}", f"seed={cfg.seed}"]
     stages = ("prep", "train", "eval")
+    # each stage's input is the previous stage's output, at a fixed place: <out_dir>/prep/dataset, <out_dir>/train/drafter
+    prep_cfg = compose_stage("prep", [*common, *cfg.prep, f"out_dir={quoted(out_dir / 'prep')}"])
+    train_cfg = compose_stage("train", [*common, *cfg.train, f"data_dir={quoted(out_dir / 'prep' / 'dataset')}",
+                                        f"out_dir={quoted(out_dir / 'train')}"])
+    eval_cfg = compose_stage("eval", [*common, *cfg.eval, f"drafter_path={quoted(out_dir / 'train' / 'drafter')}",
+                                      f"out_dir={quoted(out_dir / 'eval')}"])
     log.info("[1/3] prep → %s", out_dir / "prep")
-    dataset = prep(compose("prep", [*common, *cfg.prep, f"out_dir={quoted(out_dir / 'prep')}"]))
+    prep(prep_cfg)
     log.info("[2/3] train → %s", out_dir / "train")
-    drafter = train(compose("train", [*common, *cfg.train, f"data_dir={quoted(dataset)}", f"out_dir={quoted(out_dir / 'train')}"]))
+    train(train_cfg)
     log.info("[3/3] eval → %s", out_dir / "eval")
-    evaluate(compose("eval", [*common, *cfg.eval, f"drafter_path={quoted(drafter)}", f"out_dir={quoted(out_dir / 'eval')}"]))
+    evaluate(eval_cfg)
     log.info("done: %s", ", ".join(f"{stage}: {out_dir / stage}" for stage in stages))
     return out_dir / "eval"
 

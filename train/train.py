@@ -10,6 +10,11 @@ setup (target, data, drafter, optimizer, resume) → train (accumulated steps, v
     <out_dir>/drafter/          save_pretrained (safetensors) + resolved_config.yaml + summary.json
     <out_dir>/checkpoints/step_N   accelerate state + trainer_state.json; resume=auto continues from the newest
 
+One run at a time holds out_dir (a lock). A checkpoint records the run's settings and the files it holds: resume=auto
+continues only with the same settings (train.max_steps may grow; logging, evaluation and checkpoint intervals may
+change), skips a damaged checkpoint for the one before it, and removes partial ones. resume=never refuses an out_dir
+that holds a run, so an old run is never deleted for you. A run whose drafter is finished is not trained again.
+
 Gradient accumulation is normalised per token: every micro-batch's summed loss is divided by the number of
 trained positions in the whole optimizer step (all micro-batches, all processes), so a step's gradient does not
 depend on how the tokens were split into micro-batches.
@@ -17,9 +22,10 @@ depend on how the tokens were split into micro-batches.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 import math
 import shutil
 import time
@@ -34,15 +40,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from specdistill.conf import CONFIG_DIR
-from specdistill.data_prep.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
-from specdistill.distill.drafters import ObjectiveWeights, build_eagle_drafter, default_eagle3_layers, trained_rows
+from specdistill.distill.targets import eagle3_layers, load_target_model, load_target_tokenizer, tokenizer_fingerprint
+from specdistill.distill.drafters import drafter_kind
+from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.objectives import expected_accept_length
-from specdistill.distill.target import FrozenTarget, check_feature_layers
+from specdistill.distill.outputs import (hold_out_dir, json_text, recover_folder, replace_folder, staging_folder,
+                                         write_text_atomic)
+from specdistill.distill.objectives import ObjectiveConfig, expected_accept_length
+from specdistill.distill.target import FrozenTarget
 from specdistill.train.config import register_configs
 
 log = logging.getLogger("specdistill.train")
 CHECKPOINT_PREFIX = "step_"
+TRAINER_STATE = "trainer_state.json"
+# keys a resumed run may change: where things live, what is logged, how often it evaluates and checkpoints
+# (train.max_steps may grow; checked on its own)
+RESUMABLE_CHANGES = ("out_dir", "cache_dir", "resume", "logger.", "train.max_steps", "train.log_every",
+                     "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_last")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,18 +75,40 @@ def load_prepared_dataset(data_dir: Path, tokenizer: Any) -> tuple[Any, torch.Te
         raise UserError(f"data_dir: cannot read {data_dir} as a dataset ({type(error).__name__}: {error}); "
                         "run `specdistill prep` again") from None
     stats_path = data_dir / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    expected = stats.get("tokenizer", {}).get("fingerprint")
-    if expected is not None and expected != tokenizer_fingerprint(tokenizer):
-        raise UserError(
-            f"data_dir: {data_dir} was prepared with another tokenizer ({stats['tokenizer'].get('name_or_path')}) "
-            "than this target's. Run `specdistill prep` again with this target."
-        )
+    if stats_path.exists():
+        try:
+            stats = json.loads(stats_path.read_text())
+        except ValueError as error:
+            raise UserError(f"data_dir: {stats_path} is not valid JSON ({error}); run `specdistill prep` again") from None
+        expected = stats.get("tokenizer", {}).get("fingerprint")
+        if expected is not None and expected != tokenizer_fingerprint(tokenizer):
+            raise UserError(
+                f"data_dir: {data_dir} was prepared with another tokenizer ({stats['tokenizer'].get('name_or_path')}) "
+                "than this target's. Run `specdistill prep` again with this target."
+            )
+    else:
+        log.warning("data_dir: %s has no stats.json, so the tokenizer it was prepared with is unknown; checking its "
+                    "token ids against the target's vocabulary only", data_dir)
     if "train" not in dataset or len(dataset["train"]) == 0:
         raise UserError(f"data_dir: {data_dir} has no training records; check its stats.json for why prep dropped them")
+    largest = largest_token_id(dataset)
+    if largest >= len(tokenizer):  # it would end in an IndexError inside the target's embedding
+        missing = " (its stats.json is missing, so the tokenizer could not be checked)" if not stats_path.exists() else ""
+        raise UserError(
+            f"data_dir: {data_dir} holds token id {largest}, but this target's tokenizer has {len(tokenizer)} tokens: "
+            f"it was prepared for another target{missing}. Run `specdistill prep` again with this target."
+        )
     counts_path = data_dir / "token_counts.safetensors"
     counts = load_file(str(counts_path))["counts"] if counts_path.exists() else None
     return dataset, counts
+
+
+def largest_token_id(dataset: Any) -> int:
+    """The largest token id in any split (-1 when empty), read from the Arrow columns without decoding rows."""
+    import pyarrow.compute as pc
+
+    largest = [pc.max(pc.list_flatten(split.data.column("input_ids"))).as_py() for split in dataset.values()]
+    return max((value for value in largest if value is not None), default=-1)
 
 
 def collate(rows: list[dict], max_length: int) -> dict[str, torch.Tensor]:
@@ -113,19 +149,48 @@ def micro_batch_indices(size: int, batch_size: int, seed: int, start: int) -> It
 class DraftTraining(nn.Module):
     """The drafter's training loss as a module forward, so DDP/DeepSpeed wrappers see a forward call."""
 
-    def __init__(self, drafter: nn.Module, weights: ObjectiveWeights):
+    def __init__(self, drafter: nn.Module, objective: ObjectiveConfig):
         super().__init__()
-        self.drafter, self.weights = drafter, weights
+        self.drafter, self.objective = drafter, objective
 
     def forward(self, batch: dict[str, torch.Tensor], target_output: Any):
         return self.drafter.training_loss(
-            batch["input_ids"], batch["attention_mask"], batch["loss_mask"], target_output, self.weights
+            batch["input_ids"], batch["attention_mask"], batch["loss_mask"], target_output, self.objective
         )
+
+
+def warmup_steps(optim: Any, max_steps: int) -> int:
+    """optim.warmup_ratio × train.max_steps when the ratio is set, else optim.warmup_steps."""
+    if optim.warmup_ratio is None:
+        return optim.warmup_steps
+    return round(optim.warmup_ratio * max_steps)
+
+
+def announce_schedule(optim: Any, max_steps: int) -> dict:
+    """Check the warm-up against the run's length, log the effective schedule, and return it (recorded in summaries).
+    A warm-up as long as the run never reaches optim.lr: that is warned about loudly, not left to be found later."""
+    if optim.warmup_ratio is not None and not 0 <= optim.warmup_ratio <= 1:
+        raise UserError(f"optim.warmup_ratio: {optim.warmup_ratio} is not a fraction of train.max_steps (0 to 1)")
+    if optim.warmup_ratio is None and optim.warmup_steps < 0:
+        raise UserError(f"optim.warmup_steps: {optim.warmup_steps} is negative; use 0 for no warm-up")
+    warmup = warmup_steps(optim, max_steps)
+    source = (f"optim.warmup_ratio={optim.warmup_ratio}" if optim.warmup_ratio is not None
+              else f"optim.warmup_steps={optim.warmup_steps}")
+    if warmup >= max_steps:
+        log.warning("WARNING: the warm-up (%s: %d steps) is as long as the run (train.max_steps=%d): the learning rate "
+                    "never reaches optim.lr=%g (it peaks at %.3g). Set optim.warmup_ratio=0.1 or a smaller "
+                    "optim.warmup_steps.", source, warmup, max_steps, optim.lr, optim.lr * max_steps / warmup)
+    schedule = optim.schedule.name
+    decay = "constant" if schedule == "constant" else f"{schedule} decay to {optim.lr * optim.min_lr_ratio:g}"
+    log.info("schedule: lr %g, warm-up %d steps (%s), then %s by step %d (train.max_steps)",
+             optim.lr, warmup, source, decay, max_steps)
+    return {"lr": optim.lr, "warmup_steps": warmup, "schedule": schedule, "min_lr_ratio": optim.min_lr_ratio,
+            "max_steps": max_steps}
 
 
 def lr_lambda(cfg: Any, max_steps: int):
     """Linear warm-up, then cosine / linear decay to lr × min_lr_ratio (or constant)."""
-    warmup, floor, schedule = cfg.warmup_steps, cfg.min_lr_ratio, cfg.schedule.name
+    warmup, floor, schedule = warmup_steps(cfg, max_steps), cfg.min_lr_ratio, cfg.schedule.name
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -144,29 +209,129 @@ def lr_lambda(cfg: Any, max_steps: int):
 # Checkpoints
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N for a `step_N` folder, else None."""
+    number = path.name[len(CHECKPOINT_PREFIX) :]
+    return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
+
+
+def missing_files(checkpoint: Path) -> list[str]:
+    """What a checkpoint lacks of what it needs: its trainer_state.json, or files that state lists (weights, optimizer,
+    scheduler, RNG states). Only what can be seen without reading the files; a damaged file is found by loading."""
+    state_path = checkpoint / TRAINER_STATE
+    if not state_path.is_file():
+        return [TRAINER_STATE]
+    try:
+        files = json.loads(state_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):  # an unreadable state is damage, reported when the checkpoint is loaded
+        return []
+    return [name for name in files if not (checkpoint / name).is_file()]
+
+
 def checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once its trainer_state.json exists)."""
+    """Complete checkpoints (`missing_files` finds nothing), oldest first."""
+    found = [path for path in (out_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
+             if checkpoint_step(path) is not None and not missing_files(path)]
+    return sorted(found, key=checkpoint_step)
+
+
+def tidy_checkpoints(out_dir: Path) -> None:
+    """Undo an interrupted swap, then remove what interrupted saves and prunes left: staging and pruned folders, and
+    step folders missing files (e.g. a kill while pruning). Main process only, before anything is loaded."""
     folder = out_dir / "checkpoints"
-    found = [path for path in folder.glob(f"{CHECKPOINT_PREFIX}*") if (path / "trainer_state.json").exists()]
-    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]))
+    if not folder.is_dir():
+        return
+    for backup in folder.glob(f".{CHECKPOINT_PREFIX}*.old"):
+        recover_folder(folder / backup.name[1 : -len(".old")])
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            reason = "left by an interrupted save or prune"
+        elif checkpoint_step(entry) is not None and missing_files(entry):
+            reason = f"an incomplete checkpoint: no {', '.join(missing_files(entry)[:3])}"
+        else:
+            continue
+        log.info("removing %s (%s)", entry, reason)
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
-def save_checkpoint(
-    accelerator: Any, out_dir: Path, step: int, keep_last: int, history: list[dict], drafter: dict
-) -> None:
+def prune_checkpoint(checkpoint: Path) -> None:
+    """Rename first, then delete: a kill during the deletion leaves a dot-folder that `tidy_checkpoints` removes, never
+    a `step_N` that looks resumable but lacks its weights."""
+    trash = checkpoint.with_name(f".{checkpoint.name}.pruned")
+    checkpoint.rename(trash)
+    shutil.rmtree(trash)
+
+
+def save_checkpoint(accelerator: Any, out_dir: Path, step: int, keep_last: int, trainer_state: dict) -> None:
+    """Every process's accelerate state and trainer_state.json (with `step` and the list of files written), staged and
+    renamed into place as one folder; then the oldest checkpoints beyond keep_last are pruned."""
     final = out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    staging = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
+    main = accelerator.is_main_process
+    with replace_folder(final) if main else nullcontext(staging_folder(final)) as staging:
+        accelerator.wait_for_everyone()  # the main process has made the staging folder
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+        if main:
+            files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file())
+            write_text_atomic(staging / TRAINER_STATE, json_text({**trainer_state, "step": step, "files": files}))
+    if main:
+        for old in checkpoints(out_dir)[: -max(keep_last, 1)]:
+            prune_checkpoint(old)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
-    if accelerator.is_main_process:
-        (staging / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, "drafter": drafter}))
-        staging.rename(final)
-        for old in checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+
+
+def damaged_file(checkpoint: Path) -> str | None:
+    """The first of a checkpoint's files that does not load on its own, as `<path> (<error>)`; asked only after
+    loading the whole checkpoint failed, to name the culprit."""
+    for path in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                load_file(str(path))
+            else:  # accelerate writes optimizer, scheduler and RNG states with torch.save
+                torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # any decoding error of any format means the same: this file is damaged
+            return f"{path} ({type(error).__name__}: {str(error)[:120]})"
+    return None
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues: the resolved config as dotted keys, without
+    RESUMABLE_CHANGES."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
+    return {key: value for key, value in flat.items() if not key.startswith(RESUMABLE_CHANGES)}
+
+
+def check_same_settings(saved: dict | None, cfg: DictConfig, where: Path) -> None:
+    """Refuse to continue a run under other settings: they would be recorded but silently not used (the optimizer
+    state, for one, carries the old learning rate)."""
+    if saved is None:
+        raise UserError(f"resume: {where} does not record its run's settings (written by an older specdistill), so "
+                        "they cannot be checked; continue the run there with that version, or use another out_dir")
+    current = json.loads(json_text(run_settings(cfg)))  # through JSON, as the saved side was
+    unset = object()
+    changed = [f"{key} {saved.get(key, '<unset>')!r} → {current.get(key, '<unset>')!r}"
+               for key in sorted(saved.keys() | current.keys()) if saved.get(key, unset) != current.get(key, unset)]
+    if changed:
+        raise UserError(
+            f"resume: the run in {where} was started with other "
+            f"settings ({'; '.join(changed)}); a resumed run keeps its settings (only train.max_steps may grow, and the "
+            "logging, evaluation and checkpoint intervals may change). Undo the changes to continue it, or give the "
+            "new settings another out_dir."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,12 +342,20 @@ class TrainRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir).expanduser()
+        self.held = ExitStack()  # the out_dir lock, released when the run ends however it ends
 
-    def setup(self) -> None:
+    def open_out_dir(self) -> Path | None:
+        """Start the accelerator, lock out_dir for this run, tidy what interrupted runs left, and check that `resume`
+        fits what out_dir holds. Returns the drafter when the run there is already finished (nothing to train)."""
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import broadcast_object_list
 
         cfg = self.cfg
+        if cfg.resume not in ("auto", "never"):
+            raise UserError(f"resume: '{cfg.resume}' is not one of auto, never")
+        self.data_dir = Path(cfg.data_dir).expanduser()
+        if not self.data_dir.exists():
+            raise UserError(f"data_dir: {self.data_dir} does not exist; point it at the dataset folder `specdistill prep` wrote")
         precision = cfg.train.mixed_precision.name
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "no"
@@ -191,41 +364,75 @@ class TrainRecipe:
             log_with=None if cfg.logger.name == "none" else cfg.logger.name,
             cpu=not torch.cuda.is_available(),  # without it, processes on a CPU-only machine never join one group
         )
+        refusal = None
+        if self.accelerator.is_main_process:
+            try:
+                self.held.enter_context(hold_out_dir(self.out_dir))
+                recover_folder(self.out_dir / "drafter")
+                tidy_checkpoints(self.out_dir)
+            except UserError as error:
+                refusal = str(error)
+        [refusal] = broadcast_object_list([refusal])  # every process stops, not only the main one
+        if refusal:
+            raise UserError(refusal)
+
+        drafter, found = self.out_dir / "drafter", checkpoints(self.out_dir)
+        if cfg.resume == "never" and (found or drafter.exists()):
+            held = " and ".join(name for name, present in (("checkpoints/", found), ("drafter/", drafter.exists())) if present)
+            raise UserError(
+                f"resume=never: out_dir {self.out_dir} already holds a run ({held}), and it is never deleted for you. "
+                "Continue it with resume=auto, choose another out_dir, or delete those folders yourself to start over."
+            )
+        if cfg.resume == "auto" and (drafter / "summary.json").is_file():
+            return self._finished_drafter(drafter)
+        return None
+
+    def _finished_drafter(self, drafter: Path) -> Path | None:
+        """`drafter` when its run reached train.max_steps with these settings; None when train.max_steps grew (the run
+        continues from its newest checkpoint)."""
+        try:
+            summary = json.loads((drafter / "summary.json").read_text())
+            reached = int(summary["final"]["step"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"resume: {drafter / 'summary.json'} cannot be read ({type(error).__name__}: {error}); "
+                            "move the drafter folder away to train again") from None
+        check_same_settings(summary.get("settings"), self.cfg, self.out_dir)
+        max_steps = self.cfg.train.max_steps
+        if max_steps < reached:
+            raise UserError(f"train.max_steps={max_steps} is below step {reached}, where the run in {self.out_dir} "
+                            f"already finished; set train.max_steps ≥ {reached}, or use another out_dir")
+        if max_steps > reached:
+            log.info("train.max_steps grew from %d to %d: continuing the run in %s", reached, max_steps, self.out_dir)
+            return None
+        if self.accelerator.is_main_process:
+            print(f"train: the run in {self.out_dir} already finished at step {reached}; its drafter is {drafter}. "
+                  "Raise train.max_steps to train it further.")
+        return drafter
+
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
         set_seed(cfg.seed)
-        data_dir = Path(cfg.data_dir).expanduser()
-        if not data_dir.exists():
-            raise UserError(f"data_dir: {data_dir} does not exist; point it at the dataset folder `specdistill prep` wrote")
-
         tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
-        self.dataset, token_counts = load_prepared_dataset(data_dir, tokenizer)
+        self.dataset, token_counts = load_prepared_dataset(self.data_dir, tokenizer)
         model = load_target_model(cfg.target, cfg.cache_dir, device=self.accelerator.device)
-        num_layers = model.config.num_hidden_layers
-        kind = cfg.drafter.kind.name
-        feature_layers = list(
-            cfg.drafter.feature_layers
-            or ([-1] if kind == "eagle1" else cfg.target.eagle3_layers or default_eagle3_layers(num_layers))
-        )
-        check_feature_layers(feature_layers, num_layers)
-        log.info("drafter %s reads target layers %s", kind, feature_layers)
-        self.target = FrozenTarget(model, feature_layers)
-        drafter = build_eagle_drafter(
-            kind, self.target, cfg.drafter.num_layers, feature_layers, cfg.drafter.draft_vocab_size, token_counts
-        ).to(self.accelerator.device)
-        drafter.config.target_name_or_path = cfg.target.name_or_path
-        drafter.config.target_revision = cfg.target.revision
+        self.target = FrozenTarget(model)
+        kind = drafter_kind(cfg.drafter.kind)
+        context = BuildContext(self.target, token_counts, eagle3_layers(cfg.target),
+                               str(cfg.target.name_or_path), cfg.target.revision)
+        drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context).to(self.accelerator.device)
+        drafter.check_target(self.target, "drafter")
+        log.info("drafter %s reads target layers %s", kind.name, list(drafter.feature_layers))
         self.drafter = drafter
-
-        objective = cfg.objective
-        self.weights = ObjectiveWeights(
-            feature=objective.feature_weight, token=objective.token_weight, noise=objective.noise,
-            ttt_steps=objective.ttt_steps, ttt_decay=objective.ttt_decay,
-        )
+        self.objective = OmegaConf.to_object(cfg.objective)
         optimizer = torch.optim.AdamW(
             [p for p in drafter.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
         )
+        self.schedule = announce_schedule(cfg.optim, cfg.train.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
-        self.module, self.optimizer = self.accelerator.prepare(DraftTraining(drafter, self.weights), optimizer)
+        self.module, self.optimizer = self.accelerator.prepare(DraftTraining(drafter, self.objective), optimizer)
         # not prepared: accelerate would step it once per process, and our schedule counts optimizer steps
         self.scheduler = scheduler
         self.accelerator.register_for_checkpointing(scheduler)
@@ -237,25 +444,51 @@ class TrainRecipe:
                                            init_kwargs={cfg.logger.name: {"name": cfg.logger.run_name}})
 
     def _resume(self) -> tuple[int, list[dict]]:
-        if self.cfg.resume == "never":
-            return 0, []
-        if self.cfg.resume != "auto":
-            raise UserError(f"resume: '{self.cfg.resume}' is not one of auto, never")
-        found = checkpoints(self.out_dir)
-        if not found:
-            return 0, []
-        state = json.loads((found[-1] / "trainer_state.json").read_text())
-        self._check_checkpoint_drafter(found[-1], state.get("drafter", {}))
-        self.accelerator.load_state(str(found[-1]))
-        log.info("resumed from %s (step %d)", found[-1], state["step"])
-        return state["step"], state["history"]
+        """(first step, history): from the newest checkpoint that loads; a damaged one is skipped for the one before
+        it (one line says which and why); none loading is an error naming the damaged file."""
+        damaged = []
+        for checkpoint in reversed(checkpoints(self.out_dir)):  # resume=never found none (open_out_dir)
+            state, problem = self._load_checkpoint(checkpoint)
+            if problem is None:
+                log.info("resumed from %s (step %d)", checkpoint, state["step"])
+                return state["step"], state["history"]
+            damaged.append(problem)
+            log.warning("resume: skipping the checkpoint %s: %s is damaged; trying the one before it",
+                        checkpoint.name, problem)
+        if damaged:
+            raise UserError(f"resume: no checkpoint in {self.out_dir / 'checkpoints'} can be loaded (damaged: "
+                            f"{'; '.join(damaged)}); delete the damaged checkpoints to start over, or use another out_dir")
+        return 0, []
+
+    def _load_checkpoint(self, checkpoint: Path) -> tuple[dict, str | None]:
+        """Load one checkpoint into the model, optimizer, scheduler and RNGs: (its trainer state, None), or (…, what is
+        damaged). Settings that differ from the checkpoint's are an error, not damage."""
+        state_path = checkpoint / TRAINER_STATE
+        problem, state = None, {}
+        try:
+            state = json.loads(state_path.read_text())
+            state["step"], state["history"] = int(state["step"]), list(state["history"])
+        except (ValueError, KeyError, TypeError) as error:
+            problem = f"{state_path} ({type(error).__name__}: {str(error)[:120]})"
+        if problem is None:
+            self._check_checkpoint_drafter(checkpoint, state.get("drafter", {}))
+            check_same_settings(state.get("settings"), self.cfg, self.out_dir)
+            if self.cfg.train.max_steps < state["step"]:
+                raise UserError(f"train.max_steps={self.cfg.train.max_steps} is below step {state['step']} of the "
+                                f"checkpoint {checkpoint}; set train.max_steps ≥ {state['step']} to continue the run, "
+                                "or use another out_dir")
+            try:
+                self.accelerator.load_state(str(checkpoint))
+            except Exception as error:  # torch, safetensors and pickle each fail in their own way on a damaged file
+                problem = damaged_file(checkpoint) or f"{checkpoint} ({type(error).__name__}: {str(error)[:120]})"
+        # every process loads its own RNG state: all move on together when any of them failed
+        failures = self.accelerator.reduce(torch.tensor(float(problem is not None), device=self.accelerator.device), "sum")
+        if problem is None and failures.item() > 0:
+            problem = f"{checkpoint} (on another process)"
+        return state, problem
 
     def _drafter_identity(self) -> dict:
-        config = self.drafter.config
-        return {"model_type": config.model_type, "feature_layers": list(config.feature_layers),
-                "num_hidden_layers": config.num_hidden_layers, "draft_vocab_size": config.draft_vocab_size,
-                "vocab_size": config.vocab_size, "target_hidden_size": config.target_hidden_size,
-                "target_num_layers": config.target_num_layers, "target_name_or_path": config.target_name_or_path}
+        return self.drafter.identity()
 
     def _check_checkpoint_drafter(self, path: Path, saved: dict) -> None:
         """A checkpoint of another target or drafter shape cannot be resumed: say so before loading it."""
@@ -265,7 +498,7 @@ class TrainRecipe:
             details = ", ".join(f"{key} {old!r} there vs {new!r} now" for key, (old, new) in different.items())
             raise UserError(
                 f"resume: the checkpoint {path} is of another drafter or target ({details}). "
-                "Use a new out_dir, set resume=never to start over, or match the original config."
+                "Match the original config to continue it, or use another out_dir."
             )
 
     def _micro_batches(self, split: str, batch_size: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -289,12 +522,13 @@ class TrainRecipe:
         for step in progress:
             micro = [next(batches) for _ in range(loop.grad_accum)]
             # positions trained on in the whole step, over every process: the per-token normaliser
-            step_tokens = sum(trained_rows(batch["loss_mask"]).sum() for batch in micro)
+            step_tokens = sum(self.drafter.trained_rows(batch["loss_mask"]).sum() for batch in micro)
             step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
             loss_total, local_tokens, agree, counted = 0.0, 0, 0, 0
             self.module.train()
             for index, batch in enumerate(micro):
-                target_output = self.target(batch["input_ids"], batch["attention_mask"], for_training=True)
+                target_output = self.target(batch["input_ids"], batch["attention_mask"],
+                                            feature_layers=self.drafter.feature_layers, for_training=True)
                 sync = index == len(micro) - 1
                 with accelerator.no_sync(self.module) if not sync else nullcontext():
                     loss = self.module(batch, target_output)
@@ -303,13 +537,14 @@ class TrainRecipe:
                 loss_total += loss.loss_sum.item()
                 agree, counted = agree + loss.agree, counted + loss.counted
                 local_tokens += int(batch["attention_mask"].sum())
+            totals = accelerator.reduce(torch.tensor([loss_total, local_tokens], device=accelerator.device), "sum")
+            loss_value = totals[0].item() / step_tokens.item()
             grad_norm = accelerator.clip_grad_norm_(self.module.parameters(), cfg.optim.grad_clip_norm)
+            self._stop_if_diverged(step + 1, loss_value, float(grad_norm))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
-            totals = accelerator.reduce(torch.tensor([loss_total, local_tokens], device=accelerator.device), "sum")
-            loss_value = totals[0].item() / step_tokens.item()
             self.tokens_trained += int(totals[1].item())
             window_tokens += int(totals[1].item())
             agreement = (agree / counted.clamp(min=1)).tolist()
@@ -326,8 +561,29 @@ class TrainRecipe:
                                      tok_s=f"{record['tokens_per_s']:.0f}")
                 accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step + 1)
             if (step + 1) % loop.checkpoint_every == 0 and step + 1 < loop.max_steps:
-                save_checkpoint(accelerator, self.out_dir, step + 1, loop.keep_last, self.history, self._drafter_identity())
-        return self.history[-1] if self.history else {}
+                save_checkpoint(accelerator, self.out_dir, step + 1, loop.keep_last,
+                                {"history": self.history, "drafter": self._drafter_identity(),
+                                 "settings": run_settings(cfg), "schedule": self.schedule})
+        final = self.history[-1]
+        if "val_top1" not in final:  # resumed at train.max_steps: the loop above ran no step that validates
+            final.update(self.validate())
+        return final
+
+    def _stop_if_diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient would poison the weights: stop before the optimizer step, without a drafter.
+        The checkpoint of the step before, if any, holds the weights that diverged: it is removed, so resume=auto never
+        continues from them. (Under fp16 an infinite gradient is the loss scaler's to skip.)"""
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.accelerator.mixed_precision == "fp16"):
+            return
+        diverged = self.out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step - 1}"
+        removed = f" Removed {diverged}, whose weights diverged." if diverged.is_dir() else ""
+        if removed and self.accelerator.is_main_process:
+            prune_checkpoint(diverged)
+        raise UserError(
+            f"train: step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: training diverged, so it stopped "
+            f"without writing a drafter.{removed} Lower optim.lr (now {self.cfg.optim.lr:g}) or lengthen the warm-up "
+            "(optim.warmup_ratio), and start again in another out_dir."
+        )
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -335,15 +591,15 @@ class TrainRecipe:
         if len(self.dataset["validation"]) == 0:
             return {}
         self.module.eval()
-        weights = ObjectiveWeights(**{**self.weights.__dict__, "noise": 0.0})
+        objective = dataclasses.replace(self.objective, noise=0.0)
         agree = counted = 0
         batches = self._micro_batches("validation", self.cfg.train.batch_size, 0)
         global_batch = self.cfg.train.batch_size * self.accelerator.num_processes
         for _ in range(min(self.cfg.train.eval_batches, batches_per_epoch(len(self.dataset["validation"]), global_batch))):
             batch = next(batches)
-            target_output = self.target(batch["input_ids"], batch["attention_mask"])
+            target_output = self.target(batch["input_ids"], batch["attention_mask"], feature_layers=self.drafter.feature_layers)
             loss = self.drafter.training_loss(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                              target_output, weights)
+                                              target_output, objective)
             agree, counted = agree + loss.agree, counted + loss.counted
         agree = self.accelerator.reduce(agree, "sum")
         counted = self.accelerator.reduce(counted, "sum")
@@ -358,25 +614,33 @@ class TrainRecipe:
         accelerator.wait_for_everyone()
         final = self.out_dir / "drafter"
         if accelerator.is_main_process:
-            staging = self.out_dir / ".drafter.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            accelerator.unwrap_model(self.module).drafter.save_pretrained(staging, safe_serialization=True)
-            (staging / "resolved_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-            (staging / "summary.json").write_text(json.dumps({"final": final_metrics, "history": self.history}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-            print(f"train: step {final_metrics.get('step')}: loss {final_metrics.get('loss', float('nan')):.4f}, "
-                  f"validation top-1 {final_metrics.get('val_top1', float('nan')):.3f}\ntrain: wrote {final}")
+            with replace_folder(final) as staging:  # the previous drafter stays until the new one is complete
+                accelerator.unwrap_model(self.module).drafter.save_pretrained(staging, safe_serialization=True)
+                (staging / "resolved_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+                summary = {"final": final_metrics, "history": self.history, "settings": run_settings(self.cfg),
+                           "schedule": self.schedule}
+                (staging / "summary.json").write_text(json_text(summary, indent=1))
+            print(f"train: step {final_metrics.get('step')}: loss {_metric(final_metrics, 'loss', '.4f')}, "
+                  f"validation top-1 {_metric(final_metrics, 'val_top1', '.3f')}\ntrain: wrote {final}")
         accelerator.wait_for_everyone()  # no process tears the group down while the drafter is being written
         accelerator.end_training()
         return final
 
 
+def _metric(metrics: dict, key: str, spec: str) -> str:
+    value = metrics.get(key)
+    return "n/a" if value is None else format(value, spec)
+
+
 def train(cfg: DictConfig) -> Path:
+    """Train (or continue) the run in cfg.out_dir; returns its drafter folder."""
     recipe = TrainRecipe(cfg)
-    recipe.setup()
-    return recipe.save(recipe.train())
+    with recipe.held:
+        finished = recipe.open_out_dir()
+        if finished is not None:
+            return finished
+        recipe.setup()
+        return recipe.save(recipe.train())
 
 
 register_configs()

@@ -1,31 +1,24 @@
-"""Drafter models; importing this package registers their configs and models with transformers' Auto classes."""
+"""Drafter kinds, one module each (eagle1.py, eagle3.py, ...); `registry` is how the rest of specdistill finds them.
+Importing this package registers every kind with transformers' Auto classes and Hydra's ConfigStore."""
 
-from specdistill.distill.drafters.eagle import (
-    DraftLoss,
-    Eagle1Config,
-    Eagle1Drafter,
-    Eagle3Config,
-    Eagle3Drafter,
-    ObjectiveWeights,
-    build_eagle_drafter,
-    check_drafter_matches_target,
-    default_eagle3_layers,
-    draft_config_from_target,
-    select_draft_vocab,
-    trained_rows,
+from specdistill.distill.drafters.registry import (
+    DrafterKind,
+    discover_kinds,
+    drafter_kind,
+    kind_of_model_type,
+    load_drafting,
+    register_kind,
+    registered_kinds,
 )
 
+discover_kinds()
+
 __all__ = [
-    "DraftLoss",
-    "Eagle1Config",
-    "Eagle1Drafter",
-    "Eagle3Config",
-    "Eagle3Drafter",
-    "ObjectiveWeights",
-    "build_eagle_drafter",
-    "default_eagle3_layers",
-    "check_drafter_matches_target",
-    "draft_config_from_target",
-    "select_draft_vocab",
-    "trained_rows",
+    "DrafterKind",
+    "discover_kinds",
+    "drafter_kind",
+    "kind_of_model_type",
+    "load_drafting",
+    "register_kind",
+    "registered_kinds",
 ]

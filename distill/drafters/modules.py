@@ -87,7 +87,7 @@ class DraftAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Attention of x's queries. Without `earlier_steps`: causal self-attention (TTT step 0). With them (a list
         whose first entry holds step 0's keys and values, then steps 1..s−1): TTT step s as in the module doc.
-        Returns the output and this step's (keys, values) for the next steps. (Decoding runs eval/lean.py.)"""
+        Returns the output and this step's (keys, values) for the next steps. (Decoding runs distill/lean.py.)"""
         groups = self.num_heads // self.num_kv_heads
         q = apply_rotary(self._heads(self.q_proj(x), self.num_heads), cos, sin)
         k = apply_rotary(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)

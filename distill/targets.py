@@ -1,29 +1,61 @@
-"""Resolve and load the target named by a `TargetConfig`: the built-in toy target or a Hub name / local folder."""
+"""Resolve and load the target a `TargetConfig` names: a Hub name or local folder, or the built-in toy target.
+
+The toy is the target only while `target.name_or_path` is the toy's own name (`target.toy.name`): a user who sets
+`target.name_or_path` on top of the default `target=toy` gets their model, with none of the toy's values.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from specdistill.distill.errors import UserError
-from specdistill.data_prep.toy import ToyTargetConfig, ensure_toy_target
+from specdistill.distill.toy import ensure_toy_target
+
+log = logging.getLogger(__name__)
+_announced_targets: set[str] = set()  # each stage loads the tokenizer and the model: say which target once
+
+
+def uses_toy(target_cfg: Any) -> bool:
+    """Whether the target is the built-in toy: `target.toy` is set and `target.name_or_path` names that toy."""
+    return target_cfg.toy is not None and target_cfg.name_or_path == target_cfg.toy.name
+
+
+def _announce(line: str) -> None:
+    if line not in _announced_targets:
+        _announced_targets.add(line)
+        log.info(line)
 
 
 def resolve_target_path(target_cfg: Any, cache_dir: str) -> str:
-    """The folder or Hub name to load the target from; builds the toy target (once, cached) when `toy` is set."""
-    if target_cfg.toy is None:
+    """The folder or Hub name to load the target from; builds the toy target (once, cached) when it is the target."""
+    if not uses_toy(target_cfg):
+        unused_toy = " (the toy preset's settings do not apply to it)" if target_cfg.toy is not None else ""
+        revision = f" at revision {target_cfg.revision}" if target_cfg.revision else ""
+        _announce(f"target: {target_cfg.name_or_path}{revision}, from target.name_or_path{unused_toy}")
         return target_cfg.name_or_path
     toy_cfg = target_cfg.toy
     if isinstance(toy_cfg, DictConfig):
         toy_cfg = OmegaConf.to_object(toy_cfg)
-    if not isinstance(toy_cfg, ToyTargetConfig):
-        toy_cfg = ToyTargetConfig(**dict(toy_cfg))
-    return str(ensure_toy_target(toy_cfg, Path(cache_dir).expanduser()))
+    path = str(ensure_toy_target(toy_cfg, Path(cache_dir).expanduser()))
+    _announce(f"target: the built-in toy target '{target_cfg.name_or_path}', built in {path}")
+    return path
+
+
+def eagle3_layers(target_cfg: Any) -> Optional[list[int]]:
+    """The target layers EAGLE-3 taps as configured: `target.eagle3_layers`, else the toy's own when the toy is the
+    target, else None (the EAGLE-3 drafter then takes its reference default [2, L/2, L−3])."""
+    if target_cfg.eagle3_layers is not None:
+        return list(target_cfg.eagle3_layers)
+    if uses_toy(target_cfg):
+        return list(target_cfg.toy.eagle3_layers)
+    return None
 
 
 def _load_error(what: str, path: str, error: Exception) -> UserError:
@@ -58,16 +90,27 @@ def resolve_dtype(dtype_name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype_name)
 
 
+def _dtype_name(dtype: Any) -> str:
+    return dtype.name if hasattr(dtype, "name") else str(dtype)
+
+
+def target_dtype(target_cfg: Any, device: torch.device) -> torch.dtype:
+    """The dtype the target loads in on `device`: `target.dtype`, where `auto` is the toy's own dtype for the toy."""
+    dtype_name = _dtype_name(target_cfg.dtype)
+    if dtype_name == "auto" and uses_toy(target_cfg):
+        dtype_name = _dtype_name(target_cfg.toy.dtype)
+    return resolve_dtype(dtype_name, device)
+
+
 def load_target_model(target_cfg: Any, cache_dir: str, device: torch.device | str = "cpu") -> Any:
     """The target as a causal LM in eval mode with gradients off, on `device`, in the configured dtype."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     path = resolve_target_path(target_cfg, cache_dir)
-    dtype_name = target_cfg.dtype.name if hasattr(target_cfg.dtype, "name") else str(target_cfg.dtype)
     kwargs: dict[str, Any] = {
         "revision": target_cfg.revision,
-        "dtype": resolve_dtype(dtype_name, device),
+        "dtype": target_dtype(target_cfg, device),
         "trust_remote_code": target_cfg.trust_remote_code,
     }
     if target_cfg.attn_implementation:

@@ -29,7 +29,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -379,9 +379,14 @@ def _python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
+def build_settings(cfg: ToyTargetConfig) -> dict:
+    """The ToyTargetConfig fields of cfg: a subclass may add values that only matter when loading the built target."""
+    return {setting.name: getattr(cfg, setting.name) for setting in fields(ToyTargetConfig)}
+
+
 def toy_target_cache_key(cfg: ToyTargetConfig) -> str:
-    """Short hex key of the config, BUILD_VERSION and the Python version (whose stdlib is the corpus)."""
-    payload = {"config": asdict(cfg), "build_version": BUILD_VERSION, "python": _python_version()}
+    """Short hex key of the build settings, BUILD_VERSION and the Python version (whose stdlib is the corpus)."""
+    payload = {"config": build_settings(cfg), "build_version": BUILD_VERSION, "python": _python_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -410,7 +415,7 @@ def build_toy_target(cfg: ToyTargetConfig, out_dir: str | Path) -> dict:
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "tokens_trained": cfg.steps * cfg.batch_size * cfg.seq_len,
         "steps": cfg.steps,
-        "config": asdict(cfg),
+        "config": build_settings(cfg),
         "python": _python_version(),
         "key": toy_target_cache_key(cfg),
     }

@@ -22,7 +22,8 @@ weights change (`lean_target` builds a frozen target's once).
 
 Targets and drafter LMs: Llama-family decoder-only models (model_type llama, mistral without a sliding window,
 qwen2, qwen3) with a static RoPE; `lean_causal_lm` returns None for anything else, which then decodes through
-transformers (`FrozenTarget`). EAGLE-1 and EAGLE-3 heads always decode here.
+transformers (`FrozenTarget`). Feature-level drafter heads (distill/drafters/) build their decoding forward from
+these same pieces.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from specdistill.distill.drafters.eagle import Eagle3Drafter, EagleDrafter
-from specdistill.distill.drafters.modules import rope_inv_freq
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget, TargetOutput
 
@@ -66,7 +65,7 @@ class Linear:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def _fused(*linears: Any) -> Linear:
+def fused_linear(*linears: Any) -> Linear:
     """One Linear computing several nn.Linear's outputs side by side."""
     biases = [linear.bias for linear in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
@@ -129,10 +128,10 @@ class LeanLayer:
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         return cls(
             input_norm=input_norm.weight.detach() if input_norm is not None else None,
-            qkv=_fused(attention.q_proj, attention.k_proj, attention.v_proj),
+            qkv=fused_linear(attention.q_proj, attention.k_proj, attention.v_proj),
             o=Linear(attention.o_proj.weight, attention.o_proj.bias),
             post_norm=layer.post_attention_layernorm.weight.detach(),
-            gate_up=_fused(mlp.gate_proj, mlp.up_proj),
+            gate_up=fused_linear(mlp.gate_proj, mlp.up_proj),
             down=Linear(mlp.down_proj.weight, mlp.down_proj.bias),
             num_heads=config.num_attention_heads,
             num_kv_heads=config.num_key_value_heads,
@@ -173,7 +172,7 @@ class LeanLayer:
         return self.o(out.transpose(1, 2).reshape(batch, rows, -1))
 
 
-def _position_bound(cache: KVCache, input_ids: torch.Tensor) -> int:
+def position_bound(cache: KVCache, input_ids: torch.Tensor) -> int:
     """A new entry's position never exceeds the number of entries before it (chain, tree levels, extends)."""
     return cache.length + input_ids.shape[1]
 
@@ -223,7 +222,7 @@ class LeanCausalLM:
     ) -> TargetOutput:
         """Logits (all rows, or the last one) and the features at `feature_layers` (FrozenTarget's ids)."""
         hidden = F.embedding(input_ids, self.embed)
-        rotary = self.rotary(position_ids, _position_bound(cache, input_ids))
+        rotary = self.rotary(position_ids, position_bound(cache, input_ids))
         features = {}
         for index, layer in enumerate(self.layers):
             if index in feature_layers:
@@ -247,64 +246,3 @@ def lean_target(target: FrozenTarget) -> LeanCausalLM | None:
     if "_lean" not in target.__dict__:
         target.__dict__["_lean"] = lean_causal_lm(target.model)
     return target.__dict__["_lean"]
-
-
-class LeanEagle:
-    """An EAGLE-1 or EAGLE-3 head for drafting. At position i it reads (t_{i+1}, h_i): h_i is `decode_input` of the
-    target's features where the target has run, and the head's own output hidden state of position i−1 where it
-    drafts. EAGLE-1: fc([embed(t); h]) → layers → f̂, logits = target LM head(f̂), and f̂ is fed back. EAGLE-3: h is the
-    fused feature fc(layers ‖ …); the first layer's attention reads rms(embed(t)) ‖ rms(h); logits come from its own
-    LM head over the draft vocabulary, mapped into the target's (−inf outside it)."""
-
-    def __init__(self, drafter: EagleDrafter, target_lm_head: Linear | None = None):
-        """`target_lm_head`: the target's lean LM head, for EAGLE-1 to share (built from the drafter's otherwise)."""
-        config = drafter.config
-        self.eagle3 = isinstance(drafter, Eagle3Drafter)
-        head_dim = config.hidden_size // config.num_attention_heads
-        with torch.no_grad():
-            self.embed = drafter.target_embed.weight.detach()
-            self.fc = Linear(drafter.fc.weight, drafter.fc.bias)
-            self.layers = [LeanLayer.from_layer(layer, config, head_dim) for layer in drafter.layers]
-            if self.eagle3:
-                first = drafter.layers[0]
-                self.first_norms = (first.input_layernorm.weight.detach(), first.hidden_norm.weight.detach())
-                self.norm = drafter.norm.weight.detach()
-                self.lm_head = Linear(drafter.lm_head.weight)
-                draft_to_target = drafter.draft_to_target
-                identity = len(draft_to_target) == config.vocab_size  # the draft vocabulary is the whole vocabulary
-                self.draft_to_target = None if identity else draft_to_target
-            else:
-                lm_head = drafter.target_lm_head
-                self.lm_head = target_lm_head or Linear(lm_head.weight, lm_head.bias)
-        self.vocab_size, self.eps = config.vocab_size, config.rms_norm_eps
-        self.rotary = RotaryTable(rope_inv_freq(head_dim, config.rope_theta, self.embed.device), 1.0, self.embed.dtype)
-
-    def decode_input(self, features: dict[int, torch.Tensor], feature_layers: tuple[int, ...]) -> torch.Tensor:
-        if self.eagle3:
-            return self.fc(torch.cat([features[layer_id] for layer_id in feature_layers], dim=-1))
-        return features[FINAL_NORMED]
-
-    def __call__(
-        self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One drafting call → (output hidden states, fed back at the next position; logits over the target's
-        vocabulary, of every row or the last). `mask` as in `LeanLayer.attend`."""
-        embeds = F.embedding(input_ids, self.embed).to(hidden.dtype)
-        rotary = self.rotary(position_ids, _position_bound(cache, input_ids))
-        attention_input = None
-        if self.eagle3:
-            input_norm, hidden_norm = self.first_norms
-            attention_input = torch.cat([rms_norm(embeds, input_norm, self.eps), rms_norm(hidden, hidden_norm, self.eps)], -1)
-        else:
-            hidden = self.fc(torch.cat([embeds, hidden], dim=-1))
-        for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, rotary, cache.layer(index), mask, attention_input if index == 0 else None)
-        rows = hidden[:, -1:] if last_logits_only else hidden
-        if not self.eagle3:
-            return hidden, self.lm_head(rows)
-        draft_logits = self.lm_head(rms_norm(rows, self.norm, self.eps))
-        if self.draft_to_target is None:
-            return hidden, draft_logits
-        logits = draft_logits.new_full((*draft_logits.shape[:-1], self.vocab_size), float("-inf"))
-        logits[..., self.draft_to_target] = draft_logits
-        return hidden, logits

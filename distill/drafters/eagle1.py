@@ -1,0 +1,139 @@
+"""EAGLE-1 (`drafter=eagle1`): fc([embed(t_{i+1}); f_i]) → decoder layers → f̂_{i+1}, read out by the target's frozen
+LM head. Loss: w_feature · SmoothL1(f̂, f) + w_token · soft-CE against the target, input features noised by U(−a, a)
+(distill/drafters/feature.py states the alignment). It reads the target's final normed hidden state.
+
+    specdistill train drafter=eagle1 data_dir=...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from specdistill.distill import objectives
+from specdistill.distill.drafters.feature import (
+    BuildContext,
+    DraftLoss,
+    FeatureDrafter,
+    FeatureDrafterConfig,
+    FeatureDrafterOptions,
+    LeanFeatureHead,
+    draft_config_from_target,
+    rows,
+    sequence_positions,
+    shift_left,
+    trained_rows,
+)
+from specdistill.distill.drafters.modules import DraftDecoderLayer, causal_bias
+from specdistill.distill.drafters.registry import register_kind
+from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.lean import Linear, lean_target
+from specdistill.distill.objectives import ObjectiveConfig
+from specdistill.distill.target import FINAL_NORMED, TargetOutput
+
+
+class Eagle1Config(FeatureDrafterConfig):
+    model_type = "specdistill_eagle1"
+
+
+@dataclass
+class Eagle1Options(FeatureDrafterOptions):
+    kind: str = "eagle1"
+
+
+class Eagle1Drafter(FeatureDrafter):
+    config_class = Eagle1Config
+    Options = Eagle1Options
+
+    def __init__(self, config: Eagle1Config):
+        super().__init__(config)
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=True)
+        self.layers = nn.ModuleList(
+            [DraftDecoderLayer(config, input_norm=index > 0) for index in range(config.num_hidden_layers)]
+        )
+        self.post_init()
+
+    @classmethod
+    def build(cls, options: Eagle1Options, context: BuildContext) -> "Eagle1Drafter":
+        target = context.target
+        layers = list(options.feature_layers or [FINAL_NORMED])
+        config = draft_config_from_target(Eagle1Config, target.config, layers, num_hidden_layers=options.num_layers)
+        drafter = cls(config)
+        drafter.record_target(context)
+        drafter.attach_target(target)
+        return drafter
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Predicted next features: input_ids[i] is t_{i+1}, features[i] is f_i."""
+        bias = causal_bias(attention_mask, features.dtype)
+        return self.training_step(input_ids, features, sequence_positions(input_ids), bias)[0]
+
+    def hidden_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The per-position input h_i the layers read: the tapped feature itself."""
+        return features[self.feature_layers[0]]
+
+    def training_step(self, input_ids, hidden, position_ids, bias, with_logits: bool = False):
+        """The training forward over (t_{i+1}, h_i) pairs → (predicted features, logits over the target's vocabulary
+        when `with_logits`); `bias` is an additive [batch, 1, rows, rows] attention bias."""
+        embeds = self.target_embed(input_ids).to(hidden.dtype)
+        hidden = self.fc(torch.cat([embeds, hidden], dim=-1))
+        cos, sin = self._rotary(position_ids, hidden.dtype)
+        for layer in self.layers:
+            hidden, _ = layer(hidden, cos, sin, bias)
+        return hidden, (self.target_lm_head(hidden) if with_logits else None)
+
+    def training_loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        target: TargetOutput,
+        objective: ObjectiveConfig,
+        generator: torch.Generator | None = None,
+    ) -> DraftLoss:
+        features = target.features[self.feature_layers[0]]
+        noisy = objectives.uniform_noise(features, objective.noise, generator)
+        predicted = self(shift_left(input_ids, 1), noisy, attention_mask)
+        # position i predicts f_{i+1} and the target's distribution there; only trained rows reach the LM head
+        selected = trained_rows(loss_mask)
+        predicted = rows(predicted, 0, selected)
+        target_features, target_logits = rows(features, 1, selected), rows(target.logits, 1, selected)
+        draft_logits = self.target_lm_head(predicted)
+        per_row = objective.feature_weight * objectives.feature_regression(predicted, target_features)
+        per_row = per_row + objective.token_weight * objectives.soft_cross_entropy(draft_logits, target_logits)
+        count = selected.sum().to(predicted.dtype)
+        return DraftLoss(
+            loss_sum=per_row.sum(),
+            num_tokens=count,
+            agree=objectives.top1_agreement(draft_logits, target_logits).sum().detach()[None],
+            counted=count.detach()[None],
+        )
+
+    def head(self) -> "Eagle1Head":
+        return Eagle1Head(self)
+
+
+class Eagle1Head(LeanFeatureHead):
+    """EAGLE-1's decoding forward: fc([embed(t); h]) → layers → f̂ (fed back), logits = the target's LM head(f̂).
+    The target's lean LM head is shared when the target decodes through distill/lean.py (one packed copy)."""
+
+    def __init__(self, drafter: Eagle1Drafter):
+        super().__init__(drafter)
+        lean = lean_target(drafter.attached_target)
+        lm_head = drafter.target_lm_head
+        self.lm_head = lean.lm_head if lean is not None else Linear(lm_head.weight.detach(), lm_head.bias)
+
+    def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        return features[self.feature_layers[0]]
+
+    def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False):
+        embeds, rotary = self.embed_and_rotary(input_ids, hidden, position_ids, cache)
+        hidden = self.fc(torch.cat([embeds, hidden], dim=-1))
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, rotary, cache.layer(index), mask)
+        return hidden, self.lm_head(hidden[:, -1:] if last_logits_only else hidden)
+
+
+register_kind("eagle1", Eagle1Drafter)

@@ -1,0 +1,235 @@
+"""EAGLE-3 (`drafter=eagle3`): g_i = fc([h_low; h_mid; h_high]) of three tapped target layers; the first layer's
+attention reads [norm(embed(t_{i+1})) ‖ norm(g_i)]; a final norm and its own LM head over a reduced draft vocabulary
+(vLLM's d2t/t2d layout). Training-time test: at unrolled step s the token input shifts left by s, the drafter's own
+output of step s−1 replaces g, RoPE positions are i + s, targets shift by s, and the loss of step s (soft-CE against
+the target restricted to the draft vocabulary, where the target's argmax lies inside it) is weighted decay**s.
+
+    specdistill train drafter=eagle3 data_dir=...            # taps: drafter.feature_layers, else target.eagle3_layers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from specdistill.distill import objectives
+from specdistill.distill.drafters.feature import (
+    BuildContext,
+    DraftLoss,
+    FeatureDrafter,
+    FeatureDrafterConfig,
+    FeatureDrafterOptions,
+    LeanFeatureHead,
+    draft_config_from_target,
+    rows,
+    sequence_positions,
+    shift_left,
+    trained_rows,
+)
+from specdistill.distill.drafters.modules import DraftDecoderLayer, RMSNorm, causal_bias
+from specdistill.distill.drafters.registry import register_kind
+from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.lean import Linear, rms_norm
+from specdistill.distill.objectives import ObjectiveConfig
+from specdistill.distill.target import TargetOutput
+
+
+class Eagle3Config(FeatureDrafterConfig):
+    model_type = "specdistill_eagle3"
+
+
+@dataclass
+class Eagle3Options(FeatureDrafterOptions):
+    kind: str = "eagle3"
+    draft_vocab_size: Optional[int] = 32000  # the most frequent masked tokens of the training data; None: all
+
+
+def default_eagle3_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's reference taps (low, middle, high): inputs of layers 2, L/2 and L−3."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def select_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int, vocab_size: int) -> torch.Tensor:
+    """The `draft_vocab_size` most frequent target ids under the loss mask (ties: lower id first), sorted."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    usable = min(len(token_counts), vocab_size)
+    counts[:usable] = token_counts[:usable]
+    order = torch.sort(counts, descending=True, stable=True).indices  # stable: ties keep the lower id first
+    return order[:draft_vocab_size].sort().values
+
+
+class Eagle3Drafter(FeatureDrafter):
+    config_class = Eagle3Config
+    Options = Eagle3Options
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__(config)
+        self.fc = nn.Linear(len(config.feature_layers) * config.target_hidden_size, config.hidden_size, bias=False)
+        self.layers = nn.ModuleList(
+            [DraftDecoderLayer(config, reads_embeddings=index == 0) for index in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        # target_id = draft_id + d2t[draft_id]; t2d marks target ids inside the draft vocabulary (vLLM's layout)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+        self.post_init()
+
+    @classmethod
+    def build(cls, options: Eagle3Options, context: BuildContext) -> "Eagle3Drafter":
+        """Taps: `options.feature_layers`, else the target config's `eagle3_layers`, else [2, L/2, L−3]. The draft
+        vocabulary is the most frequent masked tokens of `context.token_counts`, the LM head starting from the
+        target's rows for them."""
+        target = context.target
+        vocab_size = target.config.vocab_size
+        layers = list(options.feature_layers or context.eagle3_layers or default_eagle3_layers(target.num_layers))
+        draft_vocab_size = min(options.draft_vocab_size or vocab_size, vocab_size)
+        config = draft_config_from_target(Eagle3Config, target.config, layers, num_hidden_layers=options.num_layers,
+                                          draft_vocab_size=draft_vocab_size)
+        drafter = cls(config)
+        counts = context.token_counts if context.token_counts is not None else torch.zeros(vocab_size, dtype=torch.long)
+        drafter.set_draft_vocab(select_draft_vocab(counts, draft_vocab_size, vocab_size), target.lm_head)
+        drafter.record_target(context)
+        drafter.attach_target(target)
+        return drafter
+
+    def set_draft_vocab(self, draft_ids: torch.Tensor, target_lm_head: nn.Linear | None = None) -> None:
+        """Use the (sorted) target ids `draft_ids` as the draft vocabulary; optionally start the LM head from the
+        target's rows for those ids."""
+        draft_ids = draft_ids.sort().values.to(self.d2t.device)
+        self.d2t.copy_(draft_ids - torch.arange(len(draft_ids), device=draft_ids.device))
+        self.t2d.zero_()
+        self.t2d[draft_ids] = True
+        if target_lm_head is not None:
+            with torch.no_grad():
+                self.lm_head.weight.copy_(target_lm_head.weight[draft_ids.to(target_lm_head.weight.device)])
+
+    @property
+    def draft_to_target(self) -> torch.Tensor:
+        return torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
+
+    def fuse(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.fc(torch.cat([features[layer_id] for layer_id in self.config.feature_layers], dim=-1))
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        bias: torch.Tensor | None,
+        caches: list[list] | None = None,
+    ) -> torch.Tensor:
+        """One training-time-test step → the pre-norm output feature (`logits` reads it out). `caches` (one list
+        per layer) holds the keys/values of earlier steps and receives this step's."""
+        embeds = self.target_embed(input_ids).to(hidden.dtype)
+        cos, sin = self._rotary(position_ids, hidden.dtype)
+        for index, layer in enumerate(self.layers):
+            earlier = caches[index] if caches is not None else None
+            hidden, keys_values = layer(hidden, cos, sin, bias, embeds=embeds, earlier_steps=earlier or None)
+            if caches is not None:
+                caches[index].append(keys_values)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of output features."""
+        return self.lm_head(self.norm(hidden))
+
+    def hidden_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The per-position input h_i the layers read: the fused tapped features."""
+        return self.fuse(features)
+
+    def training_step(self, input_ids, hidden, position_ids, bias, with_logits: bool = False):
+        """One training-time-test step → (output features, logits over the target's vocabulary, −inf outside the
+        draft vocabulary, when `with_logits`)."""
+        hidden = self.step(input_ids, hidden, position_ids, bias)
+        if not with_logits:
+            return hidden, None
+        draft_logits = self.logits(hidden)
+        logits = draft_logits.new_full((*draft_logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        logits[..., self.draft_to_target] = draft_logits
+        return hidden, logits
+
+    def forward(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor], attention_mask: torch.Tensor):
+        """Step-0 draft-vocabulary logits: input_ids[i] is t_{i+1}, features hold the tapped layers at i."""
+        hidden = self.fuse(features)
+        position_ids = sequence_positions(input_ids)
+        return self.logits(self.step(input_ids, hidden, position_ids, causal_bias(attention_mask, hidden.dtype)))
+
+    def training_loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        target: TargetOutput,
+        objective: ObjectiveConfig,
+        generator: torch.Generator | None = None,
+    ) -> DraftLoss:
+        taps = {layer_id: objectives.uniform_noise(f, objective.noise, generator) for layer_id, f in target.features.items()}
+        hidden = self.fuse(taps)
+        bias = causal_bias(attention_mask, hidden.dtype)
+        positions = sequence_positions(input_ids)
+        caches: list[list] = [[] for _ in self.layers]
+        draft_to_target = self.draft_to_target
+        # the target's side once for every step: its argmax, whether that lies in the draft vocabulary (positions
+        # whose best token the drafter cannot propose are not trained on) and its distribution over that vocabulary
+        target_argmax = target.logits.argmax(dim=-1)
+        restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target.logits, draft_to_target, target_argmax)
+        target_probs = restricted.float().softmax(dim=-1)
+        loss_sum, agree, counted = hidden.new_zeros(()), [], []
+        for step, decay in enumerate(objectives.decay_weights(objective.ttt_steps, objective.ttt_decay)):
+            hidden = self.step(shift_left(input_ids, 1 + step), hidden, positions + step, bias, caches)
+            # position i predicts token i + 2 + step from the target's logits at i + 1 + step; trained rows only
+            selected = trained_rows(loss_mask, step)
+            draft_logits = self.logits(rows(hidden, 0, selected))
+            in_vocab = rows(argmax_in_vocab, 1 + step, selected).to(draft_logits.dtype)
+            cross_entropy = objectives.cross_entropy_with_probs(draft_logits, rows(target_probs, 1 + step, selected))
+            loss_sum = loss_sum + decay * (cross_entropy * in_vocab).sum()
+            # agreement in the target's vocabulary, over every masked position (an honest acceptance proxy)
+            draft_tokens = draft_to_target[draft_logits.argmax(dim=-1)]
+            agree.append((draft_tokens == rows(target_argmax, 1 + step, selected)).sum().to(hidden.dtype).detach())
+            counted.append(selected.sum().to(hidden.dtype))
+            if step == 0:
+                num_tokens = counted[0]
+        return DraftLoss(loss_sum, num_tokens, torch.stack(agree), torch.stack(counted))
+
+    def head(self) -> "Eagle3Head":
+        return Eagle3Head(self)
+
+
+class Eagle3Head(LeanFeatureHead):
+    """EAGLE-3's decoding forward: h is the fused feature fc(layers ‖ …); the first layer's attention reads
+    rms(embed(t)) ‖ rms(h); logits come from its own LM head over the draft vocabulary, mapped into the target's
+    (−inf outside it)."""
+
+    def __init__(self, drafter: Eagle3Drafter):
+        super().__init__(drafter)
+        with torch.no_grad():
+            first = drafter.layers[0]
+            self.first_norms = (first.input_layernorm.weight.detach(), first.hidden_norm.weight.detach())
+            self.norm = drafter.norm.weight.detach()
+            self.lm_head = Linear(drafter.lm_head.weight)
+            draft_to_target = drafter.draft_to_target
+            identity = len(draft_to_target) == self.vocab_size  # the draft vocabulary is the whole vocabulary
+            self.draft_to_target = None if identity else draft_to_target
+
+    def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.fc(torch.cat([features[layer_id] for layer_id in self.feature_layers], dim=-1))
+
+    def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False):
+        embeds, rotary = self.embed_and_rotary(input_ids, hidden, position_ids, cache)
+        input_norm, hidden_norm = self.first_norms
+        attention_input = torch.cat([rms_norm(embeds, input_norm, self.eps), rms_norm(hidden, hidden_norm, self.eps)], -1)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, rotary, cache.layer(index), mask, attention_input if index == 0 else None)
+        draft_logits = self.lm_head(rms_norm(hidden[:, -1:] if last_logits_only else hidden, self.norm, self.eps))
+        if self.draft_to_target is None:
+            return hidden, draft_logits
+        logits = draft_logits.new_full((*draft_logits.shape[:-1], self.vocab_size), float("-inf"))
+        logits[..., self.draft_to_target] = draft_logits
+        return hidden, logits
+
+
+register_kind("eagle3", Eagle3Drafter)

@@ -1,0 +1,284 @@
+"""What every feature-level drafter shares: heads that read the frozen target's features and predict its next
+features/tokens (EAGLE-1, EAGLE-3, and the kinds built on them). Each kind is one module (eagle1.py, eagle3.py)
+with its config, its training loss and its decoding forward; this module holds their common base.
+
+Alignment (EAGLE): tokens t_0..t_{T−1}, target features f_i (position i's hidden state, which predicts t_{i+1}) and
+target logits L_i. The drafter at position i reads (t_{i+1}, f_i), outputs the feature of position i+1 and predicts
+t_{i+2}; its targets are f_{i+1} and softmax(L_{i+1}); it is trained where loss_mask[i+2] = 1.
+The target's embedding (and, where a kind uses it, its LM head) are shared frozen via `attach_target`, never saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+import torch.nn.functional as F
+
+from specdistill.distill.drafters.modules import RMSNorm, rope_inv_freq, rotary_cos_sin
+from specdistill.distill.drafting import FeatureHead
+from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, position_bound
+from specdistill.distill.errors import UserError
+from specdistill.distill.target import FINAL_NORMED, FrozenTarget, check_feature_layers
+
+
+class FeatureDrafterConfig(PretrainedConfig):
+    """Shape of the draft layers (copied from the target's) plus what the drafter needs of its target.
+    (transformers v5 configs are dataclasses: fields are declared, not set in `__init__`.)"""
+
+    hidden_size: int = 4096
+    num_hidden_layers: int = 1
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    intermediate_size: int = 14336
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    vocab_size: int = 32000
+    draft_vocab_size: int | None = None  # EAGLE-3; None: the full vocabulary
+    feature_layers: list[int] | None = None  # target layer ids the drafter reads (-1: final normed state)
+    target_hidden_size: int | None = None
+    target_num_layers: int | None = None
+    target_name_or_path: str | None = None
+    target_revision: str | None = None
+    target_fingerprint: str | None = None  # `target_fingerprint` of the target it was trained on
+
+    def __post_init__(self, **kwargs: Any):
+        self.draft_vocab_size = self.draft_vocab_size or self.vocab_size
+        self.feature_layers = list(self.feature_layers or [FINAL_NORMED])
+        self.target_hidden_size = self.target_hidden_size or self.hidden_size
+        super().__post_init__(**kwargs)
+
+
+@dataclass
+class DraftLoss:
+    loss_sum: torch.Tensor  # Σ over masked positions (and decayed steps); divide by the batch's num_tokens
+    num_tokens: torch.Tensor  # masked positions of step 0
+    agree: torch.Tensor  # [ttt_steps] positions where the drafter's argmax equals the target's
+    counted: torch.Tensor  # [ttt_steps] positions counted for agreement
+
+
+def shift_left(x: torch.Tensor, shift: int, fill: float | int = 0) -> torch.Tensor:
+    """x moved `shift` places left along the sequence dimension (dim 1), padded at the end with `fill`."""
+    if shift == 0:
+        return x
+    padding = torch.full_like(x[:, :shift], fill)
+    return torch.cat([x[:, shift:], padding], dim=1)
+
+
+def trained_rows(loss_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
+    """Where the drafter is trained at unrolled step `step`: position i predicts token i + 2 + step (module doc), so
+    it is trained when that token is under the loss mask → a boolean [batch, T − 2 − step] selector of the positions
+    that have such a token. The LM head and the losses run on the selected rows only."""
+    return loss_mask[:, 2 + step :].bool()
+
+
+def rows(x: torch.Tensor, offset: int, selected: torch.Tensor) -> torch.Tensor:
+    """The rows of x at positions i + offset for the positions i that `selected` marks → [count, ...]."""
+    return x[:, offset : offset + selected.shape[1]][selected]
+
+
+def sequence_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids 0..T−1 for every row of a right-padded batch."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+
+
+def draft_config_from_target(
+    config_class: type[FeatureDrafterConfig], target_config: Any, feature_layers: Sequence[int], **overrides: Any
+) -> FeatureDrafterConfig:
+    """A drafter config whose layer shape copies the target's."""
+    rope_theta = getattr(target_config, "rope_theta", None)
+    if rope_theta is None:
+        rope_theta = (getattr(target_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    values = dict(
+        hidden_size=target_config.hidden_size,
+        num_attention_heads=target_config.num_attention_heads,
+        num_key_value_heads=getattr(target_config, "num_key_value_heads", target_config.num_attention_heads),
+        intermediate_size=target_config.intermediate_size,
+        rms_norm_eps=target_config.rms_norm_eps,
+        rope_theta=rope_theta,
+        max_position_embeddings=target_config.max_position_embeddings,
+        vocab_size=target_config.vocab_size,
+        feature_layers=list(feature_layers),
+        target_hidden_size=target_config.hidden_size,
+        target_num_layers=target_config.num_hidden_layers,
+        target_name_or_path=getattr(target_config, "_name_or_path", None),
+    )
+    values.update(overrides)
+    return config_class(**values)
+
+
+def check_drafter_matches_target(drafter_config: FeatureDrafterConfig, target: FrozenTarget, where: str) -> None:
+    """A drafter trained for one target cannot serve another: compare the shapes it depends on, then the target's
+    weights (`target_fingerprint`), which also tells apart same-shaped targets."""
+    target_config = target.config
+    checks = [
+        ("vocab size", drafter_config.vocab_size, target_config.vocab_size),
+        ("hidden size", drafter_config.target_hidden_size, target_config.hidden_size),
+        ("number of layers", drafter_config.target_num_layers, target_config.num_hidden_layers),
+    ]
+    for name, drafter_value, target_value in checks:
+        if drafter_value is not None and drafter_value != target_value:
+            raise UserError(
+                f"{where}: the drafter was built for a target with {name} {drafter_value} "
+                f"({drafter_config.target_name_or_path}), but this target has {target_value}. "
+                "Use the target the drafter was trained for, or train a new drafter."
+            )
+    recorded = drafter_config.target_fingerprint
+    if recorded is not None and recorded != target_fingerprint(target):
+        raise UserError(
+            f"{where}: the drafter was trained on another target of the same shape "
+            f"({drafter_config.target_name_or_path}, weights fingerprint {recorded}; this target's is "
+            f"{target_fingerprint(target)}). Use the target it was trained for (target.name_or_path, target.revision), "
+            "or train a new drafter."
+        )
+
+
+def target_fingerprint(target: FrozenTarget) -> str:
+    """A hash of a sample of the target's embedding and LM-head rows, rounded to bfloat16 so that the same weights
+    loaded in float32 or bfloat16 agree: a drafter records it and refuses a different target of the same shape."""
+    digest = hashlib.sha256()
+    for weight in (target.embed_tokens.weight, target.lm_head.weight):
+        stride = max(1, weight.shape[0] // 64)
+        sample = weight.detach()[::stride, :256].to(device="cpu", dtype=torch.bfloat16).contiguous()
+        digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class BuildContext:
+    """What building a fresh drafter may use besides its options: the frozen target and facts about it."""
+
+    target: FrozenTarget
+    token_counts: Optional[torch.Tensor] = None  # masked-token frequencies of the training data (prep's token_counts)
+    eagle3_layers: Optional[list[int]] = None  # the target config's EAGLE-3 taps (target.eagle3_layers), if set
+    target_name_or_path: Optional[str] = None
+    target_revision: Optional[str] = None
+
+
+class FeatureDrafter(PreTrainedModel):
+    """Base of the feature-level kinds. A kind subclass provides (the drafter-unit protocol that train/, eval/ and
+    export use through distill.drafters.registry):
+
+        Options                          dataclass: the Hydra schema of conf/drafter/<kind>.yaml
+        build(options, context)          a fresh drafter shaped after the target (classmethod)
+        training_loss(...) → DraftLoss   its training loss
+        hidden_input, training_step      its training forward, one step (what the parity test compares)
+        head() → FeatureHead             its decoding forward (distill.drafting), on distill/lean.py's fast ops
+    """
+
+    config_class = FeatureDrafterConfig
+    base_model_prefix = "drafter"
+    _no_split_modules = ["DraftDecoderLayer"]
+    Options: type
+
+    @classmethod
+    def build(cls, options: Any, context: BuildContext) -> "FeatureDrafter":
+        raise NotImplementedError
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def record_target(self, context: BuildContext) -> None:
+        """Write what identifies the target into the config (saved with the drafter, checked when it is loaded)."""
+        self.config.target_name_or_path = context.target_name_or_path or self.config.target_name_or_path
+        self.config.target_revision = context.target_revision
+        self.config.target_fingerprint = target_fingerprint(context.target)
+
+    def attach_target(self, target: FrozenTarget) -> None:
+        """Share the target's frozen embedding and LM head (held outside the module tree, so never saved)."""
+        self.__dict__["_target_parts"] = (target.embed_tokens, target.lm_head, target)
+
+    def _target_part(self, index: int) -> Any:
+        if "_target_parts" not in self.__dict__:
+            raise RuntimeError("call attach_target(target) before using the drafter")
+        return self.__dict__["_target_parts"][index]
+
+    @property
+    def target_embed(self) -> nn.Embedding:
+        return self._target_part(0)
+
+    @property
+    def target_lm_head(self) -> nn.Linear:
+        return self._target_part(1)
+
+    @property
+    def attached_target(self) -> FrozenTarget:
+        return self._target_part(2)
+
+    def check_target(self, target: FrozenTarget, where: str) -> None:
+        """One clear message when this drafter cannot serve `target` (shapes, tapped layers, fingerprint)."""
+        check_drafter_matches_target(self.config, target, where)
+        check_feature_layers(self.feature_layers, target.num_layers, f"{where}: feature_layers")
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The target layer ids this drafter reads (FrozenTarget's ids)."""
+        return tuple(self.config.feature_layers)
+
+    def trained_rows(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Positions the loss trains on (the recipe's per-token normaliser counts them before the forward)."""
+        return trained_rows(loss_mask)
+
+    def identity(self) -> dict:
+        """The config fields a checkpoint must share with this drafter to be resumed into it."""
+        keys = ("model_type", "feature_layers", "num_hidden_layers", "hidden_size", "draft_vocab_size", "vocab_size",
+                "target_hidden_size", "target_num_layers", "target_name_or_path", "target_fingerprint")
+        return {key: getattr(self.config, key, None) for key in keys}
+
+    def drafting(self, device: torch.device | str) -> Any:
+        """The drafting interface the evaluator drives (after `attach_target`)."""
+        from specdistill.distill.drafting import FeatureDrafting
+
+        return FeatureDrafting(self.head(), device)
+
+    def head(self) -> Any:
+        raise NotImplementedError
+
+    def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        return rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, dtype)
+
+
+@dataclass
+class FeatureDrafterOptions:
+    """Options every feature-level kind shares (conf/drafter/<kind>.yaml)."""
+
+    kind: str = "?"  # the registered kind name, set by each kind's yaml
+    num_layers: int = 1  # decoder layers in the drafter
+    # target layer ids read (input of layer i; -1: the final normed state); None: the kind's default
+    feature_layers: Optional[list[int]] = None
+
+
+class LeanFeatureHead(FeatureHead):
+    """What every feature-level head's decoding forward starts from, copied from the trained modules onto the fast
+    ops of distill/lean.py: the target's embedding, `fc`, the decoder layers and a rotary table. Build it after
+    loading (the weights are copied)."""
+
+    def __init__(self, drafter: FeatureDrafter):
+        config = drafter.config
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.feature_layers = drafter.feature_layers
+        with torch.no_grad():
+            self.embed = drafter.target_embed.weight.detach()
+            self.fc = Linear(drafter.fc.weight, drafter.fc.bias)
+            self.layers = [LeanLayer.from_layer(layer, config, head_dim) for layer in drafter.layers]
+        self.vocab_size, self.eps = config.vocab_size, config.rms_norm_eps
+        self.rotary = RotaryTable(rope_inv_freq(head_dim, config.rope_theta, self.embed.device), 1.0, self.embed.dtype)
+
+    def embed_and_rotary(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                         cache: KVCache) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The fed tokens' embeddings (in the hidden states' dtype) and the rotary angles of their positions."""
+        embeds = F.embedding(input_ids, self.embed).to(hidden.dtype)
+        return embeds, self.rotary(position_ids, position_bound(cache, input_ids))

@@ -1,0 +1,148 @@
+"""The one place train/, eval/ and export look a drafter kind up.
+
+A kind is one module in distill/drafters/ (or in another installed package, see below) that defines its model class
+(a `PreTrainedModel` with its own `PretrainedConfig.model_type`, `Options` dataclass, `build`, `training_loss`,
+`trained_rows`, `identity` and `drafting` — the protocol of `feature.FeatureDrafter`) and ends with
+
+    register_kind("<name>", ModelClass)
+
+which makes `drafter=<name>` a config choice (conf/drafter/<name>.yaml starts from the `<name>_schema` this stores
+in Hydra's ConfigStore, so a misspelled key fails at start), lets `AutoModel.from_pretrained` reload its folders,
+and lets the evaluator find it by the `model_type` in a drafter folder's config.json. Kinds in other packages are
+found through the `specdistill.drafters` entry-point group (each entry point names a module to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModel
+
+from specdistill.distill.errors import UserError
+from specdistill.distill.target import FrozenTarget
+
+
+@dataclass(frozen=True)
+class DrafterKind:
+    name: str  # drafter=<name>
+    model_class: type  # the drafter's PreTrainedModel subclass
+
+    @property
+    def model_type(self) -> str:
+        return self.model_class.config_class.model_type
+
+    @property
+    def options(self) -> type:
+        return self.model_class.Options
+
+
+_KINDS: dict[str, DrafterKind] = {}
+
+
+def register_kind(name: str, model_class: type) -> DrafterKind:
+    """Register a drafter kind (module doc). Registering the same class again is a no-op."""
+    kind = DrafterKind(name, model_class)
+    if _KINDS.get(name, kind) != kind:
+        raise ValueError(f"drafter kind {name!r} is already registered by {_KINDS[name].model_class.__name__}")
+    _KINDS[name] = kind
+    AutoConfig.register(kind.model_type, model_class.config_class, exist_ok=True)
+    AutoModel.register(model_class.config_class, model_class, exist_ok=True)
+    ConfigStore.instance().store(group="schema/drafter", name=name, node=kind.options)
+    return kind
+
+
+_DISCOVERED = False
+
+
+def discover_kinds() -> None:
+    """Import every kind module of this package and of installed plugins (once)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    package = importlib.import_module("specdistill.distill.drafters")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+    for entry_point in entry_points(group="specdistill.drafters"):
+        importlib.import_module(entry_point.value)
+
+
+def drafter_kind(name: str) -> DrafterKind:
+    """The kind `drafter=<name>` (or `drafter.kind`) names."""
+    discover_kinds()
+    if name not in _KINDS:
+        raise UserError(f"drafter.kind: unknown drafter kind {name!r}; known kinds: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
+
+
+def kind_of_model_type(model_type: str | None) -> DrafterKind | None:
+    """The registered kind whose saved config.json has this `model_type`, or None (e.g. a plain causal LM)."""
+    discover_kinds()
+    return next((kind for kind in _KINDS.values() if kind.model_type == model_type), None)
+
+
+def registered_kinds() -> list[DrafterKind]:
+    discover_kinds()
+    return list(_KINDS.values())
+
+
+def read_drafter_config(path: Path) -> dict:
+    """config.json of a drafter folder, with one clear message for each way it can be unusable."""
+    config_path = path / "config.json"
+    if not path.is_dir():
+        raise UserError(f"drafter_path: {path} is not a folder; pass the `drafter` folder that `specdistill train` "
+                        "wrote (<out_dir>/drafter) or a Hugging Face causal LM folder")
+    if not config_path.is_file():
+        raise UserError(f"drafter_path: {path} has no config.json; pass the `drafter` folder that `specdistill train` "
+                        "wrote (<out_dir>/drafter) or a Hugging Face causal LM folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"drafter_path: {config_path} is not valid JSON ({error}); the folder is damaged, "
+                        "save or train the drafter again") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise UserError(f"drafter_path: {config_path} has no model_type, so its drafter kind is unknown; "
+                        f"known kinds: {', '.join(kind.model_type for kind in registered_kinds())} "
+                        "or any Hugging Face causal LM")
+    return config
+
+
+def load_weights_checked(model_class: type, path: Path, **kwargs: Any) -> Any:
+    """`from_pretrained` (safetensors only) with one clear message for a missing or damaged weights file."""
+    weights = path / "model.safetensors"
+    if not weights.is_file() and not (path / "model.safetensors.index.json").is_file():
+        raise UserError(f"drafter_path: {path} has no model.safetensors; the drafter was not saved completely "
+                        "(train it again, or point at a complete drafter folder)")
+    try:
+        return model_class.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"drafter_path: cannot load the weights in {path} ({first_line}); the file is damaged or "
+                        "truncated: train or copy the drafter again") from None
+
+
+def load_drafting(drafter_path: str, target: FrozenTarget, device: torch.device | str,
+                  trust_remote_code: bool = False) -> Any:
+    """A drafter folder (`specdistill train` output of any registered kind, or a Hugging Face causal LM on the
+    target's tokenizer, i.e. a token-level drafter) → its `Drafting` for `target`, after checking it fits."""
+    from specdistill.distill.drafters.token_lm import load_causal_lm_drafting
+
+    path = Path(drafter_path).expanduser()
+    model_type = read_drafter_config(path)["model_type"]
+    kind = kind_of_model_type(model_type)
+    if kind is None:
+        return load_causal_lm_drafting(path, model_type, target, device, trust_remote_code)
+    drafter = load_weights_checked(kind.model_class, path)
+    drafter.check_target(target, "drafter_path")
+    drafter = drafter.to(device=device, dtype=target.model.dtype).eval()
+    drafter.attach_target(target)
+    return drafter.drafting(device)

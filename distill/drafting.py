@@ -1,0 +1,116 @@
+"""The drafting interface the speculative decoder (eval/decoding.py) drives for every drafter kind.
+
+A `Drafting` keeps its own KV cache over the committed sequence and drafts on top of it:
+
+    begin(prompt, features, first)  prefill on the prompt plus the target's first token → logits of the next draft
+    step(tokens, parents, depth, block)  feed drafted tokens (a chain link, or one tree level) → their logits
+    extend(tokens, features)  drop everything drafted (the rollback), commit the tokens the target accepted (+ its
+                              bonus) → logits of the next draft
+
+`parents` picks, for each fed token, the output row of the previous call that proposed it (feature-level heads feed
+that row's hidden state back); `depth` is the tokens' distance from the last committed token (1 = first draft);
+`block` is the boolean visibility among drafted entries (None: all of them, as in a chain). Logits are over the
+target's vocabulary. `feature_layers` names the target layers whose features `begin`/`extend` must receive.
+
+Each drafter kind (distill/drafters/<kind>.py) returns its `Drafting` from `drafting(target, device)`. Feature-level
+heads (EAGLE-1, EAGLE-3 and their relatives) share `FeatureDrafting` and only supply a `FeatureHead`, their decoding
+forward on the fast ops of distill/lean.py.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.masks import PrefixMask, causal_block
+
+
+class Drafting(ABC):
+    feature_layers: tuple[int, ...] = ()  # target layer ids whose features the drafter reads
+    causal_lm: Any = None  # the Hugging Face model when the drafter is a plain causal LM (transformers' baselines)
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.length = 0  # committed positions in the cache
+        self.mask = PrefixMask(self.device)
+
+    @abstractmethod
+    def begin(self, prompt_ids: torch.Tensor, features: dict[int, torch.Tensor], first_token: torch.Tensor) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def extend(self, tokens: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def step(self, tokens: torch.Tensor, parents: torch.Tensor, depth: int, block: torch.Tensor | None) -> torch.Tensor:
+        ...
+
+    def _positions(self, count: int, offset: int = 0) -> torch.Tensor:
+        return torch.arange(self.length + offset, self.length + offset + count, device=self.device)[None]
+
+    def _commit_mask(self, count: int) -> torch.Tensor | None:
+        """Committing `count` tokens after `length` cached ones: causal among them (none needed for one)."""
+        return None if count == 1 else self.mask(self.length, causal_block(count, self.device))
+
+    def _draft_mask(self, block: torch.Tensor | None) -> torch.Tensor | None:
+        return None if block is None else self.mask(self.length, block)
+
+
+class FeatureHead(ABC):
+    """A feature-level head's decoding forward. At position i it reads (t_{i+1}, h_i): h_i is `decode_input` of the
+    target's features where the target has run, and the head's own output hidden state of position i−1 where it
+    drafts."""
+
+    feature_layers: tuple[int, ...]
+
+    @abstractmethod
+    def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The per-position hidden input h_i computed from the target's features."""
+
+    @abstractmethod
+    def __call__(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+        mask: torch.Tensor | None, last_logits_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (output hidden states, fed back at the next position; logits over the target's vocabulary, of every
+        row or the last). `mask` as in `distill.lean.LeanLayer.attend`."""
+
+
+class FeatureDrafting(Drafting):
+    """Drafting with a `FeatureHead`: position i holds (t_{i+1}, h_i), so after the target has run positions a..b
+    the head commits pairs a..b; drafted entries (computed from the head's own features) are always dropped and
+    recomputed from the target's features of the accepted tokens."""
+
+    def __init__(self, head: FeatureHead, device: torch.device | str):
+        super().__init__(device)
+        self.head = head
+        self.feature_layers = tuple(head.feature_layers)
+        self.kv_cache = KVCache()
+        self.last_hidden: torch.Tensor | None = None  # output rows of the previous call
+
+    def _run(self, tokens, hidden, positions, mask, last_only: bool = False) -> torch.Tensor:
+        self.last_hidden, logits = self.head(tokens, hidden, positions, self.kv_cache, mask, last_only)
+        return logits[0]
+
+    def begin(self, prompt_ids, features, first_token):
+        self.length = 0
+        self.kv_cache.truncate(0)
+        return self.extend(torch.cat([prompt_ids[:, 1:], first_token], dim=1), features)
+
+    def extend(self, tokens, features):
+        self.kv_cache.truncate(self.length)
+        count = tokens.shape[1]
+        hidden = self.head.decode_input(features)
+        logits = self._run(tokens, hidden, self._positions(count), self._commit_mask(count), last_only=True)
+        self.length += count
+        self.last_hidden = self.last_hidden[:, -1:]
+        return logits[-1]
+
+    def step(self, tokens, parents, depth, block):
+        hidden = self.last_hidden[:, parents]
+        positions = self._positions(1, depth - 1).expand(1, len(tokens))  # pair (t_{i+1}, h_i) sits at position i
+        return self._run(tokens[None], hidden, positions, self._draft_mask(block))

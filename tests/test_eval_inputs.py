@@ -1,0 +1,107 @@
+"""`specdistill eval` with bad input ends in one clear line (exit status 2, no traceback), before loading the target
+where it can; a rerun into the same out_dir never leaves an older report looking like its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from specdistill.distill.errors import UserError
+from specdistill.eval.eval import EvalRecipe, drafter_paths, move_previous_report
+from tests.conftest import compose, run_cli
+
+FAST = ["target=toy_tiny", "bench=toy", "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.warmup_prompts=0"]
+
+
+def eval_error(out_dir: Path, *overrides: str) -> str:
+    """Run `specdistill eval` expecting a user error: → its one line on stderr."""
+    result = run_cli("eval", *FAST, f"out_dir={out_dir}", *overrides, cwd=out_dir.parent)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: "), result.stderr[-2000:]
+    return lines[-1]
+
+
+def test_eval_without_drafter_path_says_what_to_pass(tmp_path: Path) -> None:
+    message = eval_error(tmp_path / "out")
+    assert "drafter_path is not set" in message and "drafter_path=<train out_dir>/drafter" in message
+
+
+def test_out_of_range_values_fail_from_the_command_line(tmp_path: Path) -> None:
+    # A few through the CLI as a user types them (each exits before any model loads); the full table is below.
+    for override, expected in [
+        ("eval.gamma=0", "eval.gamma=0 is out of range: it must be an integer ≥ 1"),  # was a reshape traceback
+        ("eval.temperature=-1", "eval.temperature=-1.0 is out of range: it must be a number ≥ 0"),  # was greedy
+    ]:
+        assert expected in eval_error(tmp_path / "out", "drafter_path=/nope", override)
+
+
+BAD_VALUES = [
+    ("gamma", "0"), ("gamma", "-2"), ("tree_depth", "0"), ("tree_top_k", "0"), ("tree_total_tokens", "1"),
+    ("temperature", "-1"), ("temperature", "nan"), ("top_p", "0"), ("top_p", "1.5"), ("max_new_tokens", "0"),
+    ("num_prompts", "0"), ("warmup_prompts", "-1"),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_VALUES)
+def test_every_eval_range_is_checked_before_the_target_loads(
+    key: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the target was loaded before the config was checked")
+
+    monkeypatch.setattr("specdistill.eval.eval.load_target_tokenizer", no_loading)
+    monkeypatch.setattr("specdistill.eval.eval.load_target_model", no_loading)
+    cfg = compose("eval", [*FAST, "drafter_path=/nope", f"out_dir={tmp_path}", f"eval.{key}={value}"])
+    with pytest.raises(UserError, match=rf"^eval\.{key}=\S+ is out of range: it must be "):
+        EvalRecipe(cfg).setup()
+
+
+def test_a_non_utf8_bench_file_names_the_file_and_line(tmp_path: Path) -> None:
+    # Malformed JSON and rows without a prompt: tests/test_benches.py, and tests/test_eval.py through the CLI.
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    message = eval_error(tmp_path / "out", "drafter_path=/nope", "bench=local", f"bench.path={latin1}")
+    assert f"{latin1}, line 2: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8" in message
+
+
+def test_a_failed_rerun_moves_the_previous_report_aside(tmp_path: Path, toy_tiny_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    old = {"report.json": '{"tau": 2.5}\n', "report.md": "# old\n", "generations.jsonl": "{}\n",
+           "alpha_per_position.png": "png"}
+    for name, text in old.items():
+        (out_dir / name).write_text(text)
+    (out_dir / "notes.txt").write_text("mine")  # not a report file: stays
+    (out_dir / "previous").mkdir()
+    (out_dir / "previous" / "report.json").write_text('{"tau": 1.0}\n')  # an older run's: replaced
+
+    # The drafter fails to load after the target has loaded: the run had started.
+    result = run_cli("eval", *FAST, "drafter_path=/nope", f"out_dir={out_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and "drafter_path: /nope" in result.stderr, result.stderr[-2000:]
+    assert f"moved the previous report (report.json, report.md, generations.jsonl, alpha_per_position.png) to " \
+           f"{out_dir / 'previous'}" in result.stdout + result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["notes.txt", "previous"]
+    assert {p.name: p.read_text() for p in (out_dir / "previous").iterdir()} == old
+
+
+def test_nothing_to_move_leaves_previous_alone(tmp_path: Path) -> None:
+    (tmp_path / "previous").mkdir()
+    (tmp_path / "previous" / "report.json").write_text(json.dumps({"tau": 1.0}))
+    move_previous_report(tmp_path)
+    assert json.loads((tmp_path / "previous" / "report.json").read_text()) == {"tau": 1.0}
+    move_previous_report(tmp_path / "absent")  # a new out_dir: nothing to do, nothing created
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("null", "drafter_path is not set: pass drafter_path="),
+    ("[]", "drafter_path is empty: pass drafter_path="),
+    ("[a/drafter,a/drafter]", "drafter_path lists a/drafter more than once"),
+])
+def test_unusable_drafter_path_values_are_named(value: str, expected: str, tmp_path: Path) -> None:
+    cfg = compose("eval", [*FAST, f"drafter_path={value}", f"out_dir={tmp_path}"])
+    with pytest.raises(UserError, match=rf"^{expected}"):
+        drafter_paths(cfg)
