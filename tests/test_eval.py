@@ -26,7 +26,8 @@ def test_eval_writes_the_report_of_a_trained_drafter(trained_drafter, tmp_path: 
     assert schema <= set(report)
     assert report["lossless_check"] == "passed" and report["num_prompts"] == 4 and report["method"] == "chain"
     assert report["lossless_check_method"] == "greedy output equals plain decoding"
-    assert report["tau"] > 1.0 and len(report["alpha_per_position"]) == 5
+    # τ is the mean of the accept lengths written beside it (and a trained drafter is accepted: τ well above 1)
+    assert len(report["alpha_per_position"]) == 5 and report["tau"] > 1.2
     assert "| drafter |" in eval_run.stdout and "report.md" in eval_run.stdout  # the table is printed at the end
     for name in ("report.md", "alpha_per_position.png", "generations.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
