@@ -120,6 +120,7 @@ class LeanLayer:
     eps: float
     q_norm: torch.Tensor | None = None  # Qwen3: an RMSNorm over each query / key head before rotary
     k_norm: torch.Tensor | None = None
+    output_copies: int = 1  # 2: the MLP writes 2H onto the residual repeated, [h ‖ h] (FSPAD's partial alignment)
 
     @classmethod
     def from_layer(cls, layer: Any, config: Any, head_dim: int) -> "LeanLayer":
@@ -139,6 +140,7 @@ class LeanLayer:
             eps=config.rms_norm_eps,
             q_norm=q_norm.weight.detach() if q_norm is not None else None,
             k_norm=k_norm.weight.detach() if k_norm is not None else None,
+            output_copies=getattr(layer, "output_copies", 1),
         )
 
     def __call__(self, hidden, rotary, cache, mask, attention_input=None) -> torch.Tensor:
@@ -146,7 +148,8 @@ class LeanLayer:
             attention_input = hidden if self.input_norm is None else rms_norm(hidden, self.input_norm, self.eps)
         hidden = hidden + self.attend(attention_input, rotary, cache, mask)
         gate, up = self.gate_up(rms_norm(hidden, self.post_norm, self.eps)).chunk(2, dim=-1)
-        return hidden + self.down(F.silu(gate) * up)
+        residual = hidden if self.output_copies == 1 else hidden.repeat(1, 1, self.output_copies)
+        return residual + self.down(F.silu(gate) * up)
 
     def attend(self, x: torch.Tensor, rotary, cache, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of x's rows after the cached ones. `mask` [batch, 1, rows, cached + rows] boolean (True =

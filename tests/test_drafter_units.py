@@ -23,11 +23,11 @@ KINDS_DIR = Path(__file__).parent / "kinds"
 FEATURE_KINDS = [kind.name for kind in registered_kinds() if issubclass(kind.model_class, FeatureDrafter)]
 
 
-def build(kind: str, target) -> FeatureDrafter:
+def build(kind: str, target, **options) -> FeatureDrafter:
     """An untrained drafter of `kind` with every weight (norms included) randomised, so a dropped op shows."""
     torch.manual_seed(0)
     unit = drafter_kind(kind)
-    drafter = unit.model_class.build(unit.options(), BuildContext(target, eagle3_layers=[0, 1, -1])).eval()
+    drafter = unit.model_class.build(unit.options(**options), BuildContext(target, eagle3_layers=[0, 1, -1])).eval()
     with torch.no_grad():
         for name, parameter in drafter.named_parameters():
             if "norm" in name:
@@ -71,6 +71,32 @@ def check_parity(drafter: FeatureDrafter, target) -> None:
 @pytest.mark.parametrize("kind", FEATURE_KINDS)
 def test_training_and_decoding_forwards_agree(tiny, kind):
     check_parity(build(kind, tiny.target), tiny.target)
+
+
+@pytest.mark.parametrize("options", [{"feature_sampling": False}, {"partial_alignment": False}, {"num_layers": 2}])
+def test_fspad_ablations_keep_training_and_decoding_in_agreement(tiny, options):
+    check_parity(build("fspad", tiny.target, **options), tiny.target)
+
+
+def test_fspad_with_both_switches_off_is_eagle1(tiny):
+    """Same weights, same inputs: the same loss, agreement and logits as EAGLE-1 (the ablation baseline is exact)."""
+    from specdistill.distill.objectives import ObjectiveConfig
+
+    eagle1 = build("eagle1", tiny.target)
+    fspad = build("fspad", tiny.target, feature_sampling=False, partial_alignment=False)
+    assert set(fspad.state_dict()) == set(eagle1.state_dict())
+    fspad.load_state_dict(eagle1.state_dict())
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(3, tiny.target.config.vocab_size, (2, 12), generator=generator)
+    attention_mask, loss_mask = torch.ones_like(input_ids), torch.ones_like(input_ids)
+    output = tiny.target(input_ids, attention_mask, feature_layers=(-1,), for_training=True)
+    objective = ObjectiveConfig(noise=0.0)
+    expected = eagle1.training_loss(input_ids, attention_mask, loss_mask, output, objective)
+    got = fspad.training_loss(input_ids, attention_mask, loss_mask, output, objective)
+    torch.testing.assert_close(got.loss_sum, expected.loss_sum)
+    assert torch.equal(got.agree, expected.agree)
+    assert build("fspad", tiny.target).training_loss(input_ids, attention_mask, loss_mask, output, objective).loss_sum \
+        != expected.loss_sum  # and the default FSPAD is a different model
 
 
 @pytest.mark.parametrize("kind", FEATURE_KINDS)

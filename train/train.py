@@ -286,14 +286,16 @@ def save_checkpoint(accelerator: Any, out_dir: Path, step: int, keep_last: int, 
 def damaged_file(checkpoint: Path) -> str | None:
     """The first of a checkpoint's files that does not load on its own, as `<path> (<error>)`; asked only after
     loading the whole checkpoint failed, to name the culprit."""
+    from accelerate.utils import load as accelerate_load
+
     for path in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
         try:
             if path.suffix == ".json":
                 json.loads(path.read_text())
             elif path.suffix == ".safetensors":
                 load_file(str(path))
-            else:  # accelerate writes optimizer, scheduler and RNG states with torch.save
-                torch.load(path, map_location="cpu", weights_only=False)
+            else:  # optimizer, scheduler and RNG states: torch.save files, read as accelerate reads them
+                accelerate_load(path, map_location="cpu")  # weights_only, with accelerate's numpy allowlist
         except Exception as error:  # any decoding error of any format means the same: this file is damaged
             return f"{path} ({type(error).__name__}: {str(error)[:120]})"
     return None

@@ -50,16 +50,24 @@ class Eagle1Drafter(FeatureDrafter):
     def __init__(self, config: Eagle1Config):
         super().__init__(config)
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=True)
-        self.layers = nn.ModuleList(
-            [DraftDecoderLayer(config, input_norm=index > 0) for index in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([self.make_layer(index) for index in range(config.num_hidden_layers)])
         self.post_init()
+
+    @classmethod
+    def config_overrides(cls, options: Eagle1Options) -> dict:
+        """Options a subclass records in its config (saved in config.json)."""
+        return {}
+
+    def make_layer(self, index: int) -> DraftDecoderLayer:
+        """The reference drops the first layer's input norm (its input is the fc output)."""
+        return DraftDecoderLayer(self.config, input_norm=index > 0)
 
     @classmethod
     def build(cls, options: Eagle1Options, context: BuildContext) -> "Eagle1Drafter":
         target = context.target
         layers = list(options.feature_layers or [FINAL_NORMED])
-        config = draft_config_from_target(Eagle1Config, target.config, layers, num_hidden_layers=options.num_layers)
+        config = draft_config_from_target(cls.config_class, target.config, layers, num_hidden_layers=options.num_layers,
+                                          **cls.config_overrides(options))
         drafter = cls(config)
         drafter.record_target(context)
         drafter.attach_target(target)
@@ -74,15 +82,28 @@ class Eagle1Drafter(FeatureDrafter):
         """The per-position input h_i the layers read: the tapped feature itself."""
         return features[self.feature_layers[0]]
 
-    def training_step(self, input_ids, hidden, position_ids, bias, with_logits: bool = False):
-        """The training forward over (t_{i+1}, h_i) pairs → (predicted features, logits over the target's vocabulary
-        when `with_logits`); `bias` is an additive [batch, 1, rows, rows] attention bias."""
+    def draft_outputs(self, input_ids, hidden, position_ids, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training forward over (t_{i+1}, h_i) pairs → (the part the LM head reads, the predicted feature that
+        is regressed and fed back); `bias` is an additive [batch, 1, rows, rows] attention bias."""
         embeds = self.target_embed(input_ids).to(hidden.dtype)
-        hidden = self.fc(torch.cat([embeds, hidden], dim=-1))
+        hidden = self.mix_token(self.fc(torch.cat([embeds, hidden], dim=-1)), embeds)
         cos, sin = self._rotary(position_ids, hidden.dtype)
         for layer in self.layers:
             hidden, _ = layer(hidden, cos, sin, bias)
-        return hidden, (self.target_lm_head(hidden) if with_logits else None)
+        return self.split_output(hidden)
+
+    def mix_token(self, hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """What follows fc: nothing for EAGLE-1 (FSPAD's feature sampling goes here)."""
+        return hidden
+
+    def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM-head input, fed-back feature) of the last layer's output: the same tensor for EAGLE-1."""
+        return output, output
+
+    def training_step(self, input_ids, hidden, position_ids, bias, with_logits: bool = False):
+        """→ (the fed-back features, logits over the target's vocabulary when `with_logits`)."""
+        token_part, feature_part = self.draft_outputs(input_ids, hidden, position_ids, bias)
+        return feature_part, (self.target_lm_head(token_part) if with_logits else None)
 
     def training_loss(
         self,
@@ -95,12 +116,13 @@ class Eagle1Drafter(FeatureDrafter):
     ) -> DraftLoss:
         features = target.features[self.feature_layers[0]]
         noisy = objectives.uniform_noise(features, objective.noise, generator)
-        predicted = self(shift_left(input_ids, 1), noisy, attention_mask)
+        bias = causal_bias(attention_mask, features.dtype)
+        token_part, predicted = self.draft_outputs(shift_left(input_ids, 1), noisy, sequence_positions(input_ids), bias)
         # position i predicts f_{i+1} and the target's distribution there; only trained rows reach the LM head
         selected = trained_rows(loss_mask)
-        predicted = rows(predicted, 0, selected)
+        predicted, token_part = rows(predicted, 0, selected), rows(token_part, 0, selected)
         target_features, target_logits = rows(features, 1, selected), rows(target.logits, 1, selected)
-        draft_logits = self.target_lm_head(predicted)
+        draft_logits = self.target_lm_head(token_part)
         per_row = objective.feature_weight * objectives.feature_regression(predicted, target_features)
         per_row = per_row + objective.token_weight * objectives.soft_cross_entropy(draft_logits, target_logits)
         count = selected.sum().to(predicted.dtype)
@@ -130,10 +152,17 @@ class Eagle1Head(LeanFeatureHead):
 
     def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False):
         embeds, rotary = self.embed_and_rotary(input_ids, hidden, position_ids, cache)
-        hidden = self.fc(torch.cat([embeds, hidden], dim=-1))
+        hidden = self.mix_token(self.fc(torch.cat([embeds, hidden], dim=-1)), embeds)
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, rotary, cache.layer(index), mask)
-        return hidden, self.lm_head(hidden[:, -1:] if last_logits_only else hidden)
+        token_part, fed_back = self.split_output(hidden)
+        return fed_back, self.lm_head(token_part[:, -1:] if last_logits_only else token_part)
+
+    def mix_token(self, hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return output, output
 
 
 register_kind("eagle1", Eagle1Drafter)

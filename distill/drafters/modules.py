@@ -111,11 +111,11 @@ class DraftAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, output_size: int | None = None):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, output_size or hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -124,16 +124,17 @@ class MLP(nn.Module):
 class DraftDecoderLayer(nn.Module):
     """A Llama decoder layer. `reads_embeddings=True` is EAGLE-3's first layer: attention reads
     [input_layernorm(embeds) ‖ hidden_norm(hidden)] (2H) and the residual is `hidden`. `input_norm=False` drops the
-    input norm (EAGLE-1's first layer, whose input is the fc output)."""
+    input norm (EAGLE-1's first layer, whose input is the fc output). `output_copies=2` widens the output to 2H: the
+    MLP writes 2H onto the residual repeated twice, [h ‖ h] (FSPAD's partial alignment)."""
 
-    def __init__(self, config, reads_embeddings: bool = False, input_norm: bool = True):
+    def __init__(self, config, reads_embeddings: bool = False, input_norm: bool = True, output_copies: int = 1):
         super().__init__()
         hidden = config.hidden_size
-        self.reads_embeddings = reads_embeddings
+        self.reads_embeddings, self.output_copies = reads_embeddings, output_copies
         self.self_attn = DraftAttention(
             hidden, 2 * hidden if reads_embeddings else hidden, config.num_attention_heads, config.num_key_value_heads
         )
-        self.mlp = MLP(hidden, config.intermediate_size)
+        self.mlp = MLP(hidden, config.intermediate_size, output_copies * hidden)
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps) if (input_norm or reads_embeddings) else None
         self.hidden_norm = RMSNorm(hidden, config.rms_norm_eps) if reads_embeddings else None
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
@@ -146,5 +147,5 @@ class DraftDecoderLayer(nn.Module):
             attention_input = self.input_layernorm(hidden) if self.input_layernorm is not None else hidden
         attended, keys_values = self.self_attn(attention_input, cos, sin, bias, earlier_steps)
         hidden = residual + attended
-        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden.repeat(1, 1, self.output_copies) + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, keys_values
