@@ -73,9 +73,22 @@ def test_training_and_decoding_forwards_agree(tiny, kind):
     check_parity(build(kind, tiny.target), tiny.target)
 
 
-@pytest.mark.parametrize("options", [{"feature_sampling": False}, {"partial_alignment": False}, {"num_layers": 2}])
-def test_fspad_ablations_keep_training_and_decoding_in_agreement(tiny, options):
-    check_parity(build("fspad", tiny.target, **options), tiny.target)
+@pytest.mark.parametrize(("kind", "options"), [
+    ("fspad", {"feature_sampling": False}), ("fspad", {"partial_alignment": False}), ("fspad", {"num_layers": 2}),
+    ("eagle3", {"norm_before_residual": True}), ("eagle3", {"num_layers": 2}),
+], ids=str)
+def test_variants_keep_training_and_decoding_in_agreement(tiny, kind, options):
+    check_parity(build(kind, tiny.target, **options), tiny.target)
+
+
+def test_norm_before_residual_changes_the_eagle3_drafter_and_is_saved(tiny, tmp_path):
+    plain, variant = build("eagle3", tiny.target), build("eagle3", tiny.target, norm_before_residual=True)
+    variant.load_state_dict(plain.state_dict())
+    tokens = torch.randint(3, tiny.target.config.vocab_size, (1, 6))
+    hidden = plain.hidden_input(tiny.target(tokens, feature_layers=plain.feature_layers).features)
+    assert not torch.allclose(training_logits(plain, tokens, hidden), training_logits(variant, tokens, hidden))
+    variant.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["norm_before_residual"] is True
 
 
 def test_fspad_with_both_switches_off_is_eagle1(tiny):

@@ -39,12 +39,14 @@ from specdistill.distill.target import TargetOutput
 
 class Eagle3Config(FeatureDrafterConfig):
     model_type = "specdistill_eagle3"
+    norm_before_residual: bool = False  # written out: vLLM defaults it to true when absent, the EAGLE reference is false
 
 
 @dataclass
 class Eagle3Options(FeatureDrafterOptions):
     kind: str = "eagle3"
     draft_vocab_size: Optional[int] = 32000  # the most frequent masked tokens of the training data; None: all
+    norm_before_residual: bool = False  # EAGLE 3.1: the first layer's residual is the normed fused feature
 
 
 def default_eagle3_layers(num_layers: int) -> list[int]:
@@ -88,7 +90,8 @@ class Eagle3Drafter(FeatureDrafter):
         layers = list(options.feature_layers or context.eagle3_layers or default_eagle3_layers(target.num_layers))
         draft_vocab_size = min(options.draft_vocab_size or vocab_size, vocab_size)
         config = draft_config_from_target(Eagle3Config, target.config, layers, num_hidden_layers=options.num_layers,
-                                          draft_vocab_size=draft_vocab_size)
+                                          draft_vocab_size=draft_vocab_size,
+                                          norm_before_residual=options.norm_before_residual)
         drafter = cls(config)
         counts = context.token_counts if context.token_counts is not None else torch.zeros(vocab_size, dtype=torch.long)
         drafter.set_draft_vocab(select_draft_vocab(counts, draft_vocab_size, vocab_size), target.lm_head)
@@ -209,6 +212,7 @@ class Eagle3Head(LeanFeatureHead):
         with torch.no_grad():
             first = drafter.layers[0]
             self.first_norms = (first.input_layernorm.weight.detach(), first.hidden_norm.weight.detach())
+            self.norm_before_residual = first.norm_before_residual
             self.norm = drafter.norm.weight.detach()
             self.lm_head = Linear(drafter.lm_head.weight)
             draft_to_target = drafter.draft_to_target
@@ -221,7 +225,10 @@ class Eagle3Head(LeanFeatureHead):
     def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False):
         embeds, rotary = self.embed_and_rotary(input_ids, hidden, position_ids, cache)
         input_norm, hidden_norm = self.first_norms
-        attention_input = torch.cat([rms_norm(embeds, input_norm, self.eps), rms_norm(hidden, hidden_norm, self.eps)], -1)
+        normed = rms_norm(hidden, hidden_norm, self.eps)
+        attention_input = torch.cat([rms_norm(embeds, input_norm, self.eps), normed], -1)
+        if self.norm_before_residual:  # the first layer's residual is the normed feature
+            hidden = normed
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, rotary, cache.layer(index), mask, attention_input if index == 0 else None)
         draft_logits = self.lm_head(rms_norm(hidden[:, -1:] if last_logits_only else hidden, self.norm, self.eps))

@@ -131,6 +131,8 @@ class DraftDecoderLayer(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         self.reads_embeddings, self.output_copies = reads_embeddings, output_copies
+        # EAGLE 3.1 / vLLM's `norm_before_residual`: the first layer's residual is the normed feature, not the raw one
+        self.norm_before_residual = reads_embeddings and bool(getattr(config, "norm_before_residual", False))
         self.self_attn = DraftAttention(
             hidden, 2 * hidden if reads_embeddings else hidden, config.num_attention_heads, config.num_key_value_heads
         )
@@ -142,7 +144,9 @@ class DraftDecoderLayer(nn.Module):
     def forward(self, hidden, cos, sin, bias, embeds=None, earlier_steps=None):
         residual = hidden
         if self.reads_embeddings:
-            attention_input = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+            normed = self.hidden_norm(hidden)
+            attention_input = torch.cat([self.input_layernorm(embeds), normed], dim=-1)
+            residual = normed if self.norm_before_residual else hidden
         else:
             attention_input = self.input_layernorm(hidden) if self.input_layernorm is not None else hidden
         attended, keys_values = self.self_attn(attention_input, cos, sin, bias, earlier_steps)
