@@ -4,6 +4,7 @@ new kind (tests/kinds/copy_last.py + one yaml) trains and decodes losslessly thr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,7 @@ def run_with_plugin(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`specdistill <args>` from a user's script that first imports its own kind module (tests/kinds/copy_last.py)."""
     script = "import tests.kinds.copy_last; from specdistill.train.cli import main; main()"
     return subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
 
 
 def test_a_new_kind_is_one_module_and_one_config_file(tiny, toy_dataset, tmp_path: Path):
