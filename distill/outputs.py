@@ -6,6 +6,8 @@ never loses the previous complete one.
     # now out_dir/drafter is the new folder; the old one was kept until the new one was in place
 
     write_text_atomic(out_dir / "report.json", text)      # a file: temporary name, then os.replace
+    with replace_file(out_dir / "plot.png") as partial:   # the same for a file written by another library
+        figure.savefig(partial, format="png")
 
 A folder cannot be swapped in one system call, so the swap is: old → `.<name>.old`, staging → name, delete old. A
 crash between the two renames leaves the old folder under `.<name>.old`; `recover_folder` (called by
@@ -73,13 +75,24 @@ def replace_folder(final: Path | str) -> Iterator[Path]:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def write_text_atomic(path: Path | str, text: str) -> None:
-    """Write `text` to a temporary name beside `path`, then rename it into place."""
+@contextmanager
+def replace_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary name beside `path` to write the file to; when the block ends without error it is renamed
+    into place, otherwise removed (a file's `replace_folder`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write `text` to a temporary name beside `path`, then rename it into place."""
+    with replace_file(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def _finite(value: Any) -> Any:

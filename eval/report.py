@@ -15,14 +15,13 @@ there the whole report is.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from specdistill.distill.outputs import json_text, write_text_atomic
+from specdistill.distill.outputs import json_text, replace_file, write_text_atomic
 
 SCHEMA_KEYS = (
     "target", "drafter", "bench", "temperature", "method", "tau", "alpha_per_position", "speedup",
@@ -185,13 +184,9 @@ def _accept_length_figure(labels: list[str], results: list[dict]) -> Figure | No
 
 
 def _write_png(path: Path, figure: Figure) -> Path:
-    """Save `figure` via `<dir>/.<name>.<pid>.tmp` and rename (outputs.write_text_atomic's way, for binary data)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Save `figure` under a temporary name, then rename it into place."""
+    with replace_file(path) as partial:
+        figure.savefig(partial, format="png", dpi=120)
     return path
 
 

@@ -244,10 +244,11 @@ def tidy_checkpoints(out_dir: Path) -> None:
     for backup in folder.glob(f".{CHECKPOINT_PREFIX}*.old"):
         recover_folder(folder / backup.name[1 : -len(".old")])
     for entry in sorted(folder.iterdir()):
+        missing = missing_files(entry) if checkpoint_step(entry) is not None else []
         if entry.name.startswith("."):
             reason = "left by an interrupted save or prune"
-        elif checkpoint_step(entry) is not None and missing_files(entry):
-            reason = f"an incomplete checkpoint: no {', '.join(missing_files(entry)[:3])}"
+        elif missing:
+            reason = f"an incomplete checkpoint: no {', '.join(missing[:3])}"
         else:
             continue
         log.info("removing %s (%s)", entry, reason)
@@ -489,12 +490,9 @@ class TrainRecipe:
             problem = f"{checkpoint} (on another process)"
         return state, problem
 
-    def _drafter_identity(self) -> dict:
-        return self.drafter.identity()
-
     def _check_checkpoint_drafter(self, path: Path, saved: dict) -> None:
         """A checkpoint of another target or drafter shape cannot be resumed: say so before loading it."""
-        current = self._drafter_identity()
+        current = self.drafter.identity()
         different = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
         if different:
             details = ", ".join(f"{key} {old!r} there vs {new!r} now" for key, (old, new) in different.items())
@@ -564,7 +562,7 @@ class TrainRecipe:
                 accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step + 1)
             if (step + 1) % loop.checkpoint_every == 0 and step + 1 < loop.max_steps:
                 save_checkpoint(accelerator, self.out_dir, step + 1, loop.keep_last,
-                                {"history": self.history, "drafter": self._drafter_identity(),
+                                {"history": self.history, "drafter": self.drafter.identity(),
                                  "settings": run_settings(cfg), "schedule": self.schedule})
         final = self.history[-1]
         if "val_top1" not in final:  # resumed at train.max_steps: the loop above ran no step that validates

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 import torch.nn.functional as F
 
 from specdistill.distill.drafters.modules import RMSNorm, rope_inv_freq, rotary_cos_sin
-from specdistill.distill.drafting import FeatureHead
+from specdistill.distill.drafting import FeatureDrafting, FeatureHead
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, position_bound
 from specdistill.distill.errors import UserError
@@ -131,12 +131,12 @@ def check_drafter_matches_target(drafter_config: FeatureDrafterConfig, target: F
                 "Use the target the drafter was trained for, or train a new drafter."
             )
     recorded = drafter_config.target_fingerprint
-    if recorded is not None and recorded != target_fingerprint(target):
+    actual = target_fingerprint(target) if recorded is not None else None
+    if recorded != actual:
         raise UserError(
             f"{where}: the drafter was trained on another target of the same shape "
-            f"({drafter_config.target_name_or_path}, weights fingerprint {recorded}; this target's is "
-            f"{target_fingerprint(target)}). Use the target it was trained for (target.name_or_path, target.revision), "
-            "or train a new drafter."
+            f"({drafter_config.target_name_or_path}, weights fingerprint {recorded}; this target's is {actual}). "
+            "Use the target it was trained for (target.name_or_path, target.revision), or train a new drafter."
         )
 
 
@@ -198,24 +198,21 @@ class FeatureDrafter(PreTrainedModel):
 
     def attach_target(self, target: FrozenTarget) -> None:
         """Share the target's frozen embedding and LM head (held outside the module tree, so never saved)."""
-        self.__dict__["_target_parts"] = (target.embed_tokens, target.lm_head, target)
-
-    def _target_part(self, index: int) -> Any:
-        if "_target_parts" not in self.__dict__:
-            raise RuntimeError("call attach_target(target) before using the drafter")
-        return self.__dict__["_target_parts"][index]
-
-    @property
-    def target_embed(self) -> nn.Embedding:
-        return self._target_part(0)
-
-    @property
-    def target_lm_head(self) -> nn.Linear:
-        return self._target_part(1)
+        self.__dict__["_attached_target"] = target
 
     @property
     def attached_target(self) -> FrozenTarget:
-        return self._target_part(2)
+        if "_attached_target" not in self.__dict__:
+            raise RuntimeError("call attach_target(target) before using the drafter")
+        return self.__dict__["_attached_target"]
+
+    @property
+    def target_embed(self) -> nn.Embedding:
+        return self.attached_target.embed_tokens
+
+    @property
+    def target_lm_head(self) -> nn.Linear:
+        return self.attached_target.lm_head
 
     def check_target(self, target: FrozenTarget, where: str) -> None:
         """One clear message when this drafter cannot serve `target` (shapes, tapped layers, fingerprint)."""
@@ -237,10 +234,8 @@ class FeatureDrafter(PreTrainedModel):
                 "target_hidden_size", "target_num_layers", "target_name_or_path", "target_fingerprint")
         return {key: getattr(self.config, key, None) for key in keys}
 
-    def drafting(self, device: torch.device | str) -> Any:
+    def drafting(self, device: torch.device | str) -> FeatureDrafting:
         """The drafting interface the evaluator drives (after `attach_target`)."""
-        from specdistill.distill.drafting import FeatureDrafting
-
         return FeatureDrafting(self.head(), device)
 
     def head(self) -> Any:
