@@ -26,7 +26,7 @@ import torch
 from specdistill.distill.drafters import drafter_kind
 from specdistill.distill.drafters.eagle3 import default_eagle3_layers
 from specdistill.distill.drafters.feature import BuildContext
-from specdistill.distill.objectives import ObjectiveConfig
+from specdistill.distill.objectives import FeatureObjective
 from specdistill.distill.target import FrozenTarget
 
 
@@ -86,8 +86,8 @@ def main() -> None:
 
     results = {}
     for kind, layers, weights in (
-        ("eagle1", [-1], ObjectiveConfig()),
-        ("eagle3", eagle3_layers, ObjectiveConfig(feature_weight=0.0, token_weight=1.0, noise=0.0, ttt_steps=args.ttt_steps)),
+        ("eagle1", [-1], FeatureObjective()),
+        ("eagle3", eagle3_layers, FeatureObjective(feature_weight=0.0, token_weight=1.0, noise=0.0, ttt_steps=args.ttt_steps)),
     ):
         target, unit = FrozenTarget(model), drafter_kind(kind)
         options = unit.options(feature_layers=layers, **({"draft_vocab_size": 32000} if kind == "eagle3" else {}))

@@ -26,6 +26,7 @@ from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.target import FrozenTarget, TargetOutput
 from specdistill.eval import verification
 from specdistill.distill.drafting import Drafting
+from specdistill.distill.errors import UserError
 from specdistill.distill.lean import lean_target
 from specdistill.distill.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
 
@@ -63,6 +64,17 @@ class Tree:
     ancestors: torch.Tensor  # [N, N] bool: node j is node i or one of its ancestors
 
 
+def check_draft_depth(proposer: Drafting | None, config: DecodingConfig) -> None:
+    """Refuse a chain or tree deeper than the drafter can draft (a Medusa drafter: one token per head), before any
+    decoding, with one line naming the key to lower."""
+    limit = proposer.max_depth if proposer is not None else None
+    key, depth, unit = ("gamma", config.gamma, "tokens") if config.method == "chain" else (
+        "tree_depth", config.tree_depth, "levels")
+    if limit is not None and depth > limit:
+        raise UserError(f"eval.{key}={depth}: this drafter ({type(proposer).__name__}) drafts at most {limit} {unit} "
+                        f"per step; set eval.{key} ≤ {limit}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -83,6 +95,7 @@ class Decoder:
         lean: bool = True,
     ):
         self.target, self.proposer, self.config = target, proposer, config
+        check_draft_depth(proposer, config)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(target.parameters()).device
         self.mask = PrefixMask(self.device)

@@ -21,7 +21,8 @@ from specdistill.distill.masks import PrefixMask
 from tests.conftest import REPO_ROOT, TRAIN_FAST
 
 KINDS_DIR = Path(__file__).parent / "kinds"
-FEATURE_KINDS = [kind.name for kind in registered_kinds() if issubclass(kind.model_class, FeatureDrafter)]
+FEATURE_KINDS = [kind.name for kind in registered_kinds()  # Medusa (no training_step): tests/test_medusa.py
+                 if issubclass(kind.model_class, FeatureDrafter) and hasattr(kind.model_class, "training_step")]
 
 
 def build(kind: str, target, **options) -> FeatureDrafter:
@@ -76,25 +77,28 @@ def test_training_and_decoding_forwards_agree(tiny, kind):
 
 @pytest.mark.parametrize(("kind", "options"), [
     ("fspad", {"feature_sampling": False}), ("fspad", {"partial_alignment": False}), ("fspad", {"num_layers": 2}),
-    ("eagle3", {"norm_before_residual": True}), ("eagle3", {"num_layers": 2}),
+    ("eagle3", {"norm_before_residual": True}), ("eagle3", {"num_layers": 2}), ("eagle3", {"norm_before_fc": True}),
+    ("eagle3", {"fc_norm": True}), ("eagle3", {"fc_norm": True, "norm_before_fc": True}),
 ], ids=str)
 def test_variants_keep_training_and_decoding_in_agreement(tiny, kind, options):
     check_parity(build(kind, tiny.target, **options), tiny.target)
 
 
-def test_norm_before_residual_changes_the_eagle3_drafter_and_is_saved(tiny, tmp_path):
-    plain, variant = build("eagle3", tiny.target), build("eagle3", tiny.target, norm_before_residual=True)
-    variant.load_state_dict(plain.state_dict())
+@pytest.mark.parametrize("flag", ["norm_before_residual", "norm_before_fc", "fc_norm"])
+def test_each_eagle3_norm_flag_changes_the_drafter_and_is_saved(tiny, tmp_path, flag):
+    plain, variant = build("eagle3", tiny.target), build("eagle3", tiny.target, **{flag: True})
+    variant.load_state_dict(plain.state_dict(), strict=False)  # the variant's extra norms keep their random weights
     tokens = torch.randint(3, tiny.target.config.vocab_size, (1, 6))
-    hidden = plain.hidden_input(tiny.target(tokens, feature_layers=plain.feature_layers).features)
-    assert not torch.allclose(training_logits(plain, tokens, hidden), training_logits(variant, tokens, hidden))
+    features = tiny.target(tokens, feature_layers=plain.feature_layers).features
+    plain_logits = training_logits(plain, tokens, plain.hidden_input(features))
+    assert not torch.allclose(plain_logits, training_logits(variant, tokens, variant.hidden_input(features)))
     variant.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["norm_before_residual"] is True
+    assert json.loads((tmp_path / "config.json").read_text())[flag] is True
 
 
 def test_fspad_with_both_switches_off_is_eagle1(tiny):
     """Same weights, same inputs: the same loss, agreement and logits as EAGLE-1 (the ablation baseline is exact)."""
-    from specdistill.distill.objectives import ObjectiveConfig
+    from specdistill.distill.objectives import FeatureObjective
 
     eagle1 = build("eagle1", tiny.target)
     fspad = build("fspad", tiny.target, feature_sampling=False, partial_alignment=False)
@@ -104,7 +108,7 @@ def test_fspad_with_both_switches_off_is_eagle1(tiny):
     input_ids = torch.randint(3, tiny.target.config.vocab_size, (2, 12), generator=generator)
     attention_mask, loss_mask = torch.ones_like(input_ids), torch.ones_like(input_ids)
     output = tiny.target(input_ids, attention_mask, feature_layers=(-1,), for_training=True)
-    objective = ObjectiveConfig(noise=0.0)
+    objective = FeatureObjective(noise=0.0)
     expected = eagle1.training_loss(input_ids, attention_mask, loss_mask, output, objective)
     got = fspad.training_loss(input_ids, attention_mask, loss_mask, output, objective)
     torch.testing.assert_close(got.loss_sum, expected.loss_sum)

@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from specdistill.distill.drafters.eagle1 import Eagle1Config, Eagle1Drafter
 from specdistill.distill.drafters.eagle3 import Eagle3Config, Eagle3Drafter, select_draft_vocab
 from specdistill.distill.drafters.feature import check_drafter_matches_target, draft_config_from_target
-from specdistill.distill.objectives import ObjectiveConfig
+from specdistill.distill.objectives import FeatureObjective
 from specdistill.distill.drafters.modules import DraftAttention, causal_bias, rotary_cos_sin
 from specdistill.distill.errors import UserError
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget
@@ -105,7 +105,7 @@ def test_training_loss_is_finite_and_reaches_every_trainable_weight(kind, ttt_st
     drafter = build(kind, target)
     input_ids, attention_mask, loss_mask = batch_of()
     target_output = target(input_ids, attention_mask, feature_layers=drafter.feature_layers, for_training=True)
-    weights = ObjectiveConfig(ttt_steps=ttt_steps, noise=0.1)
+    weights = FeatureObjective(ttt_steps=ttt_steps, noise=0.1)
     loss = drafter.training_loss(input_ids, attention_mask, loss_mask, target_output, weights)
     assert loss.num_tokens.item() == torch.roll(loss_mask, -2, 1)[:, :-2].sum().item()
     assert loss.agree.shape == (ttt_steps,) and (loss.agree <= loss.counted).all()
@@ -125,7 +125,8 @@ def test_losses_on_trained_rows_equal_losses_everywhere_then_masked(kind, target
     drafter = build(kind, target)
     input_ids, attention_mask, loss_mask = batch_of(seq=16)
     output = target(input_ids, attention_mask, feature_layers=drafter.feature_layers, for_training=True)
-    weights = ObjectiveConfig(ttt_steps=1 if kind == "eagle1" else 3, noise=0.0)
+    weights = (FeatureObjective(noise=0.0) if kind == "eagle1"
+               else FeatureObjective(feature_weight=0.0, token_weight=1.0, ttt_steps=3, noise=0.0))
     loss = drafter.training_loss(input_ids, attention_mask, loss_mask, output, weights)
     expected, agree = torch.zeros(()), []
     if kind == "eagle1":

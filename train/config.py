@@ -11,7 +11,7 @@ from omegaconf import MISSING
 
 from specdistill.data_prep.config import register_configs as register_data_configs
 from specdistill.distill.config import StageConfig
-from specdistill.distill.objectives import ObjectiveConfig
+from specdistill.distill.objectives import FeatureObjective, HassObjective, MedusaObjective, TokenObjective
 
 
 class Schedule(Enum):
@@ -65,7 +65,12 @@ class TrainConfig(StageConfig):
     data_dir: str = MISSING  # a `specdistill prep` output folder (…/dataset)
     # the drafter kind's own options dataclass (distill/drafters/<kind>.py), chosen by drafter=<kind>
     drafter: Any = MISSING
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # the loss: one of the schemas in distill/objectives.py, chosen by objective=<name> (default: the drafter's own);
+    # null: the drafter kind's default objective
+    objective: Any = None
+    # a drafter folder whose weights start this run (e.g. HASS stage B from stage A); the new run's drafter must have
+    # the same shape and target
+    init_from: Optional[str] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
@@ -78,4 +83,12 @@ def register_configs() -> None:
     import specdistill.distill.drafters  # noqa: F401  (each drafter kind stores its `<kind>_schema` in the drafter group)
 
     register_data_configs()
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name, schema in OBJECTIVE_SCHEMAS.items():
+        store.store(group="schema/objective", name=name, node=schema)
+
+
+# conf/objective/<name>.yaml starts from one of these (defaults: [/schema/objective/<schema>@_here_, _self_])
+OBJECTIVE_SCHEMAS = {"feature": FeatureObjective, "hass": HassObjective, "token": TokenObjective,
+                     "medusa": MedusaObjective}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 import hydra
@@ -39,6 +40,10 @@ class RunConfig:
     prep: list[str] = field(default_factory=list)
     train: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
+    # a drafter folder the train stage starts from (its init_from=), e.g. HASS stage B from stage A's drafter
+    init_from: Optional[str] = None
+    # set by experiments that continue another run (HASS stage B): init_from is then required
+    requires_init_from: bool = False
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -71,12 +76,17 @@ def run(cfg: DictConfig) -> Path:
     if not any((cfg.common, cfg.prep, cfg.train, cfg.eval)):
         raise UserError("run: nothing chosen; pick an experiment, e.g. `specdistill run experiment=quickstart` "
                         "(conf/experiment/ lists them), or give the stage lists common=, prep=, train=, eval=")
+    if cfg.requires_init_from and cfg.init_from is None:
+        raise UserError("run: this experiment continues another run's drafter (e.g. HASS stage B from stage A); pass "
+                        "init_from=<that run's out_dir>/train/drafter")
     out_dir = Path(cfg.out_dir).expanduser()
     common = [*cfg.common, f"cache_dir={quoted(cfg.cache_dir)}", f"seed={cfg.seed}"]
     stages = ("prep", "train", "eval")
     # each stage's input is the previous stage's output, at a fixed place: <out_dir>/prep/dataset, <out_dir>/train/drafter
     prep_cfg = compose_stage("prep", [*common, *cfg.prep, f"out_dir={quoted(out_dir / 'prep')}"])
-    train_cfg = compose_stage("train", [*common, *cfg.train, f"data_dir={quoted(out_dir / 'prep' / 'dataset')}",
+    start_from = [] if cfg.init_from is None else [f"init_from={quoted(Path(cfg.init_from).expanduser().resolve())}"]
+    train_cfg = compose_stage("train", [*common, *cfg.train, *start_from,
+                                        f"data_dir={quoted(out_dir / 'prep' / 'dataset')}",
                                         f"out_dir={quoted(out_dir / 'train')}"])
     eval_cfg = compose_stage("eval", [*common, *cfg.eval, f"drafter_path={quoted(out_dir / 'train' / 'drafter')}",
                                       f"out_dir={quoted(out_dir / 'eval')}"])

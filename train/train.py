@@ -1,7 +1,10 @@
-"""specdistill train: distill an EAGLE-style drafter from the frozen target, online (the target runs in the loop).
+"""specdistill train: distill a drafter of any registered kind from the frozen target, online (the target runs in the
+loop).
 
     specdistill train target=toy drafter=eagle3 data_dir=outputs/prep/<date>/<time>/dataset
     specdistill train target=toy drafter=eagle1 data_dir=... train.max_steps=1400 optim.lr=1e-3 optim.warmup_steps=50
+    specdistill train drafter=eagle1 objective=hass objective.top_k_loss_weight=1 init_from=<stage A>/drafter ...
+    specdistill train drafter=token_lm objective=tvd objective.data_source=on_policy data_dir=...
     specdistill train ... logger=wandb                                   # WANDB_MODE=offline logs locally
     torchrun --nproc_per_node 2 -m specdistill.train data_dir=...                    # DDP (one process per GPU, or gloo on CPU)
 
@@ -22,7 +25,6 @@ depend on how the tokens were split into micro-batches.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from contextlib import ExitStack, nullcontext
@@ -41,12 +43,12 @@ from tqdm.auto import tqdm
 
 from specdistill.conf import CONFIG_DIR
 from specdistill.distill.targets import eagle3_layers, load_target_model, load_target_tokenizer, tokenizer_fingerprint
-from specdistill.distill.drafters import drafter_kind
+from specdistill.distill.drafters import drafter_kind, resolve_objective
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import (hold_out_dir, json_text, recover_folder, replace_folder, staging_folder,
                                          write_text_atomic)
-from specdistill.distill.objectives import ObjectiveConfig, expected_accept_length
+from specdistill.distill.objectives import Objective, expected_accept_length
 from specdistill.distill.target import FrozenTarget
 from specdistill.train.config import register_configs
 
@@ -149,7 +151,7 @@ def micro_batch_indices(size: int, batch_size: int, seed: int, start: int) -> It
 class DraftTraining(nn.Module):
     """The drafter's training loss as a module forward, so DDP/DeepSpeed wrappers see a forward call."""
 
-    def __init__(self, drafter: nn.Module, objective: ObjectiveConfig):
+    def __init__(self, drafter: nn.Module, objective: Objective):
         super().__init__()
         self.drafter, self.objective = drafter, objective
 
@@ -424,11 +426,16 @@ class TrainRecipe:
         kind = drafter_kind(cfg.drafter.kind)
         context = BuildContext(self.target, token_counts, eagle3_layers(cfg.target),
                                str(cfg.target.name_or_path), cfg.target.revision)
-        drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context).to(self.accelerator.device)
+        self.objective = resolve_objective(kind, cfg.objective)
+        drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context)
         drafter.check_target(self.target, "drafter")
-        log.info("drafter %s reads target layers %s", kind.name, list(drafter.feature_layers))
+        if cfg.init_from is not None:  # before any checkpoint: a resumed run continues from its own weights
+            drafter.load_initial_weights(Path(cfg.init_from).expanduser())
+            log.info("drafter weights start from %s (init_from)", cfg.init_from)
+        drafter = drafter.to(self.accelerator.device)
+        log.info("drafter %s reads target layers %s; objective %s", kind.name, list(drafter.feature_layers),
+                 type(self.objective).__name__)
         self.drafter = drafter
-        self.objective = OmegaConf.to_object(cfg.objective)
         optimizer = torch.optim.AdamW(
             [p for p in drafter.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
@@ -510,6 +517,15 @@ class TrainRecipe:
             batch = collate([rows[i] for i in mine], self.cfg.train.max_length)
             yield {key: value.to(self.accelerator.device) for key, value in batch.items()}
 
+    @torch.no_grad()
+    def _prepare(self, batch: dict[str, torch.Tensor], step: int, index: int) -> dict[str, torch.Tensor]:
+        """The drafter's chance to replace a training micro-batch before the target scores it (on-policy token-level
+        distillation samples the responses here). Its generator depends only on (seed, step, micro-batch, process),
+        so a resumed run makes the same choices."""
+        seed = ((self.cfg.seed * 1_000_003 + step) * 1_009 + index) * 997 + self.accelerator.process_index
+        generator = torch.Generator().manual_seed(seed)
+        return self.drafter.prepare_batch(batch, self.objective, generator)
+
     def train(self) -> dict:
         cfg, accelerator = self.cfg, self.accelerator
         loop = cfg.train
@@ -520,7 +536,7 @@ class TrainRecipe:
             self.history.append({"step": 0, **self.validate()})
         window_tokens, window_start = 0, time.perf_counter()
         for step in progress:
-            micro = [next(batches) for _ in range(loop.grad_accum)]
+            micro = [self._prepare(next(batches), step, index) for index in range(loop.grad_accum)]
             # positions trained on in the whole step, over every process: the per-token normaliser
             step_tokens = sum(self.drafter.trained_rows(batch["loss_mask"]).sum() for batch in micro)
             step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
@@ -591,7 +607,7 @@ class TrainRecipe:
         if len(self.dataset["validation"]) == 0:
             return {}
         self.module.eval()
-        objective = dataclasses.replace(self.objective, noise=0.0)
+        objective = self.objective.for_validation()
         agree = counted = 0
         batches = self._micro_batches("validation", self.cfg.train.batch_size, 0)
         global_batch = self.cfg.train.batch_size * self.accelerator.num_processes

@@ -9,6 +9,7 @@ from specdistill.distill.drafters.registry import (
     load_drafting,
     register_kind,
     registered_kinds,
+    resolve_objective,
 )
 
 discover_kinds()
@@ -21,4 +22,5 @@ __all__ = [
     "load_drafting",
     "register_kind",
     "registered_kinds",
+    "resolve_objective",
 ]

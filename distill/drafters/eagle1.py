@@ -23,14 +23,12 @@ from specdistill.distill.drafters.feature import (
     draft_config_from_target,
     rows,
     sequence_positions,
-    shift_left,
-    trained_rows,
 )
 from specdistill.distill.drafters.modules import DraftDecoderLayer, causal_bias
 from specdistill.distill.drafters.registry import register_kind
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import Linear, lean_target
-from specdistill.distill.objectives import ObjectiveConfig
+from specdistill.distill.objectives import FeatureObjective
 from specdistill.distill.target import FINAL_NORMED, TargetOutput
 
 
@@ -82,15 +80,22 @@ class Eagle1Drafter(FeatureDrafter):
         """The per-position input h_i the layers read: the tapped feature itself."""
         return features[self.feature_layers[0]]
 
-    def draft_outputs(self, input_ids, hidden, position_ids, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    def draft_outputs(self, input_ids, hidden, position_ids, bias, caches=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training forward over (t_{i+1}, h_i) pairs → (the part the LM head reads, the predicted feature that
-        is regressed and fed back); `bias` is an additive [batch, 1, rows, rows] attention bias."""
+        is regressed and fed back); `bias` is an additive [batch, 1, rows, rows] attention bias; `caches` as in
+        `unroll_step`."""
         embeds = self.target_embed(input_ids).to(hidden.dtype)
         hidden = self.mix_token(self.fc(torch.cat([embeds, hidden], dim=-1)), embeds)
         cos, sin = self._rotary(position_ids, hidden.dtype)
-        for layer in self.layers:
-            hidden, _ = layer(hidden, cos, sin, bias)
+        for index, layer in enumerate(self.layers):
+            earlier = caches[index] if caches is not None else None
+            hidden, keys_values = layer(hidden, cos, sin, bias, earlier_steps=earlier or None)
+            if caches is not None:
+                caches[index].append(keys_values)
         return self.split_output(hidden)
+
+    def unroll_step(self, input_ids, hidden, position_ids, bias, caches):
+        return self.draft_outputs(input_ids, hidden, position_ids, bias, caches)
 
     def mix_token(self, hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """What follows fc: nothing for EAGLE-1 (FSPAD's feature sampling goes here)."""
@@ -111,27 +116,25 @@ class Eagle1Drafter(FeatureDrafter):
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
         target: TargetOutput,
-        objective: ObjectiveConfig,
+        objective: FeatureObjective,
         generator: torch.Generator | None = None,
     ) -> DraftLoss:
         features = target.features[self.feature_layers[0]]
         noisy = objectives.uniform_noise(features, objective.noise, generator)
         bias = causal_bias(attention_mask, features.dtype)
-        token_part, predicted = self.draft_outputs(shift_left(input_ids, 1), noisy, sequence_positions(input_ids), bias)
-        # position i predicts f_{i+1} and the target's distribution there; only trained rows reach the LM head
-        selected = trained_rows(loss_mask)
-        predicted, token_part = rows(predicted, 0, selected), rows(token_part, 0, selected)
-        target_features, target_logits = rows(features, 1, selected), rows(target.logits, 1, selected)
-        draft_logits = self.target_lm_head(token_part)
-        per_row = objective.feature_weight * objectives.feature_regression(predicted, target_features)
-        per_row = per_row + objective.token_weight * objectives.soft_cross_entropy(draft_logits, target_logits)
-        count = selected.sum().to(predicted.dtype)
-        return DraftLoss(
-            loss_sum=per_row.sum(),
-            num_tokens=count,
-            agree=objectives.top1_agreement(draft_logits, target_logits).sum().detach()[None],
-            counted=count.detach()[None],
-        )
+
+        def step_loss(step, token_part, predicted, selected):
+            # row i of step s predicts f_{i+1+s} and the target's distribution there (the LM head reads only these rows)
+            target_features, target_logits = rows(features, 1 + step, selected), rows(target.logits, 1 + step, selected)
+            draft_logits = self.target_lm_head(token_part)
+            per_row = objective.feature_weight * objectives.feature_regression(predicted, target_features)
+            per_row = per_row + objective.token_weight * objectives.soft_cross_entropy(draft_logits, target_logits)
+            if objective.top_k_weight:
+                per_row = per_row + objective.top_k_weight * objectives.top_k_cross_entropy(
+                    draft_logits, target_logits, objective.top_k)
+            return per_row, objectives.top1_agreement(draft_logits, target_logits)
+
+        return self.unrolled_loss(input_ids, loss_mask, noisy, bias, objective, step_loss)
 
     def head(self) -> "Eagle1Head":
         return Eagle1Head(self)

@@ -26,20 +26,21 @@ from specdistill.distill.drafters.feature import (
     draft_config_from_target,
     rows,
     sequence_positions,
-    shift_left,
-    trained_rows,
 )
 from specdistill.distill.drafters.modules import DraftDecoderLayer, RMSNorm, causal_bias
 from specdistill.distill.drafters.registry import register_kind
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import Linear, rms_norm
-from specdistill.distill.objectives import ObjectiveConfig
+from specdistill.distill.errors import UserError
+from specdistill.distill.objectives import FeatureObjective
 from specdistill.distill.target import TargetOutput
 
 
 class Eagle3Config(FeatureDrafterConfig):
     model_type = "specdistill_eagle3"
     norm_before_residual: bool = False  # written out: vLLM defaults it to true when absent, the EAGLE reference is false
+    norm_before_fc: bool = False  # one RMSNorm over the concatenated taps before fc (speculators / SGLang `input_norm`)
+    fc_norm: bool = False  # an RMSNorm per tapped layer before fc (EAGLE 3.1; speculators' `fc_norm`)
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Eagle3Options(FeatureDrafterOptions):
     kind: str = "eagle3"
     draft_vocab_size: Optional[int] = 32000  # the most frequent masked tokens of the training data; None: all
     norm_before_residual: bool = False  # EAGLE 3.1: the first layer's residual is the normed fused feature
+    # normalise the taps before fc, under the names serving engines read: one RMSNorm over their concatenation
+    # (norm_before_fc, gpt-oss style) and/or one per tapped layer (fc_norm, EAGLE 3.1); per layer first when both
+    norm_before_fc: bool = False
+    fc_norm: bool = False
 
 
 def default_eagle3_layers(num_layers: int) -> list[int]:
@@ -69,7 +74,11 @@ class Eagle3Drafter(FeatureDrafter):
 
     def __init__(self, config: Eagle3Config):
         super().__init__(config)
-        self.fc = nn.Linear(len(config.feature_layers) * config.target_hidden_size, config.hidden_size, bias=False)
+        taps_width = len(config.feature_layers) * config.target_hidden_size
+        self.fc_norm = nn.ModuleList([RMSNorm(config.target_hidden_size, config.rms_norm_eps)
+                                      for _ in config.feature_layers]) if config.fc_norm else None
+        self.input_norm = RMSNorm(taps_width, config.rms_norm_eps) if config.norm_before_fc else None
+        self.fc = nn.Linear(taps_width, config.hidden_size, bias=False)
         self.layers = nn.ModuleList(
             [DraftDecoderLayer(config, reads_embeddings=index == 0) for index in range(config.num_hidden_layers)]
         )
@@ -91,7 +100,8 @@ class Eagle3Drafter(FeatureDrafter):
         draft_vocab_size = min(options.draft_vocab_size or vocab_size, vocab_size)
         config = draft_config_from_target(Eagle3Config, target.config, layers, num_hidden_layers=options.num_layers,
                                           draft_vocab_size=draft_vocab_size,
-                                          norm_before_residual=options.norm_before_residual)
+                                          norm_before_residual=options.norm_before_residual,
+                                          norm_before_fc=options.norm_before_fc, fc_norm=options.fc_norm)
         drafter = cls(config)
         counts = context.token_counts if context.token_counts is not None else torch.zeros(vocab_size, dtype=torch.long)
         drafter.set_draft_vocab(select_draft_vocab(counts, draft_vocab_size, vocab_size), target.lm_head)
@@ -115,7 +125,12 @@ class Eagle3Drafter(FeatureDrafter):
         return torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
 
     def fuse(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        return self.fc(torch.cat([features[layer_id] for layer_id in self.config.feature_layers], dim=-1))
+        """g = fc(taps), the taps normalised first where the config says so."""
+        taps = [features[layer_id] for layer_id in self.config.feature_layers]
+        if self.fc_norm is not None:
+            taps = [norm(tap) for norm, tap in zip(self.fc_norm, taps)]
+        taps = torch.cat(taps, dim=-1)
+        return self.fc(taps if self.input_norm is None else self.input_norm(taps))
 
     def step(
         self,
@@ -167,36 +182,44 @@ class Eagle3Drafter(FeatureDrafter):
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
         target: TargetOutput,
-        objective: ObjectiveConfig,
+        objective: FeatureObjective,
         generator: torch.Generator | None = None,
     ) -> DraftLoss:
         taps = {layer_id: objectives.uniform_noise(f, objective.noise, generator) for layer_id, f in target.features.items()}
         hidden = self.fuse(taps)
         bias = causal_bias(attention_mask, hidden.dtype)
-        positions = sequence_positions(input_ids)
-        caches: list[list] = [[] for _ in self.layers]
         draft_to_target = self.draft_to_target
         # the target's side once for every step: its argmax, whether that lies in the draft vocabulary (positions
         # whose best token the drafter cannot propose are not trained on) and its distribution over that vocabulary
         target_argmax = target.logits.argmax(dim=-1)
         restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target.logits, draft_to_target, target_argmax)
         target_probs = restricted.float().softmax(dim=-1)
-        loss_sum, agree, counted = hidden.new_zeros(()), [], []
-        for step, decay in enumerate(objectives.decay_weights(objective.ttt_steps, objective.ttt_decay)):
-            hidden = self.step(shift_left(input_ids, 1 + step), hidden, positions + step, bias, caches)
-            # position i predicts token i + 2 + step from the target's logits at i + 1 + step; trained rows only
-            selected = trained_rows(loss_mask, step)
-            draft_logits = self.logits(rows(hidden, 0, selected))
+
+        def step_loss(step, token_part, fed_back, selected):
+            # row i of step s predicts token i + 2 + s from the target's logits at i + 1 + s
+            draft_logits = self.logits(token_part)
             in_vocab = rows(argmax_in_vocab, 1 + step, selected).to(draft_logits.dtype)
-            cross_entropy = objectives.cross_entropy_with_probs(draft_logits, rows(target_probs, 1 + step, selected))
-            loss_sum = loss_sum + decay * (cross_entropy * in_vocab).sum()
+            per_row = objective.token_weight * objectives.cross_entropy_with_probs(
+                draft_logits, rows(target_probs, 1 + step, selected))
+            if objective.top_k_weight:
+                per_row = per_row + objective.top_k_weight * objectives.top_k_cross_entropy(
+                    draft_logits, rows(restricted, 1 + step, selected), objective.top_k)
             # agreement in the target's vocabulary, over every masked position (an honest acceptance proxy)
             draft_tokens = draft_to_target[draft_logits.argmax(dim=-1)]
-            agree.append((draft_tokens == rows(target_argmax, 1 + step, selected)).sum().to(hidden.dtype).detach())
-            counted.append(selected.sum().to(hidden.dtype))
-            if step == 0:
-                num_tokens = counted[0]
-        return DraftLoss(loss_sum, num_tokens, torch.stack(agree), torch.stack(counted))
+            return per_row * in_vocab, draft_tokens == rows(target_argmax, 1 + step, selected)
+
+        return self.unrolled_loss(input_ids, loss_mask, hidden, bias, objective, step_loss)
+
+    @classmethod
+    def check_objective(cls, objective: FeatureObjective) -> None:
+        if objective.feature_weight != 0:
+            raise UserError(f"objective.feature_weight={objective.feature_weight}: EAGLE-3's output is not in the "
+                            "target's feature space, so it has no feature loss; set it to 0 (objective=eagle3, or "
+                            "objective=hass_eagle3 for HASS)")
+
+    def unroll_step(self, input_ids, hidden, position_ids, bias, caches):
+        hidden = self.step(input_ids, hidden, position_ids, bias, caches)
+        return hidden, hidden
 
     def head(self) -> "Eagle3Head":
         return Eagle3Head(self)
@@ -214,13 +237,19 @@ class Eagle3Head(LeanFeatureHead):
             self.first_norms = (first.input_layernorm.weight.detach(), first.hidden_norm.weight.detach())
             self.norm_before_residual = first.norm_before_residual
             self.norm = drafter.norm.weight.detach()
+            self.fc_norms = None if drafter.fc_norm is None else [norm.weight.detach() for norm in drafter.fc_norm]
+            self.input_norm = None if drafter.input_norm is None else drafter.input_norm.weight.detach()
             self.lm_head = Linear(drafter.lm_head.weight)
             draft_to_target = drafter.draft_to_target
             identity = len(draft_to_target) == self.vocab_size  # the draft vocabulary is the whole vocabulary
             self.draft_to_target = None if identity else draft_to_target
 
     def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        return self.fc(torch.cat([features[layer_id] for layer_id in self.feature_layers], dim=-1))
+        taps = [features[layer_id] for layer_id in self.feature_layers]
+        if self.fc_norms is not None:
+            taps = [rms_norm(tap, weight, self.eps) for weight, tap in zip(self.fc_norms, taps)]
+        taps = torch.cat(taps, dim=-1)
+        return self.fc(taps if self.input_norm is None else rms_norm(taps, self.input_norm, self.eps))
 
     def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False):
         embeds, rotary = self.embed_and_rotary(input_ids, hidden, position_ids, cache)

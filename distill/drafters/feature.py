@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from specdistill.distill.drafting import FeatureDrafting, FeatureHead
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, position_bound
 from specdistill.distill.errors import UserError
+from specdistill.distill.objectives import FeatureObjective, HassObjective
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget, check_feature_layers
 
 
@@ -177,6 +178,34 @@ class FeatureDrafter(PreTrainedModel):
     base_model_prefix = "drafter"
     _no_split_modules = ["DraftDecoderLayer"]
     Options: type
+    Objectives: tuple[type, ...] = (FeatureObjective, HassObjective)
+
+    @classmethod
+    def check_objective(cls, objective: Any) -> None:
+        """Refuse objective values this kind cannot honour (beyond the schema type `Objectives` checks)."""
+
+    def load_initial_weights(self, path: Any) -> None:
+        """Start from the weights of the drafter folder `path` (`init_from=`): same kind, shape and target, or one
+        clear message."""
+        from safetensors.torch import load_file
+
+        from specdistill.distill.drafters.registry import read_drafter_config
+
+        saved = read_drafter_config(path)
+        mine = self.identity()
+        different = [f"{key} {saved.get(key)!r} there vs {value!r} here" for key, value in mine.items()
+                     if key != "target_name_or_path" and saved.get(key) != value]
+        if different:
+            raise UserError(f"init_from: {path} is another drafter than this run builds ({'; '.join(different)}); "
+                            "use the same drafter=, drafter.* options and target as the run that wrote it")
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"init_from: {path} has no model.safetensors; point at a complete drafter folder")
+        self.load_state_dict(load_file(str(weights)), strict=True)
+
+    def prepare_batch(self, batch: dict, objective: Any, generator: torch.Generator) -> dict:
+        """A training micro-batch before the target scores it: unchanged for feature-level heads."""
+        return batch
 
     @classmethod
     def build(cls, options: Any, context: BuildContext) -> "FeatureDrafter":
@@ -233,6 +262,51 @@ class FeatureDrafter(PreTrainedModel):
         keys = ("model_type", "feature_layers", "num_hidden_layers", "hidden_size", "draft_vocab_size", "vocab_size",
                 "target_hidden_size", "target_num_layers", "target_name_or_path", "target_fingerprint")
         return {key: getattr(self.config, key, None) for key in keys}
+
+    def unroll_step(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                    bias: torch.Tensor, caches: list[list] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unrolled training step over (t_{i+1}, h_i) pairs → (what the LM head reads, the feature fed back to
+        the next step). `caches` (one list per layer, or None for a single step) holds earlier steps' keys/values and
+        receives this step's."""
+        raise NotImplementedError
+
+    def unrolled_outputs(self, input_ids: torch.Tensor, hidden: torch.Tensor, bias: torch.Tensor,
+                         step_count: int, detach: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training-time test of EAGLE-3, which is also HASS's harmonized context alignment: at step s (HASS's
+        pass s + 1) row i reads token t_{i+1+s} at RoPE position i + s, and, in place of a target feature, the
+        drafter's own step-(s−1) output of row i; its attention sees the target-fed keys of positions ≤ i (step 0)
+        and the keys row i produced at steps 1..s, i.e. the drafter's own features for the s most recent positions,
+        exactly what it sees when drafting at depth s + 1. (HASS indexes the same computation by query position
+        p = i + s; its passes hand over detached features: `detach`.) Yields (LM-head input, fed-back feature) per
+        step."""
+        positions = sequence_positions(input_ids)
+        caches: list[list] | None = [[] for _ in self.layers] if step_count > 1 else None
+        for step in range(step_count):
+            if step and detach:
+                hidden = hidden.detach()
+            token_part, hidden = self.unroll_step(shift_left(input_ids, 1 + step), hidden, positions + step, bias,
+                                                  caches)
+            yield token_part, hidden
+
+    def unrolled_loss(
+        self, input_ids: torch.Tensor, loss_mask: torch.Tensor, hidden: torch.Tensor, bias: torch.Tensor,
+        objective: FeatureObjective,
+        step_loss: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> DraftLoss:
+        """Σ_s weight_s · Σ_rows step_loss over the objective's unrolled steps. `step_loss(step, token rows, fed-back
+        rows, selected)` gets the rows trained at that step (position i predicts token i + 2 + step) and returns
+        (per-row loss, per-row agreement of the drafter's argmax with the target's)."""
+        weights = objective.step_weights()
+        steps = self.unrolled_outputs(input_ids, hidden, bias, len(weights), objective.detach_steps)
+        loss_sum, agree, counted = hidden.new_zeros((), dtype=torch.float32), [], []
+        for step, (weight, (token_part, fed_back)) in enumerate(zip(weights, steps)):
+            selected = trained_rows(loss_mask, step)
+            per_row, agreeing = step_loss(step, rows(token_part, 0, selected), rows(fed_back, 0, selected), selected)
+            loss_sum = loss_sum + weight * per_row.sum()
+            # counts in float32: bfloat16 rounds integers above 256
+            agree.append(agreeing.sum().to(torch.float32).detach())
+            counted.append(selected.sum().to(torch.float32))
+        return DraftLoss(loss_sum, counted[0], torch.stack(agree), torch.stack(counted))
 
     def drafting(self, device: torch.device | str) -> FeatureDrafting:
         """The drafting interface the evaluator drives (after `attach_target`)."""

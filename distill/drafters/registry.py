@@ -1,14 +1,16 @@
 """The one place train/, eval/ and export look a drafter kind up.
 
 A kind is one module in distill/drafters/ (or in another installed package, see below) that defines its model class
-(a `PreTrainedModel` with its own `PretrainedConfig.model_type`, `Options` dataclass, `build`, `training_loss`,
-`trained_rows`, `identity` and `drafting` — the protocol of `feature.FeatureDrafter`) and ends with
+(`Options` dataclass, `Objectives` (the objective schemas it trains with, the first its default), `build`,
+`check_target`, `load_initial_weights`, `prepare_batch`, `training_loss`, `trained_rows`, `identity`,
+`save_pretrained` and `drafting` — the protocol of `feature.FeatureDrafter`) and ends with
 
     register_kind("<name>", ModelClass)
 
 which makes `drafter=<name>` a config choice (conf/drafter/<name>.yaml starts from the `<name>_schema` this stores
 in Hydra's ConfigStore, so a misspelled key fails at start), lets `AutoModel.from_pretrained` reload its folders,
-and lets the evaluator find it by the `model_type` in a drafter folder's config.json. Kinds in other packages are
+and lets the evaluator find it by the `model_type` in a drafter folder's config.json (a kind that saves a plain
+Hugging Face causal LM, `token_lm`, has no `config_class` of its own and loads as one). Kinds in other packages are
 found through the `specdistill.drafters` entry-point group (each entry point names a module to import).
 """
 
@@ -37,8 +39,10 @@ class DrafterKind:
     model_class: type  # the drafter's PreTrainedModel subclass
 
     @property
-    def model_type(self) -> str:
-        return self.model_class.config_class.model_type
+    def model_type(self) -> str | None:
+        """The `model_type` of the folders it saves; None when they are plain causal LMs."""
+        config_class = getattr(self.model_class, "config_class", None)
+        return None if config_class is None else config_class.model_type
 
     @property
     def options(self) -> type:
@@ -54,8 +58,9 @@ def register_kind(name: str, model_class: type) -> DrafterKind:
     if _KINDS.get(name, kind) != kind:
         raise ValueError(f"drafter kind {name!r} is already registered by {_KINDS[name].model_class.__name__}")
     _KINDS[name] = kind
-    AutoConfig.register(kind.model_type, model_class.config_class, exist_ok=True)
-    AutoModel.register(model_class.config_class, model_class, exist_ok=True)
+    if kind.model_type is not None:
+        AutoConfig.register(kind.model_type, model_class.config_class, exist_ok=True)
+        AutoModel.register(model_class.config_class, model_class, exist_ok=True)
     ConfigStore.instance().store(group="schema/drafter", name=name, node=kind.options)
     return kind
 
@@ -87,12 +92,35 @@ def drafter_kind(name: str) -> DrafterKind:
 def kind_of_model_type(model_type: str | None) -> DrafterKind | None:
     """The registered kind whose saved config.json has this `model_type`, or None (e.g. a plain causal LM)."""
     discover_kinds()
-    return next((kind for kind in _KINDS.values() if kind.model_type == model_type), None)
+    return next((kind for kind in _KINDS.values() if model_type is not None and kind.model_type == model_type), None)
 
 
 def registered_kinds() -> list[DrafterKind]:
     discover_kinds()
     return list(_KINDS.values())
+
+
+def resolve_objective(kind: DrafterKind, objective: Any) -> Any:
+    """The `objective` config as the kind's objective dataclass: the kind's default when None; a clear error when it
+    is a schema the kind does not train with (e.g. objective=fkl with drafter=eagle1) or a value is invalid."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    accepted = kind.model_class.Objectives
+    names = ", ".join(schema.__name__ for schema in accepted)
+    if objective is None:
+        return accepted[0]()
+    try:
+        value = OmegaConf.to_object(objective) if OmegaConf.is_config(objective) else objective
+    except (ValueError, OmegaConfBaseException) as error:
+        cause = error.__cause__ if isinstance(error, OmegaConfBaseException) and error.__cause__ else error
+        raise UserError(f"objective: {' '.join(str(cause).split())}") from None
+    if not isinstance(value, accepted):
+        found = type(value).__name__ if not isinstance(value, dict) else "a config without a schema"
+        raise UserError(f"objective: drafter={kind.name} trains with {names}, not {found}; pick an objective= made for "
+                        f"it (conf/objective/), or leave objective unset for its default")
+    kind.model_class.check_objective(value)
+    return value
 
 
 def read_drafter_config(path: Path) -> dict:
@@ -111,7 +139,7 @@ def read_drafter_config(path: Path) -> dict:
                         "save or train the drafter again") from None
     if not isinstance(config, dict) or not config.get("model_type"):
         raise UserError(f"drafter_path: {config_path} has no model_type, so its drafter kind is unknown; "
-                        f"known kinds: {', '.join(kind.model_type for kind in registered_kinds())} "
+                        f"known kinds: {', '.join(kind.model_type for kind in registered_kinds() if kind.model_type)} "
                         "or any Hugging Face causal LM")
     return config
 
