@@ -169,6 +169,19 @@ def exact_joint(model: LlamaForCausalLM, prompt: list[int], length: int, tempera
     return joint
 
 
+def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tuple[torch.Tensor, float]:
+    """Counts of the 5³ joint outcomes of `draws` 3-token generations (fixed seed) and the drafts' acceptance rate."""
+    generator = torch.Generator().manual_seed(0)
+    counts, accepted, reached = torch.zeros(5 ** 3), 0, 0
+    for _ in range(draws):
+        generation = decoder.generate(prompt, generator)
+        a, b, c = generation.output_ids
+        counts[a * 25 + b * 5 + c] += 1
+        accepted, reached = accepted + sum(generation.accepted), reached + sum(generation.reached)
+    print("acceptance", round(accepted / reached, 3))
+    return counts, accepted / reached
+
+
 @pytest.mark.parametrize(
     "config",
     [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
@@ -183,16 +196,8 @@ def test_sampled_speculative_output_has_the_target_distribution(config):
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
     decoder = Decoder(FrozenTarget(target_model), LMDrafting(drafter_model, "cpu"), config)
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.zeros(5 ** 3)
-    accepted = reached = 0
-    for _ in range(draws):
-        generation = decoder.generate(prompt, generator)
-        a, b, c = generation.output_ids
-        counts[a * 25 + b * 5 + c] += 1
-        accepted, reached = accepted + sum(generation.accepted), reached + sum(generation.reached)
-    print(config.method, "acceptance", round(accepted / reached, 3))
-    assert 0.2 < accepted / reached < 0.9, "drafts must be accepted and rejected often, or the test proves little"
+    counts, acceptance = sampled_joint_counts(decoder, prompt, draws)
+    assert 0.2 < acceptance < 0.9, "drafts must be accepted and rejected often, or the test proves little"
     statistic, critical = chi_square_test(counts, exact)
     print(config.method, "chi-square", round(statistic, 1), "critical", round(critical, 1))
     assert statistic < critical

@@ -20,7 +20,7 @@ from specdistill.distill.objectives import MedusaObjective
 from specdistill.distill.target import FrozenTarget
 from specdistill.eval.decoding import Decoder, DecodingConfig
 from tests.conftest import TRAIN_FAST, run_cli
-from tests.test_decoding import CHAIN, TREE, chi_square_test, exact_joint, plain_outputs, random_lm
+from tests.test_decoding import CHAIN, TREE, chi_square_test, exact_joint, plain_outputs, random_lm, sampled_joint_counts
 
 EVAL = ["target=toy_tiny", "bench=toy", "eval.num_prompts=2", "eval.max_new_tokens=16", "eval.warmup_prompts=0"]
 
@@ -175,16 +175,8 @@ def test_sampled_speculative_output_has_the_target_distribution(config):
     drafter = build(target, noise=0.3, num_heads=2).eval()  # accepted about 17% (chain) and 44% (tree)
     prompt, draws = [1, 2, 3], 3000
     exact = exact_joint(target.model, prompt, 3, config.temperature, config.top_p).flatten()
-    decoder = Decoder(target, drafter.drafting("cpu"), config)
-    generator = torch.Generator().manual_seed(0)
-    counts, accepted, reached = torch.zeros(5**3), 0, 0
-    for _ in range(draws):
-        generation = decoder.generate(prompt, generator)
-        a, b, c = generation.output_ids
-        counts[a * 25 + b * 5 + c] += 1
-        accepted, reached = accepted + sum(generation.accepted), reached + sum(generation.reached)
-    print(config.method, "medusa acceptance", round(accepted / reached, 3))
-    assert 0.1 < accepted / reached < 0.9, "drafts must be accepted and rejected often, or the test proves little"
+    counts, acceptance = sampled_joint_counts(Decoder(target, drafter.drafting("cpu"), config), prompt, draws)
+    assert 0.1 < acceptance < 0.9, "drafts must be accepted and rejected often, or the test proves little"
     statistic, critical = chi_square_test(counts, exact)
     assert statistic < critical
 
