@@ -68,7 +68,10 @@ def test_ctrl_c_ends_with_one_line_and_status_130(toy_dataset, tmp_path: Path):
     out_dir = tmp_path / "out"
     command = [sys.executable, "-c", "from specdistill.train.cli import main; main()", "train", *SMALL,
                f"data_dir={toy_dataset[0]}", f"out_dir={out_dir}", "train.max_steps=1000"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a shell starts background jobs with SIGINT ignored, and children inherit that: restore it, as a terminal has it
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=restore_sigint)
     deadline = time.monotonic() + 120
     while not (out_dir / LOCK_NAME).exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the lock is taken once the stage runs: Ctrl-C lands inside it, not in the imports
