@@ -11,7 +11,11 @@ import functools
 import sys
 from typing import Any, Callable, NoReturn, TypeVar
 
-from omegaconf.errors import MissingMandatoryValue
+try:  # omegaconf is for training; the copy of this file `export format=hf` bundles loads without it
+    from omegaconf.errors import MissingMandatoryValue
+except ImportError:  # then nothing raises it
+    class MissingMandatoryValue(Exception):  # type: ignore[no-redef]
+        """Stand-in for omegaconf's, so `exit_on_user_error` reads the same without omegaconf."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 INTERRUPTED_STATUS = 130  # the shell's status for a process ended by SIGINT

@@ -11,7 +11,7 @@ interleaved so machine noise hits all alike) → save:
 
     <out_dir>/report.json   DESIGN.md's schema (a list when several drafters are compared)
     <out_dir>/report.md     the table, per-category numbers, α per position, plots (*.png)
-    <out_dir>/generations.jsonl   per prompt and drafter: prompt, output_ids, accept_lengths
+    <out_dir>/generations.jsonl   per prompt and drafter: prompt, prompt_ids, output_ids, accept_lengths
 
 Once its config and prompts check out, and before loading the target, a run moves the previous run's report files
 into <out_dir>/previous/, so a run that fails never leaves an older report looking like its own; every file is
@@ -223,15 +223,36 @@ class EvalRecipe:
             rows = [("plain", baseline[index])] + [(name, runs[index]) for name, runs in results.items()]
             for drafter, generation in rows:
                 lines.append(json.dumps({"id": prompt.id, "category": prompt.category, "drafter": drafter,
-                                         "prompt": prompt.turns[0], "output_ids": generation.output_ids,
+                                         "prompt": prompt.turns[0], "prompt_ids": self.prompt_ids[index],
+                                         "output_ids": generation.output_ids,
                                          "accept_lengths": generation.accept_lengths}) + "\n")
         write_text_atomic(self.out_dir / "generations.jsonl", "".join(lines))
 
     def save(self, reports: list[dict]) -> dict[str, Path]:
         written = write_report(self.out_dir, reports)
+        for report in reports:
+            record_in_drafter(report)
         print("\n" + format_table(reports))
         print(f"\nreport: {self.out_dir / 'report.md'}  (report.json, generations.jsonl, plots beside it)")
         return written
+
+
+def record_in_drafter(report: dict) -> None:
+    """Keep the drafter's latest report per (bench, method, temperature, depth) in <drafter>/eval_reports.json, which
+    `specdistill export` puts in the model card. Best effort: a read-only drafter folder only loses the record."""
+    folder = Path(str(report["drafter"])).expanduser()
+    if not (folder / "config.json").is_file():  # a transformers baseline row, not a folder
+        return
+    loop = report["config"]["eval"]
+    depth = loop["gamma"] if report["method"] == "chain" else loop["tree_depth"]
+    key = f"{report['bench']}|{report['method']}|depth={depth}|T={report['temperature']}"
+    path = folder / "eval_reports.json"
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+        recorded[key] = {name: value for name, value in report.items() if name != "config"}
+        write_text_atomic(path, json.dumps(recorded, indent=1))
+    except (OSError, json.JSONDecodeError) as error:
+        log.warning("could not record the report in %s (%s)", path, error)
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:

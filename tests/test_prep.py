@@ -179,9 +179,11 @@ def test_malformed_records_are_counted_by_index_or_fatal(tmp_path: Path):
     assert f"error: data.path: no usable records in {only_bad}: 5 read, all dropped" in none_left.stderr
 
 
-def test_unbuilt_commands_say_so(tmp_path: Path):
+def test_each_command_names_what_is_missing(tmp_path: Path):
     result = run_cli("export", cwd=tmp_path)
-    assert result.returncode == 2 and "`specdistill export` is not built yet" in result.stderr
+    assert result.returncode == 2 and "error: drafter_path is required but was not set" in result.stderr
+    result = run_cli("import", cwd=tmp_path)
+    assert result.returncode == 2 and "error: source is required but was not set" in result.stderr
     result = run_cli("train", cwd=tmp_path)  # built: a missing mandatory key is named
     assert result.returncode == 2 and "error: data_dir is required but was not set" in result.stderr
     result = run_cli("eval", cwd=tmp_path)

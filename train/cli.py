@@ -4,6 +4,7 @@
     specdistill train  target=toy drafter=eagle3 data_dir=...
     specdistill eval   target=toy drafter_path=... bench=toy
     specdistill export drafter_path=... format=vllm
+    specdistill import source=<engine folder> out_dir=...
     specdistill run    experiment=quickstart
 
 Everything after the sub-command goes to the stage's Hydra app unchanged (overrides, --multirun, --help, --cfg).
@@ -17,20 +18,21 @@ import sys
 
 from specdistill.distill.errors import exit_interrupted
 
-# sub-command → (module, description); module None: not built yet.
-STAGES: dict[str, tuple[str | None, str]] = {
+# sub-command → (module, description)
+STAGES: dict[str, tuple[str, str]] = {
     "prep": ("specdistill.data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
     "train": ("specdistill.train.train", "distill a drafter from the frozen target → drafter checkpoint"),
     "eval": ("specdistill.eval.eval", "speculative decoding with a drafter → τ, α, speedup report"),
-    "export": (None, "write a drafter in vLLM / SGLang / Hub layout"),
+    "export": ("specdistill.train.export", "write a drafter in vLLM / SGLang / speculators / Hub layout (+ push)"),
+    "import": ("specdistill.train.import_drafter", "read a vLLM / SGLang / speculators drafter folder back"),
     "run": ("specdistill.train.run", "prep → train → eval end to end (experiment=quickstart)"),
 }
 
 
 def usage() -> str:
     lines = ["usage: specdistill <command> [key=value ...] [--multirun] [--help]", "", "commands:"]
-    for command, (module, description) in STAGES.items():
-        lines.append(f"  {command:<8}{description}{'' if module else '  (not built yet)'}")
+    for command, (_, description) in STAGES.items():
+        lines.append(f"  {command:<8}{description}")
     lines += ["", "`specdistill <command> --help` shows a command's config groups and keys."]
     return "\n".join(lines)
 
@@ -49,9 +51,6 @@ def run_stage(command: str, overrides: list[str]) -> None:
         print(f"error: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     module, _ = STAGES[command]
-    if module is None:
-        print(f"error: `specdistill {command}` is not built yet in this version of specdistill.", file=sys.stderr)
-        sys.exit(2)
     sys.argv = [f"specdistill {command}", *overrides]
     try:
         _quiet_deepspeed_on_cpu()

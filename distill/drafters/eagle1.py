@@ -24,6 +24,13 @@ from specdistill.distill.drafters.feature import (
     rows,
     sequence_positions,
 )
+from specdistill.distill.drafters.engine_layouts import (
+    EngineLayout,
+    ExportUnsupported,
+    check_engine_tensors,
+    llama_layer_config,
+    read_llama_layer_config,
+)
 from specdistill.distill.drafters.modules import DraftDecoderLayer, causal_bias
 from specdistill.distill.drafters.registry import register_kind
 from specdistill.distill.kv_cache import KVCache
@@ -139,6 +146,54 @@ class Eagle1Drafter(FeatureDrafter):
     def head(self) -> "Eagle1Head":
         return Eagle1Head(self)
 
+    # ---- serving engines' layouts (distill/drafters/engine_layouts.py has the facts they rest on) ----
+
+    export_formats = ("vllm", "sglang")
+    engine_architectures = ("EagleLlamaForCausalLM", "LlamaForCausalLMEagle")  # what import reads
+
+    def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:
+        """EAGLE-1 as vLLM's EagleLlamaForCausalLM or SGLang's LlamaForCausalLMEagle reads it: a Llama config of the
+        draft layers, `fc`, `layers.N.*` (layer 0 without input norm), the LM head left to the target's.
+
+        vLLM's fc has no bias. Ours has one (the EAGLE reference's), and it folds exactly into attention biases:
+        layer 0 reads h + b unnormed, so q/k/v = W(h + b) = Wh + Wb, and the residual's + b is o_proj's bias."""
+        where = f"format={format}"
+        if list(self.config.feature_layers) != [FINAL_NORMED]:
+            raise ExportUnsupported(f"{where}: serving engines feed EAGLE-1 the target's final normed state; this "
+                                    f"drafter reads feature_layers {list(self.config.feature_layers)}")
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        engine_config = llama_layer_config(self.config, self.dtype)
+        if format == "sglang":
+            return EngineLayout(format, {**engine_config, "architectures": ["LlamaForCausalLMEagle"]}, tensors)
+        if format != "vllm":
+            raise ExportUnsupported(f"{where}: an EAGLE-1 drafter exports to {', '.join(self.export_formats)} or hf")
+        fc_bias = tensors.pop("fc.bias")
+        if bool(fc_bias.any()):
+            engine_config["attention_bias"] = True
+            for index in range(self.config.num_hidden_layers):
+                prefix = f"layers.{index}.self_attn"
+                for projection in ("q_proj", "k_proj", "v_proj"):
+                    weight = tensors[f"{prefix}.{projection}.weight"]
+                    bias = weight.double() @ fc_bias.double() if index == 0 else torch.zeros(weight.shape[0])
+                    tensors[f"{prefix}.{projection}.bias"] = bias.to(weight.dtype)
+                tensors[f"{prefix}.o_proj.bias"] = fc_bias if index == 0 else torch.zeros_like(fc_bias)
+        return EngineLayout(format, {**engine_config, "architectures": ["EagleLlamaForCausalLM"]}, tensors)
+
+    @classmethod
+    def from_engine_layout(cls, layout: EngineLayout, where: str) -> "Eagle1Drafter":
+        """The inverse of `engine_layout`, attention biases unfolded back into fc's bias (refused when they are not
+        a folded fc bias: specdistill's layers have no attention biases)."""
+        config = Eagle1Config(**read_llama_layer_config(layout.config, where), feature_layers=[FINAL_NORMED],
+                              **{key: value for key, value in layout.provenance.items() if value is not None})
+        drafter = Eagle1Drafter(config)
+        tensors = dict(layout.tensors)
+        if layout.format == "vllm":
+            tensors["fc.bias"] = unfold_fc_bias(tensors, config.num_hidden_layers, where)
+        expected = {name: tuple(tensor.shape) for name, tensor in drafter.state_dict().items()}
+        check_engine_tensors(tensors, expected, where, ignored=("embed_tokens.weight", "lm_head.weight"))
+        drafter.load_state_dict({name: tensors[name] for name in expected})
+        return drafter
+
 
 class Eagle1Head(LeanFeatureHead):
     """EAGLE-1's decoding forward: fc([embed(t); h]) → layers → f̂ (fed back), logits = the target's LM head(f̂).
@@ -166,6 +221,28 @@ class Eagle1Head(LeanFeatureHead):
 
     def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return output, output
+
+
+def unfold_fc_bias(tensors: dict[str, torch.Tensor], num_layers: int, where: str) -> torch.Tensor:
+    """fc's bias from a vLLM EAGLE-1 checkpoint (popping the attention biases `engine_layout` folded it into);
+    zero when there are none."""
+    names = [f"layers.{index}.self_attn.{projection}.bias" for index in range(num_layers)
+             for projection in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    biases = {name: tensors.pop(name) for name in names if name in tensors}
+    hidden = tensors["fc.weight"].shape[0]
+    if not biases:
+        return torch.zeros(hidden, dtype=tensors["fc.weight"].dtype)
+    fc_bias = biases.get("layers.0.self_attn.o_proj.bias")
+    folded = fc_bias is not None and len(biases) == len(names) and all(
+        torch.allclose(biases[f"layers.0.self_attn.{projection}.bias"].double(),
+                       tensors[f"layers.0.self_attn.{projection}.weight"].double() @ fc_bias.double(),
+                       rtol=1e-3, atol=1e-5)
+        for projection in ("q_proj", "k_proj", "v_proj")
+    ) and all(not bool(bias.any()) for name, bias in biases.items() if not name.startswith("layers.0."))
+    if not folded:
+        raise ExportUnsupported(f"{where}: the draft layers have attention biases that are not a folded fc bias; "
+                                "specdistill's EAGLE-1 layers have none, so it cannot import this drafter exactly")
+    return fc_bias
 
 
 register_kind("eagle1", Eagle1Drafter)

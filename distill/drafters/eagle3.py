@@ -27,6 +27,15 @@ from specdistill.distill.drafters.feature import (
     rows,
     sequence_positions,
 )
+from specdistill.distill.drafters.engine_layouts import (
+    EngineLayout,
+    ExportUnsupported,
+    ascending_taps,
+    check_engine_tensors,
+    checked_draft_ids,
+    llama_layer_config,
+    read_llama_layer_config,
+)
 from specdistill.distill.drafters.modules import DraftDecoderLayer, RMSNorm, causal_bias
 from specdistill.distill.drafters.registry import register_kind
 from specdistill.distill.kv_cache import KVCache
@@ -49,7 +58,8 @@ class Eagle3Options(FeatureDrafterOptions):
     draft_vocab_size: Optional[int] = 32000  # the most frequent masked tokens of the training data; None: all
     norm_before_residual: bool = False  # EAGLE 3.1: the first layer's residual is the normed fused feature
     # normalise the taps before fc, under the names serving engines read: one RMSNorm over their concatenation
-    # (norm_before_fc, gpt-oss style) and/or one per tapped layer (fc_norm, EAGLE 3.1); per layer first when both
+    # (norm_before_fc, gpt-oss style) and/or one per tapped layer (fc_norm, EAGLE 3.1); when both, the concatenation
+    # first, as vLLM's Eagle3LlamaForCausalLM.combine_hidden_states does
     norm_before_fc: bool = False
     fc_norm: bool = False
 
@@ -126,11 +136,12 @@ class Eagle3Drafter(FeatureDrafter):
 
     def fuse(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """g = fc(taps), the taps normalised first where the config says so."""
-        taps = [features[layer_id] for layer_id in self.config.feature_layers]
+        taps = torch.cat([features[layer_id] for layer_id in self.config.feature_layers], dim=-1)
+        if self.input_norm is not None:
+            taps = self.input_norm(taps)
         if self.fc_norm is not None:
-            taps = [norm(tap) for norm, tap in zip(self.fc_norm, taps)]
-        taps = torch.cat(taps, dim=-1)
-        return self.fc(taps if self.input_norm is None else self.input_norm(taps))
+            taps = torch.cat([norm(tap) for norm, tap in zip(self.fc_norm, taps.chunk(len(self.fc_norm), dim=-1))], -1)
+        return self.fc(taps)
 
     def step(
         self,
@@ -224,6 +235,140 @@ class Eagle3Drafter(FeatureDrafter):
     def head(self) -> "Eagle3Head":
         return Eagle3Head(self)
 
+    # ---- serving engines' layouts (distill/drafters/engine_layouts.py has the facts they rest on) ----
+
+    export_formats = ("vllm", "speculators", "sglang")
+    engine_architectures = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator")  # import reads
+
+    def check_target(self, target, where: str) -> None:
+        """Also: every draft id maps into the target's vocabulary (a d2t of ids instead of offsets fails here)."""
+        super().check_target(target, where)
+        checked_draft_ids(self.draft_to_target.cpu(), target.config.vocab_size, where)
+
+    def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:
+        """This drafter as `format`'s engine reads it. The taps are written in ascending order (fc's columns, and
+        the norms before fc, permuted to match), as engines concatenate them; SGLang reads layer-output ids."""
+        config, where = self.config, f"format={format}"
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        taps, order, columns = ascending_taps(list(config.feature_layers), config.target_hidden_size, where)
+        tensors["fc.weight"] = tensors["fc.weight"][:, columns].contiguous()
+        if config.norm_before_fc:
+            tensors["input_norm.weight"] = tensors["input_norm.weight"][columns].contiguous()
+        if config.fc_norm:
+            norms = [tensors.pop(f"fc_norm.{index}.weight") for index in range(len(order))]
+            tensors.update({f"fc_norm.{new}.weight": norms[old] for new, old in enumerate(order)})
+        if config.draft_vocab_size == config.vocab_size:
+            # the whole vocabulary: vLLM then has no draft_id_to_target_id parameter and refuses a d2t tensor
+            del tensors["d2t"], tensors["t2d"]
+        layer_config = llama_layer_config(config, self.dtype)
+        eagle_fields = {"draft_vocab_size": config.draft_vocab_size, "target_hidden_size": config.target_hidden_size,
+                        "norm_before_residual": config.norm_before_residual, "norm_before_fc": config.norm_before_fc,
+                        "fc_norm": config.fc_norm, "norm_output": False}
+        if format == "vllm":
+            engine_config = {**layer_config, "architectures": ["LlamaForCausalLMEagle3"], **eagle_fields,
+                             "eagle_config": {"eagle_aux_hidden_state_layer_ids": taps, "use_aux_hidden_state": True}}
+        elif format == "speculators":
+            engine_config = {
+                "architectures": ["Eagle3Speculator"],
+                "speculators_model_type": "eagle3",
+                "speculators_config": {
+                    "algorithm": "eagle3",
+                    "default_proposal_method": "greedy",
+                    "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens,
+                                          "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+                    "verifier": {"name_or_path": config.target_name_or_path,
+                                 **({"revision": config.target_revision} if config.target_revision else {})},
+                },
+                "transformer_layer_config": {**layer_config, "architectures": ["LlamaForCausalLM"]},
+                **eagle_fields,
+                "eagle_aux_hidden_state_layer_ids": taps,
+                "torch_dtype": layer_config["torch_dtype"],
+            }
+        elif format == "sglang":
+            engine_config = self._sglang_config(layer_config, taps, where)
+            tensors = {name.replace("layers.0.", "midlayer.", 1): tensor for name, tensor in tensors.items()}
+        else:
+            raise ExportUnsupported(f"{where}: an EAGLE-3 drafter exports to {', '.join(self.export_formats)} or hf")
+        return EngineLayout(format, engine_config, tensors)
+
+    def _sglang_config(self, layer_config: dict, taps: list[int], where: str) -> dict:
+        """SGLang's LlamaForCausalLMEagle3 drops config keys it does not know without a word, so any option it does
+        not read is refused here rather than written and lost."""
+        config = self.config
+        unread = [name for name in ("norm_before_residual", "norm_before_fc", "fc_norm") if getattr(config, name)]
+        if unread:
+            raise ExportUnsupported(f"{where}: SGLang's LlamaForCausalLMEagle3 does not read {', '.join(unread)}, so "
+                                    "it would serve another model than the one trained; export with format=vllm or "
+                                    "format=speculators")
+        if config.num_hidden_layers != 1:
+            raise ExportUnsupported(f"{where}: SGLang's LlamaForCausalLMEagle3 has one draft layer (`midlayer`); this "
+                                    f"drafter has {config.num_hidden_layers} (drafter.num_layers); export with "
+                                    "format=vllm")
+        # SGLang names a tap by the layer whose *output* it is (= the input of the next layer, our id − 1), and reads
+        # a list that starts at 2 as layer inputs (sglang PR #25454): such a list would be read one layer off
+        outputs = [layer_id - 1 for layer_id in taps]
+        if outputs[0] < 0 or outputs[0] == 2:
+            raise ExportUnsupported(f"{where}: taps {taps} (layer inputs) are layer outputs {outputs} in SGLang's "
+                                    "convention, which SGLang cannot read unambiguously; export with format=vllm")
+        extra = {"target_hidden_size": config.target_hidden_size} if config.target_hidden_size != config.hidden_size else {}
+        return {**layer_config, "architectures": ["LlamaForCausalLMEagle3"], "draft_vocab_size": config.draft_vocab_size,
+                **extra, "eagle_config": {"eagle_aux_hidden_state_layer_ids": outputs, "use_aux_hidden_state": True}}
+
+    @classmethod
+    def from_engine_layout(cls, layout: EngineLayout, where: str) -> "Eagle3Drafter":
+        """The inverse of `engine_layout`: an engine checkpoint (ours or a published one) → our drafter, after
+        checking every tensor against its config (shapes, d2t inside the vocabulary)."""
+        engine_config, tensors = layout.config, dict(layout.tensors)
+        if layout.format == "speculators":
+            if engine_config.get("speculators_model_type") != "eagle3":
+                raise ExportUnsupported(f"{where}: speculators_model_type is "
+                                        f"{engine_config.get('speculators_model_type')!r}, not 'eagle3'")
+            layer_config, taps = engine_config.get("transformer_layer_config") or {}, \
+                engine_config.get("eagle_aux_hidden_state_layer_ids")
+            # vLLM reads a speculators config without norm_before_residual as true
+            fields = {**engine_config, "norm_before_residual": engine_config.get("norm_before_residual", True)}
+            verifier = (engine_config.get("speculators_config") or {}).get("verifier") or {}
+            known = {"target_name_or_path": verifier.get("name_or_path"), "target_revision": verifier.get("revision")}
+        else:
+            layer_config = fields = engine_config
+            # vLLM reads a top-level list first (gpu_model_runner._get_eagle3_aux_layers_from_config), then eagle_config's
+            taps = engine_config.get("eagle_aux_hidden_state_layer_ids") or \
+                (engine_config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+            if layout.format == "sglang":
+                taps = None if taps is None else [layer_id + 1 for layer_id in taps]
+            known = {}
+        # the reference checkpoints name their one layer `midlayer`; vLLM maps it to layers.0 (hf_to_vllm_mapper)
+        tensors = {name.replace("midlayer.", "layers.0.", 1): tensor for name, tensor in tensors.items()}
+        known.update({key: value for key, value in layout.provenance.items() if value is not None})
+        values = read_llama_layer_config(layer_config, where)
+        if not taps:
+            raise ExportUnsupported(f"{where}: config.json does not name the tapped layers "
+                                    "(eagle_aux_hidden_state_layer_ids); engines would guess them, we do not")
+        config = Eagle3Config(
+            **values, feature_layers=list(taps), draft_vocab_size=fields.get("draft_vocab_size") or values["vocab_size"],
+            target_hidden_size=fields.get("target_hidden_size") or values["hidden_size"],
+            norm_before_residual=bool(fields.get("norm_before_residual", False)),
+            norm_before_fc=bool(fields.get("norm_before_fc", False)), fc_norm=bool(fields.get("fc_norm", False)),
+            **known)
+        if fields.get("norm_output"):
+            raise ExportUnsupported(f"{where}: norm_output=true (the normed output fed back) is not a variant "
+                                    "specdistill trains")
+        drafter = cls(config)
+        expected = {name: tuple(tensor.shape) for name, tensor in drafter.state_dict().items()}
+        check_engine_tensors(tensors, {name: shape for name, shape in expected.items() if name not in ("d2t", "t2d")},
+                             where, ignored=("d2t", "t2d", "embed_tokens.weight"))
+        d2t = tensors.get("d2t")
+        if d2t is None and config.draft_vocab_size != config.vocab_size:
+            raise UserError(f"{where}: the draft vocabulary ({config.draft_vocab_size}) is smaller than the "
+                            f"vocabulary ({config.vocab_size}) but model.safetensors has no d2t mapping")
+        draft_ids = torch.arange(config.draft_vocab_size) + (d2t.long() if d2t is not None else 0)
+        order = checked_draft_ids(draft_ids, config.vocab_size, where)
+        tensors["lm_head.weight"] = tensors["lm_head.weight"][order]  # our draft ids are ascending target ids
+        drafter.load_state_dict({name: tensors[name] for name in expected if name not in ("d2t", "t2d")}, strict=False)
+        drafter.set_draft_vocab(draft_ids[order])
+        return drafter
+
+
 
 class Eagle3Head(LeanFeatureHead):
     """EAGLE-3's decoding forward: h is the fused feature fc(layers ‖ …); the first layer's attention reads
@@ -245,11 +390,13 @@ class Eagle3Head(LeanFeatureHead):
             self.draft_to_target = None if identity else draft_to_target
 
     def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        taps = [features[layer_id] for layer_id in self.feature_layers]
+        taps = torch.cat([features[layer_id] for layer_id in self.feature_layers], dim=-1)
+        if self.input_norm is not None:
+            taps = rms_norm(taps, self.input_norm, self.eps)
         if self.fc_norms is not None:
-            taps = [rms_norm(tap, weight, self.eps) for weight, tap in zip(self.fc_norms, taps)]
-        taps = torch.cat(taps, dim=-1)
-        return self.fc(taps if self.input_norm is None else rms_norm(taps, self.input_norm, self.eps))
+            chunks = taps.chunk(len(self.fc_norms), dim=-1)
+            taps = torch.cat([rms_norm(tap, weight, self.eps) for weight, tap in zip(self.fc_norms, chunks)], dim=-1)
+        return self.fc(taps)
 
     def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False):
         embeds, rotary = self.embed_and_rotary(input_ids, hidden, position_ids, cache)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdistill.distill.drafters.eagle1 import Eagle1Drafter, Eagle1Head, Eagle1Options
+from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
 from specdistill.distill.drafters.feature import FeatureDrafterConfig
 from specdistill.distill.drafters.modules import MLP, DraftDecoderLayer, RMSNorm
 from specdistill.distill.drafters.registry import register_kind
@@ -70,6 +71,15 @@ class FspadDrafter(Eagle1Drafter):
         super().__init__(config)
         self.sampler = FeatureSampler(config) if config.feature_sampling else None
         self.post_init()
+
+    def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:
+        """No serving engine runs FSPAD's feature sampling or its split output; with both off it is EAGLE-1 exactly
+        and exports as one."""
+        switched_on = [name for name in ("feature_sampling", "partial_alignment") if getattr(self.config, name)]
+        if switched_on:
+            raise ExportUnsupported(f"format={format}: no serving engine runs FSPAD's {' and '.join(switched_on)}; "
+                                    "export format=hf (our own folder), or train with both switched off (= EAGLE-1)")
+        return super().engine_layout(format, speculative_tokens)
 
     @classmethod
     def config_overrides(cls, options: FspadOptions) -> dict:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel
 
@@ -61,6 +60,10 @@ def register_kind(name: str, model_class: type) -> DrafterKind:
     if kind.model_type is not None:
         AutoConfig.register(kind.model_type, model_class.config_class, exist_ok=True)
         AutoModel.register(model_class.config_class, model_class, exist_ok=True)
+    try:  # Hydra is for training; the copy of this file `export format=hf` bundles loads without it
+        from hydra.core.config_store import ConfigStore
+    except ImportError:
+        return kind
     ConfigStore.instance().store(group="schema/drafter", name=name, node=kind.options)
     return kind
 
@@ -103,8 +106,11 @@ def registered_kinds() -> list[DrafterKind]:
 def resolve_objective(kind: DrafterKind, objective: Any) -> Any:
     """The `objective` config as the kind's objective dataclass: the kind's default when None; a clear error when it
     is a schema the kind does not train with (e.g. objective=fkl with drafter=eagle1) or a value is invalid."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    try:  # in a `try`, which transformers' import check skips: `export format=hf` bundles this file
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError as error:
+        raise UserError(f"objective: resolving an objective needs omegaconf ({error}); install specdistill") from None
 
     accepted = kind.model_class.Objectives
     names = ", ".join(schema.__name__ for schema in accepted)
@@ -120,6 +126,26 @@ def resolve_objective(kind: DrafterKind, objective: Any) -> Any:
         raise UserError(f"objective: drafter={kind.name} trains with {names}, not {found}; pick an objective= made for "
                         f"it (conf/objective/), or leave objective unset for its default")
     kind.model_class.check_objective(value)
+    return value
+
+
+def kind_of_engine_architecture(architecture: str) -> DrafterKind | None:
+    """The kind that imports serving-engine checkpoints of this `architectures` entry (its `engine_architectures`)."""
+    discover_kinds()
+    return next((kind for kind in _KINDS.values()
+                 if architecture in vars(kind.model_class).get("engine_architectures", ())), None)
+
+
+def read_json_file(path: Path, key: str) -> dict:
+    """A JSON object file, with one clear message (naming the config key `key`) for each way it can be unusable."""
+    if not path.is_file():
+        raise UserError(f"{key}: {path.parent} has no {path.name}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{key}: {path} is not valid JSON ({error}); the folder is damaged") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{key}: {path} does not hold a JSON object; the folder is damaged")
     return value
 
 
@@ -150,12 +176,39 @@ def load_weights_checked(model_class: type, path: Path, **kwargs: Any) -> Any:
     if not weights.is_file() and not (path / "model.safetensors.index.json").is_file():
         raise UserError(f"drafter_path: {path} has no model.safetensors; the drafter was not saved completely "
                         "(train it again, or point at a complete drafter folder)")
+    check_weight_shapes(model_class, path)
     try:
         return model_class.from_pretrained(path, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"drafter_path: cannot load the weights in {path} ({first_line}); the file is damaged or "
                         "truncated: train or copy the drafter again") from None
+
+
+def check_weight_shapes(model_class: type, path: Path) -> None:
+    """Every tensor in model.safetensors has the shape config.json gives it (and none is missing): one message naming
+    the first that differs, rather than transformers' report or, worse, a silently re-initialised weight."""
+    from safetensors import safe_open
+
+    weights = path / "model.safetensors"
+    if not weights.is_file() or not hasattr(model_class, "config_class"):  # sharded, or an Auto class: transformers
+        return                                                               # checks those itself
+    config = model_class.config_class.from_pretrained(path)
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"drafter_path: cannot load the weights in {path} ({error}); the file is damaged or "
+                        "truncated: train or copy the drafter again") from None
+    for name, shape in expected.items():
+        if name not in saved:
+            raise UserError(f"drafter_path: {weights} has no tensor {name}; config.json and the weights do not belong "
+                            "together (train, export or import the drafter again)")
+        if saved[name] != shape:
+            raise UserError(f"drafter_path: tensor {name} in {weights} has shape {saved[name]}, but config.json "
+                            f"implies {shape}; config.json and the weights do not belong together")
 
 
 def load_drafting(drafter_path: str, target: FrozenTarget, device: torch.device | str,

