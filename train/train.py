@@ -419,14 +419,14 @@ class TrainRecipe:
 
         cfg = self.cfg
         set_seed(cfg.seed)
+        kind = drafter_kind(cfg.drafter.kind)
+        self.objective = resolve_objective(kind, cfg.objective)  # a wrong objective fails before anything loads
         tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
         self.dataset, token_counts = load_prepared_dataset(self.data_dir, tokenizer)
         model = load_target_model(cfg.target, cfg.cache_dir, device=self.accelerator.device)
         self.target = FrozenTarget(model)
-        kind = drafter_kind(cfg.drafter.kind)
         context = BuildContext(self.target, token_counts, eagle3_layers(cfg.target),
                                str(cfg.target.name_or_path), cfg.target.revision)
-        self.objective = resolve_objective(kind, cfg.objective)
         drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context)
         drafter.check_target(self.target, "drafter")
         if cfg.init_from is not None:  # before any checkpoint: a resumed run continues from its own weights
