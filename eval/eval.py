@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +201,7 @@ class EvalRecipe:
     def _common(self, drafter: str) -> dict:
         loop = self.cfg.eval
         return {"target": str(self.cfg.target.name_or_path), "drafter": drafter, "bench": str(self.cfg.bench.name),
-                "temperature": float(loop.temperature), "method": loop.method.value,
+                "temperature": float(loop.temperature), "method": loop.method.value, "hardware": hardware(self.device),
                 "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)}
 
     def _report(self, path: str, baseline: list[Generation], generations: list[Generation], check: str) -> dict:
@@ -235,6 +237,13 @@ class EvalRecipe:
         print("\n" + format_table(reports))
         print(f"\nreport: {self.out_dir / 'report.md'}  (report.json, generations.jsonl, plots beside it)")
         return written
+
+
+def hardware(device: torch.device) -> str:
+    """What the numbers were measured on, for the report and the model card: the GPU's name, or the CPU's cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
 def record_in_drafter(report: dict) -> None:
