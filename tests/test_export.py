@@ -330,6 +330,21 @@ def test_cli_export_then_import_loads_for_the_target(tiny, tmp_path):
     assert registry.load_drafting(str(back), tiny.target, "cpu") is not None
 
 
+def test_a_published_checkpoint_imports_and_continues_training(tiny, tmp_path):
+    """A checkpoint without our provenance file (as published by others) records no target depth or fingerprint;
+    `train init_from=` still starts from it (shapes, taps and vocabulary compared) and takes its weights and d2t."""
+    published = build("eagle3", tiny.target, **EAGLE3)
+    (tmp_path / "published").mkdir()
+    write_layout(published.engine_layout("vllm"), tmp_path / "published")
+    (tmp_path / "published" / "specdistill_export.json").unlink()
+    import_drafter(tmp_path / "published", tmp_path / "imported")
+    torch.manual_seed(1)
+    fresh = Eagle3Drafter.build(Eagle3Drafter.Options(**EAGLE3), BuildContext(tiny.target))  # another draft vocab
+    fresh.load_initial_weights(tmp_path / "imported")
+    for name, tensor in published.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. load-time checks
 

@@ -193,8 +193,11 @@ class FeatureDrafter(PreTrainedModel):
 
         saved = read_drafter_config(path)
         mine = self.identity()
+        # a drafter imported from an engine checkpoint (specdistill import) records no target depth or fingerprint:
+        # unknown, not different (its shapes, taps and vocabulary are still compared)
+        unrecorded = {key for key in ("target_num_layers", "target_fingerprint") if saved.get(key) is None}
         different = [f"{key} {saved.get(key)!r} there vs {value!r} here" for key, value in mine.items()
-                     if key != "target_name_or_path" and saved.get(key) != value]
+                     if key != "target_name_or_path" and key not in unrecorded and saved.get(key) != value]
         if different:
             raise UserError(f"init_from: {path} is another drafter than this run builds ({'; '.join(different)}); "
                             "use the same drafter=, drafter.* options and target as the run that wrote it")
