@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from stages import REPO, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
 
-REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "conf" / "experiment"
 
 
@@ -52,15 +51,6 @@ ROWS = [
     Row("hass_eagle3", "HASS on EAGLE-3 (stage A 240 + B 60)", ["hass_eagle3_stage_a_toy", "hass_eagle3_stage_b_toy"]),
     Row("medusa", "Medusa (5 heads)", ["medusa_toy"]),
 ]
-
-
-def specdistill(*args: str, log: Path) -> None:
-    """Run one `specdistill` stage, its output in `log`; stop with the log's tail when it fails."""
-    command = [sys.executable, "-m", "specdistill.train.cli", *args]
-    with log.open("w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
-    if result.returncode != 0:
-        sys.exit(f"failed ({result.returncode}): {' '.join(args)}\n{log.read_text()[-3000:]}")
 
 
 def preset(name: str):

@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from stages import REPO, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
+
 sys.path.insert(0, str(REPO / "benchmarks" / "serving"))
 from vllm_env import VLLM_VERSION, ensure_vllm_env  # noqa: E402
 
@@ -37,15 +38,6 @@ KINDS = {
     "eagle3": (["drafter=eagle3", "objective=eagle3", "objective.ttt_steps=3"], {"vllm": "eagle3", "speculators": None}),
     "eagle1": (["drafter=eagle1", "objective=eagle1"], {"vllm": "eagle"}),
 }
-
-
-def specdistill(*args: str, log: Path) -> None:
-    """One `specdistill` stage, its output in `log`; stop with the log's tail when it fails."""
-    with log.open("w") as handle:
-        result = subprocess.run([sys.executable, "-m", "specdistill.train.cli", *args], stdout=handle,
-                                stderr=subprocess.STDOUT, cwd=REPO)
-    if result.returncode != 0:
-        sys.exit(f"failed ({result.returncode}): specdistill {' '.join(args)}\n{log.read_text()[-3000:]}")
 
 
 def train_drafter(out_dir: Path, kind: str, steps: int) -> Path:

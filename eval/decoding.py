@@ -42,6 +42,11 @@ class DecodingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
 
+    @property
+    def draft_depth(self) -> int:
+        """Draft positions a step can reach: gamma for a chain, tree_depth for a tree."""
+        return self.gamma if self.method == "chain" else self.tree_depth
+
 
 @dataclass
 class Generation:
@@ -234,8 +239,8 @@ class Decoder:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], generator: torch.Generator | None = None) -> Generation:
         config = self.config
-        depth_limit = config.gamma if config.method == "chain" else config.tree_depth
-        result = Generation([], [], [0] * depth_limit, [0] * depth_limit)
+        depth = config.draft_depth
+        result = Generation([], [], [0] * depth, [0] * depth)
         _sync(self.device)
         started = time.perf_counter()
         prompt = torch.tensor([prompt_ids], device=self.device)
@@ -267,7 +272,7 @@ class Decoder:
                 verify_started = time.perf_counter()
                 committed, rows, output = self.verify_tree(root, tree, generator)
             accepted = len(committed) - 1
-            for position in range(min(accepted + 1, depth_limit)):
+            for position in range(min(accepted + 1, depth)):
                 result.reached[position] += 1
                 result.accepted[position] += position < accepted
             done = self._commit(result, committed)

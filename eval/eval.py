@@ -205,10 +205,9 @@ class EvalRecipe:
                 "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)}
 
     def _report(self, path: str, baseline: list[Generation], generations: list[Generation], check: str) -> dict:
-        depth = self.decoding.gamma if self.decoding.method == "chain" else self.decoding.tree_depth
         categories = [prompt.category for prompt in self.prompts]
-        return {**self._common(path), **summarize(generations, baseline, categories, depth), "lossless_check": check,
-                "lossless_check_method": self._lossless_check_method()}
+        return {**self._common(path), **summarize(generations, baseline, categories, self.decoding.draft_depth),
+                "lossless_check": check, "lossless_check_method": self._lossless_check_method()}
 
     def _hf_report(self, name: str, runs: list[tuple[list[int], float]], baseline: list[Generation]) -> dict:
         speed = sum(len(ids) for ids, _ in runs) / max(sum(seconds for _, seconds in runs), 1e-12)
@@ -233,7 +232,7 @@ class EvalRecipe:
     def save(self, reports: list[dict]) -> dict[str, Path]:
         written = write_report(self.out_dir, reports)
         for report in reports:
-            record_in_drafter(report)
+            record_in_drafter(report, self.decoding.draft_depth)
         print("\n" + format_table(reports))
         print(f"\nreport: {self.out_dir / 'report.md'}  (report.json, generations.jsonl, plots beside it)")
         return written
@@ -246,14 +245,12 @@ def hardware(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
-def record_in_drafter(report: dict) -> None:
+def record_in_drafter(report: dict, depth: int) -> None:
     """Keep the drafter's latest report per (bench, method, temperature, depth) in <drafter>/eval_reports.json, which
     `specdistill export` puts in the model card. Best effort: a read-only drafter folder only loses the record."""
     folder = Path(str(report["drafter"])).expanduser()
     if not (folder / "config.json").is_file():  # a transformers baseline row, not a folder
         return
-    loop = report["config"]["eval"]
-    depth = loop["gamma"] if report["method"] == "chain" else loop["tree_depth"]
     key = f"{report['bench']}|{report['method']}|depth={depth}|T={report['temperature']}"
     path = folder / "eval_reports.json"
     try:

@@ -185,6 +185,17 @@ def test_another_drafter_in_the_repo_is_refused_naming_the_field(export_dir: Pat
     assert "upload_folder" not in api.methods()
 
 
+def test_a_vllm_layout_repo_is_compared_through_its_specdistill_export_json(export_dir: Path) -> None:
+    """vLLM's EAGLE-3 config names neither base model nor kind; the export's specdistill_export.json does."""
+    repos = repo_with_config({"architectures": ["LlamaForCausalLMEagle3"]})
+    repos[REPO]["main"]["specdistill_export.json"] = json.dumps(
+        {"target_name_or_path": "Qwen/Qwen3-8B", "specdistill_kind": "eagle3"}).encode()
+    api = RecordingHub(repos)
+    with pytest.raises(UserError, match="base_model 'Qwen/Qwen3-8B' there"):
+        push_export(export_dir, PushConfig(repo_id=REPO), IDENTITY, api=api)
+    assert "upload_folder" not in api.methods()
+
+
 def test_no_token_is_one_clear_error(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_TOKEN")
     api = RecordingHub()

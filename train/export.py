@@ -71,14 +71,6 @@ def register_configs() -> None:
 
 # ---- setup ------------------------------------------------------------------------------------------------------
 
-def load_drafter(path: Path) -> tuple[Optional[registry.DrafterKind], Any]:
-    """(kind, drafter) of a drafter folder; (None, None) for a plain causal LM (token_lm), which exports as is."""
-    kind = registry.kind_of_model_type(registry.read_drafter_config(path)["model_type"])
-    if kind is None:
-        return None, None
-    return kind, registry.load_weights_checked(kind.model_class, path)
-
-
 def formats_of(kind: Optional[registry.DrafterKind]) -> tuple[str, ...]:
     """The formats a kind exports to: its own engine layouts, plus `hf` (our folder) for every kind."""
     if kind is None:
@@ -115,6 +107,7 @@ def serve_commands(kind: Optional[registry.DrafterKind], format: str, target: st
     kind_name = kind.name if kind else "token_lm"
     if format == "hf":
         return {"python": f"from transformers import AutoModel\n"
+                          f"# trust_remote_code runs the modelling files in this folder (specdistill's own): read them first\n"
                           f"drafter = AutoModel.from_pretrained({drafter!r}, trust_remote_code=True)"}
     if format == "speculators":
         return {"vllm": f"vllm serve {drafter}"}
@@ -162,9 +155,10 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
         raise UserError(f"speculative_tokens={cfg.speculative_tokens}: it must be an integer ≥ 1")
     if out_dir.resolve() == drafter_path.resolve():
         raise UserError(f"out_dir: {out_dir} is the drafter folder itself; export into another folder")
-    kind, drafter = load_drafter(drafter_path)
-    check_format(kind, format, drafter_path)
-    config = json.loads((drafter_path / "config.json").read_text())
+    config = registry.read_drafter_config(drafter_path)
+    kind = registry.kind_of_model_type(config["model_type"])  # None: a plain causal LM (token_lm), exported as is
+    check_format(kind, format, drafter_path)  # before loading any weights
+    drafter = None if kind is None else registry.load_weights_checked(kind.model_class, drafter_path)
     if cfg.verifier:
         config["target_name_or_path"] = cfg.verifier
         if drafter is not None:
@@ -173,18 +167,14 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
                   "source": str(drafter_path.resolve()), "feature_layers": config.get("feature_layers"),
                   **{key: config.get(key) for key in PROVENANCE_KEYS}}
     with replace_folder(out_dir) as staging:
-        if format == "hf":
-            export_hf_folder(kind, drafter_path, staging)
-            engine_config = json.loads((staging / "config.json").read_text())
-        elif drafter is None:  # a plain causal LM is already what vLLM's draft-model mode loads
-            copy_causal_lm(drafter_path, staging)
-            engine_config = config
-        else:
+        if drafter is not None and format != "hf":
             layout = cast(drafter.engine_layout(format, cfg.speculative_tokens), cfg.dtype)
             layout.provenance.update(provenance)
-            write_layout(layout, staging)
+            write_layout(layout, staging)  # (provenance included)
             engine_config = layout.config
-        if not (staging / PROVENANCE_FILE).is_file():
+        else:  # our own folder, or a plain causal LM, which is already what vLLM's draft-model mode loads
+            export_hf_folder(kind, drafter_path, staging)
+            engine_config = json.loads((staging / "config.json").read_text())
             (staging / PROVENANCE_FILE).write_text(json_text(provenance, indent=2) + "\n")
         location = cfg.push.repo_id or str(out_dir.resolve())
         target = config.get("target_name_or_path") or config.get("_name_or_path") or "<target>"

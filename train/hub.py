@@ -163,38 +163,35 @@ def refuse_leaked_token(folder: Path, files: list[str], token: str) -> None:
 
 
 def remote_config(api: HfApi, repo_id: str, revision: str | None) -> dict | None:
-    """The repo's config.json on `revision` (None: main), or None when it has none. Raises RevisionNotFoundError
-    when the branch does not exist."""
-    with tempfile.TemporaryDirectory() as cache_dir:  # a throw-away cache: the file is read once, here
-        try:
-            path = api.hf_hub_download(repo_id, "config.json", revision=revision, repo_type="model",
-                                       cache_dir=cache_dir)
-        except RemoteEntryNotFoundError:
-            return None
-        try:
-            config = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            config = None
+    """The repo's config.json on `revision` (None: main), or None when it has none, with the drafter's base model and
+    kind from specdistill_export.json when the config names neither. Raises RevisionNotFoundError when the branch
+    does not exist."""
+    try:
+        config = remote_json(api, repo_id, "config.json", revision)
+    except RemoteEntryNotFoundError:
+        return None
     if not isinstance(config, dict):
         raise UserError(f"push: {repo_id} already holds a config.json that is not a model config; push to another "
                         "push.repo_id, or to a new branch with push.revision=<name>")
-    provenance = remote_provenance(api, repo_id, revision)
-    if provenance and "specdistill" not in config:  # engine configs (vLLM's plain Llama one) name neither
+    try:  # what `specdistill export` writes beside the engine's files
+        provenance = remote_json(api, repo_id, "specdistill_export.json", revision)
+    except RemoteEntryNotFoundError:
+        provenance = None
+    if isinstance(provenance, dict) and "specdistill" not in config:  # engine configs (vLLM's Llama one) name neither
         config["specdistill"] = {"base_model": provenance.get("target_name_or_path"),
                                  "draft_kind": provenance.get("specdistill_kind")}
     return config
 
 
-def remote_provenance(api: HfApi, repo_id: str, revision: str | None) -> dict:
-    """The repo's specdistill_export.json (what `specdistill export` writes beside the engine's files), or {}."""
-    with tempfile.TemporaryDirectory() as cache_dir:
+def remote_json(api: HfApi, repo_id: str, filename: str, revision: str | None) -> Any:
+    """A JSON file of the repo on `revision`: its value, or None when it is not valid JSON. Raises
+    RemoteEntryNotFoundError when the repo has no such file."""
+    with tempfile.TemporaryDirectory() as cache_dir:  # a throw-away cache: the file is read once, here
+        path = api.hf_hub_download(repo_id, filename, revision=revision, repo_type="model", cache_dir=cache_dir)
         try:
-            path = api.hf_hub_download(repo_id, "specdistill_export.json", revision=revision, repo_type="model",
-                                       cache_dir=cache_dir)
-            value = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (RemoteEntryNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return {}
-    return value if isinstance(value, dict) else {}
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
 
 
 def check_same_drafter(remote: dict, identity: dict, repo_id: str, revision: str | None) -> None:

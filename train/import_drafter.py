@@ -47,7 +47,9 @@ def register_configs() -> None:
 
 def read_layout(source: Path, format: Optional[str]) -> EngineLayout:
     """config.json, model.safetensors and our provenance file of an engine folder, with one clear message each."""
-    config = registry.read_json_file(source / "config.json", "source")
+    config = registry.read_json_file(source / "config.json", "source",
+                                     "pass a drafter folder in a serving engine's layout (config.json, model.safetensors)",
+                                     "export or download it again")
     weights = source / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"source: {source} has no model.safetensors (sharded or .bin checkpoints: save it as one "

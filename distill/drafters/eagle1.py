@@ -27,7 +27,8 @@ from specdistill.distill.drafters.feature import (
 from specdistill.distill.drafters.engine_layouts import (
     EngineLayout,
     ExportUnsupported,
-    check_engine_tensors,
+    check_tensor_shapes,
+    shapes_of,
     llama_layer_config,
     read_llama_layer_config,
 )
@@ -189,8 +190,9 @@ class Eagle1Drafter(FeatureDrafter):
         tensors = dict(layout.tensors)
         if layout.format == "vllm":
             tensors["fc.bias"] = unfold_fc_bias(tensors, config.num_hidden_layers, where)
-        expected = {name: tuple(tensor.shape) for name, tensor in drafter.state_dict().items()}
-        check_engine_tensors(tensors, expected, where, ignored=("embed_tokens.weight", "lm_head.weight"))
+        expected = shapes_of(drafter.state_dict())
+        check_tensor_shapes(shapes_of(tensors), expected, where, "model.safetensors",
+                            ignored=("embed_tokens.weight", "lm_head.weight"))
         drafter.load_state_dict({name: tensors[name] for name in expected})
         return drafter
 

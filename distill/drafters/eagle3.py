@@ -31,7 +31,8 @@ from specdistill.distill.drafters.engine_layouts import (
     EngineLayout,
     ExportUnsupported,
     ascending_taps,
-    check_engine_tensors,
+    check_tensor_shapes,
+    shapes_of,
     checked_draft_ids,
     llama_layer_config,
     read_llama_layer_config,
@@ -354,9 +355,10 @@ class Eagle3Drafter(FeatureDrafter):
             raise ExportUnsupported(f"{where}: norm_output=true (the normed output fed back) is not a variant "
                                     "specdistill trains")
         drafter = cls(config)
-        expected = {name: tuple(tensor.shape) for name, tensor in drafter.state_dict().items()}
-        check_engine_tensors(tensors, {name: shape for name, shape in expected.items() if name not in ("d2t", "t2d")},
-                             where, ignored=("d2t", "t2d", "embed_tokens.weight"))
+        expected = shapes_of(drafter.state_dict())
+        check_tensor_shapes(shapes_of(tensors), {name: shape for name, shape in expected.items()
+                                                 if name not in ("d2t", "t2d")},
+                            where, "model.safetensors", ignored=("d2t", "t2d", "embed_tokens.weight"))
         d2t = tensors.get("d2t")
         if d2t is None and config.draft_vocab_size != config.vocab_size:
             raise UserError(f"{where}: the draft vocabulary ({config.draft_vocab_size}) is smaller than the "

@@ -111,23 +111,28 @@ def ascending_taps(feature_layers: list[int], width: int, where: str) -> tuple[l
     return [feature_layers[index] for index in order], order, columns
 
 
-def check_engine_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str,
-                         ignored: tuple[str, ...] = ()) -> None:
-    """Every tensor the drafter needs is there with its shape, and nothing else but the `ignored` names: one clear
-    message for the first difference (a converter that drops or adds a tensor is the usual cause of an export that
-    loads and then accepts nothing)."""
-    missing = sorted(set(expected) - set(tensors))
+def shapes_of(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+
+def check_tensor_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str,
+                        source: str, ignored: tuple[str, ...] | None = ()) -> None:
+    """Every tensor the drafter needs is in `source` (its `shapes`) with the shape its config implies, and nothing
+    else but the `ignored` names (None: extra tensors are not checked): one clear message for the first difference
+    (a converter that drops or adds a tensor is the usual cause of a drafter that loads and then accepts nothing)."""
+    missing = sorted(set(expected) - set(shapes))
     if missing:
-        raise UserError(f"{where}: model.safetensors lacks {', '.join(missing[:5])}"
-                        f"{' …' if len(missing) > 5 else ''}; the checkpoint is incomplete or of another kind")
-    unknown = sorted(set(tensors) - set(expected) - set(ignored))
+        raise UserError(f"{where}: {source} lacks {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; "
+                        "config.json and the weights do not belong together (the checkpoint is incomplete or of "
+                        "another kind)")
+    unknown = [] if ignored is None else sorted(set(shapes) - set(expected) - set(ignored))
     if unknown:
-        raise UserError(f"{where}: model.safetensors has tensors this drafter does not have ({', '.join(unknown[:5])}"
+        raise UserError(f"{where}: {source} has tensors this drafter does not have ({', '.join(unknown[:5])}"
                         f"{' …' if len(unknown) > 5 else ''}); it was saved by another kind or another configuration")
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise UserError(f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, but config.json "
-                            f"implies {tuple(shape)}; config and weights do not belong together")
+        if tuple(shapes[name]) != tuple(shape):
+            raise UserError(f"{where}: tensor {name} in {source} has shape {tuple(shapes[name])}, but config.json "
+                            f"implies {tuple(shape)}; config.json and the weights do not belong together")
 
 
 def checked_draft_ids(draft_ids: torch.Tensor, vocab_size: int, where: str) -> torch.Tensor:

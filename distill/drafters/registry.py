@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel
 
+from specdistill.distill.drafters.engine_layouts import check_tensor_shapes, shapes_of
 from specdistill.distill.errors import UserError
 from specdistill.distill.target import FrozenTarget
 
@@ -136,35 +137,29 @@ def kind_of_engine_architecture(architecture: str) -> DrafterKind | None:
                  if architecture in vars(kind.model_class).get("engine_architectures", ())), None)
 
 
-def read_json_file(path: Path, key: str) -> dict:
-    """A JSON object file, with one clear message (naming the config key `key`) for each way it can be unusable."""
+def read_json_file(path: Path, key: str, missing: str, damaged: str) -> dict:
+    """A JSON object file, with one clear message (naming the config key `key`) for each way it can be unusable:
+    `missing` says what to pass instead, `damaged` what to do about a damaged folder."""
     if not path.is_file():
-        raise UserError(f"{key}: {path.parent} has no {path.name}")
+        raise UserError(f"{key}: {path.parent} has no {path.name}; {missing}")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{key}: {path} is not valid JSON ({error}); the folder is damaged") from None
+        raise UserError(f"{key}: {path} is not valid JSON ({error}); the folder is damaged, {damaged}") from None
     if not isinstance(value, dict):
-        raise UserError(f"{key}: {path} does not hold a JSON object; the folder is damaged")
+        raise UserError(f"{key}: {path} does not hold a JSON object; the folder is damaged, {damaged}")
     return value
 
 
 def read_drafter_config(path: Path) -> dict:
     """config.json of a drafter folder, with one clear message for each way it can be unusable."""
-    config_path = path / "config.json"
+    what_to_pass = ("pass the `drafter` folder that `specdistill train` wrote (<out_dir>/drafter) or a Hugging Face "
+                    "causal LM folder")
     if not path.is_dir():
-        raise UserError(f"drafter_path: {path} is not a folder; pass the `drafter` folder that `specdistill train` "
-                        "wrote (<out_dir>/drafter) or a Hugging Face causal LM folder")
-    if not config_path.is_file():
-        raise UserError(f"drafter_path: {path} has no config.json; pass the `drafter` folder that `specdistill train` "
-                        "wrote (<out_dir>/drafter) or a Hugging Face causal LM folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"drafter_path: {config_path} is not valid JSON ({error}); the folder is damaged, "
-                        "save or train the drafter again") from None
-    if not isinstance(config, dict) or not config.get("model_type"):
-        raise UserError(f"drafter_path: {config_path} has no model_type, so its drafter kind is unknown; "
+        raise UserError(f"drafter_path: {path} is not a folder; {what_to_pass}")
+    config = read_json_file(path / "config.json", "drafter_path", what_to_pass, "save or train the drafter again")
+    if not config.get("model_type"):
+        raise UserError(f"drafter_path: {path / 'config.json'} has no model_type, so its drafter kind is unknown; "
                         f"known kinds: {', '.join(kind.model_type for kind in registered_kinds() if kind.model_type)} "
                         "or any Hugging Face causal LM")
     return config
@@ -195,20 +190,14 @@ def check_weight_shapes(model_class: type, path: Path) -> None:
         return                                                               # checks those itself
     config = model_class.config_class.from_pretrained(path)
     with torch.device("meta"):
-        expected = {name: tuple(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
+        expected = shapes_of(model_class(config).state_dict())
     try:
         with safe_open(weights, framework="pt") as handle:
             saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise UserError(f"drafter_path: cannot load the weights in {path} ({error}); the file is damaged or "
                         "truncated: train or copy the drafter again") from None
-    for name, shape in expected.items():
-        if name not in saved:
-            raise UserError(f"drafter_path: {weights} has no tensor {name}; config.json and the weights do not belong "
-                            "together (train, export or import the drafter again)")
-        if saved[name] != shape:
-            raise UserError(f"drafter_path: tensor {name} in {weights} has shape {saved[name]}, but config.json "
-                            f"implies {shape}; config.json and the weights do not belong together")
+    check_tensor_shapes(saved, expected, "drafter_path", str(weights), ignored=None)
 
 
 def load_drafting(drafter_path: str, target: FrozenTarget, device: torch.device | str,
