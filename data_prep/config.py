@@ -56,9 +56,30 @@ class DataConfig:
     regen: RegenerateConfig = field(default_factory=RegenerateConfig)
 
 
+class CacheDType(Enum):
+    bf16 = "bf16"
+    fp8 = "fp8"  # float8_e4m3fn with a float32 scale per row (row amax / 448)
+    fp32 = "fp32"  # exact: training from it equals online training
+
+
+@dataclass
+class FeaturesConfig:
+    """The offline feature cache (data_prep/features.py): the target runs once over the dataset, and
+    `specdistill train features.source=cache` reads what the drafters' losses need instead of running it."""
+
+    cache: bool = False  # write <out_dir>/features after the dataset
+    # target layer ids to cache (-1: the final normed state); None: every layer a feature drafter of this target reads
+    # (its EAGLE-3 taps, and -1 for EAGLE-1 / FSPAD / HASS / Medusa)
+    layers: Optional[list[int]] = None
+    dtype: CacheDType = CacheDType.bf16
+    shard_records: int = 64  # records per shard file (a re-run skips finished shards)
+    batch_size: int = 8  # records per target forward
+
+
 @dataclass
 class PrepConfig(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
 def register_configs() -> None:

@@ -10,6 +10,8 @@ setup (tokenizer, records) → parse → [regenerate with the target] → tokeni
     <out_dir>/dataset/               datasets.DatasetDict (train, validation): input_ids, loss_mask
     <out_dir>/dataset/stats.json     records in / kept / dropped by reason, tokens, masked fraction, tokenizer
     <out_dir>/dataset/token_counts.safetensors   "counts": int64[vocab], masked-token frequencies (train split)
+    <out_dir>/features/              with features.cache=true: the target's features for `train features.source=cache`
+                                     (data_prep/features.py)
 
 The dataset folder is written under a temporary name and renamed when complete.
 """
@@ -182,6 +184,10 @@ def prep(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # setup
+    if cfg.features.cache:  # the drafter modules it imports load transformers: only when asked for
+        from specdistill.data_prep.features import check_features_config, write_feature_cache
+
+        check_features_config(cfg.features)
     records, source = read_records(cfg.data, builtin_sources(cfg.seed))  # before the tokenizer: fail fast
     if len(records) == 0:
         raise UserError(f"data.path: {source} holds no records")
@@ -231,6 +237,8 @@ def prep(cfg: DictConfig) -> Path:
     }
     dataset_dir = save_dataset(train, validation, counts, stats, out_dir)
     log_summary(stats, errors, dataset_dir)
+    if cfg.features.cache:
+        write_feature_cache(cfg, dataset_dir, tokenizer)
     return dataset_dir
 
 

@@ -127,3 +127,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the vocabulary: `train` checks that a dataset was prepared for its target's tokenizer."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    """The tokenizer's EOS plus the generation config's (chat models end a turn with their own token)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return ids

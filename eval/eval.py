@@ -38,7 +38,7 @@ from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import replace_folder, write_text_atomic
 from specdistill.distill.drafters import load_drafting
 from specdistill.distill.target import FrozenTarget
-from specdistill.distill.targets import load_target_model, load_target_tokenizer
+from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
 from specdistill.eval.benches import load_bench, render_prompt
 from specdistill.eval.config import check_loop_ranges, register_configs
 from specdistill.eval.decoding import Decoder, DecodingConfig, Generation
@@ -83,14 +83,6 @@ def move_previous_report(out_dir: Path) -> None:
         for path in found:
             path.rename(staging / path.name)
     log.info("moved the previous report (%s) to %s", ", ".join(p.name for p in found), out_dir / "previous")
-
-
-def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
-    """The tokenizer's EOS plus the generation config's (chat models end a turn with their own token)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    return ids
 
 
 class EvalRecipe:

@@ -44,6 +44,12 @@ def test_drafter_learns_to_agree_with_the_target(kind, trained_drafter):
     if kind == "eagle3":  # the later training-time-test steps learn too
         for step in (1, 2):
             assert trained[f"val_top1_step{step}"] > untrained[f"val_top1_step{step}"] + 0.1
+    # τ by the real decoder on validation prompts, beside the proxy: the untrained drafter is almost never accepted
+    print(kind, "decoded tau", untrained["val_tau"], "→", trained["val_tau"], "proxy", trained["val_tau_proxy"])
+    assert untrained["val_tau"] < 1.1 and trained["val_tau"] > untrained["val_tau"] + 0.15
+    alphas = [trained[f"val_alpha_pos{k}"] for k in range(1, 6)]  # tau_gamma=5 positions, each a rate
+    assert all(0 <= alpha <= 1 for alpha in alphas) and alphas[0] > 0.2 and "val_alpha_pos6" not in trained
+    assert "val_tau" in result.stderr and "τ" in result.stdout  # the progress bar and the closing line show it
     # the saved drafter reloads through the Auto classes
     drafter = AutoModel.from_pretrained(tmp_path / "drafter")
     assert drafter.config.model_type == f"specdistill_{kind}"
@@ -155,3 +161,18 @@ def test_wandb_logger_records_the_run_offline(toy_dataset, tmp_path: Path):
     content = record.read_bytes()
     assert b"data_dir" in content and b"feature_weight" in content  # the resolved config is logged
     assert b"val_top1" in content  # and the metrics
+
+
+def test_decoded_tau_does_not_change_training(toy_dataset, tmp_path: Path):
+    """The decoder drafts from a copy of the weights: runs with and without it train identically."""
+    dataset_dir, _ = toy_dataset
+    args = ["drafter=eagle1", f"data_dir={dataset_dir}", "train.max_steps=12", "train.eval_every=4",
+            "train.eval_batches=1", *FAST]
+    runs = {}
+    for prompts in (0, 3):
+        result = run_cli("train", *args, f"train.tau_prompts={prompts}", f"out_dir={tmp_path}/{prompts}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[prompts] = summary(tmp_path / str(prompts))
+    assert all("val_tau" not in record for record in runs[0])
+    assert [record["step"] for record in runs[3] if "val_tau" in record] == [0, 4, 8, 12]
+    assert_same_history(runs[0], runs[3], ("loss", "val_top1", "grad_norm"), rel=0, abs=0)

@@ -6,6 +6,7 @@
     specdistill export drafter_path=... format=vllm
     specdistill import source=<engine folder> out_dir=...
     specdistill run    experiment=quickstart
+    specdistill sweep  'train_overrides=["data_dir=..."]' 'search_space={optim.lr:{type:float,low:1e-4,high:1e-3,log:true}}'
 
 Everything after the sub-command goes to the stage's Hydra app unchanged (overrides, --multirun, --help, --cfg).
 """
@@ -26,6 +27,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("specdistill.train.export", "write a drafter in vLLM / SGLang / speculators / Hub layout (+ push)"),
     "import": ("specdistill.train.import_drafter", "read a vLLM / SGLang / speculators drafter folder back"),
     "run": ("specdistill.train.run", "prep → train → eval end to end (experiment=quickstart)"),
+    "sweep": ("specdistill.train.sweep", "Optuna search over train settings, a train run per trial → sweep_summary.md"),
 }
 
 

@@ -55,9 +55,27 @@ class LoopConfig:
     mixed_precision: MixedPrecision = MixedPrecision.auto
     eval_every: int = 200
     eval_batches: int = 20  # validation micro-batches per evaluation
+    # τ by the real decoder (chain, greedy) at every evaluation, on the prompts of this many validation records (the
+    # tokens before their first trained token); 0: only the top-1 proxy
+    tau_prompts: int = 8
+    tau_gamma: int = 5  # drafted tokens per step (capped at what the drafter can draft, e.g. Medusa's heads)
+    tau_max_new_tokens: int = 64
     checkpoint_every: int = 500
     keep_last: int = 2  # newest checkpoints kept (at least one)
     log_every: int = 10
+
+
+class FeatureSource(Enum):
+    online = "online"  # the frozen target runs in every step
+    cache = "cache"  # read from the cache `specdistill prep features.cache=true` wrote (distill/feature_cache.py)
+
+
+@dataclass
+class FeaturesConfig:
+    """Where the target's features and logits come from while training."""
+
+    source: FeatureSource = FeatureSource.online
+    path: Optional[str] = None  # the cache folder (source=cache); None: <data_dir>/../features, where prep writes it
 
 
 @dataclass
@@ -74,6 +92,7 @@ class TrainConfig(StageConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     # auto: continue the run in out_dir (same settings) from its newest checkpoint; never: start a new run, refused
     # when out_dir already holds one
     resume: str = "auto"

@@ -42,7 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from specdistill.conf import CONFIG_DIR
-from specdistill.distill.targets import eagle3_layers, load_target_model, load_target_tokenizer, tokenizer_fingerprint
+from specdistill.distill.targets import (eagle3_layers, eos_token_ids, load_target_model, load_target_tokenizer,
+                                        tokenizer_fingerprint)
 from specdistill.distill.drafters import drafter_kind, resolve_objective
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.errors import UserError, exit_on_user_error
@@ -51,6 +52,7 @@ from specdistill.distill.outputs import (hold_out_dir, json_text, recover_folder
 from specdistill.distill.objectives import Objective, expected_accept_length
 from specdistill.distill.target import FrozenTarget
 from specdistill.train.config import register_configs
+from specdistill.train.live_tau import decode_counts, snapshot_drafting, tau_metrics, validation_prompts
 
 log = logging.getLogger("specdistill.train")
 CHECKPOINT_PREFIX = "step_"
@@ -58,7 +60,8 @@ TRAINER_STATE = "trainer_state.json"
 # keys a resumed run may change: where things live, what is logged, how often it evaluates and checkpoints
 # (train.max_steps may grow; checked on its own)
 RESUMABLE_CHANGES = ("out_dir", "cache_dir", "resume", "logger.", "train.max_steps", "train.log_every",
-                     "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_last")
+                     "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_last",
+                     "train.tau_")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,12 +422,19 @@ class TrainRecipe:
 
         cfg = self.cfg
         set_seed(cfg.seed)
+        for key in ("tau_gamma", "tau_max_new_tokens"):
+            if cfg.train[key] < 1:
+                raise UserError(f"train.{key}={cfg.train[key]} must be at least 1 (train.tau_prompts=0 turns the decoded τ off)")
+        if cfg.train.tau_prompts < 0:
+            raise UserError(f"train.tau_prompts={cfg.train.tau_prompts} is negative; 0 turns the decoded τ off")
         kind = drafter_kind(cfg.drafter.kind)
         self.objective = resolve_objective(kind, cfg.objective)  # a wrong objective fails before anything loads
         tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
         self.dataset, token_counts = load_prepared_dataset(self.data_dir, tokenizer)
         model = load_target_model(cfg.target, cfg.cache_dir, device=self.accelerator.device)
         self.target = FrozenTarget(model)
+        self.eos_token_ids = eos_token_ids(tokenizer, model)
+        self.tau_prompts = validation_prompts(self.dataset["validation"], cfg.train.tau_prompts)
         context = BuildContext(self.target, token_counts, eagle3_layers(cfg.target),
                                str(cfg.target.name_or_path), cfg.target.revision)
         drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context)
@@ -436,6 +446,13 @@ class TrainRecipe:
         log.info("drafter %s reads target layers %s; objective %s", kind.name, list(drafter.feature_layers),
                  type(self.objective).__name__)
         self.drafter = drafter
+        self.feature_cache = None
+        if cfg.features.source.name == "cache":  # the target's forward is not run: prep's cache stands in for it
+            from specdistill.distill.feature_cache import open_feature_cache
+
+            path = Path(cfg.features.path).expanduser() if cfg.features.path else self.data_dir.parent / "features"
+            self.feature_cache = open_feature_cache(path, self.target, self.dataset, drafter.feature_layers,
+                                                    self.objective, self.data_dir)
         optimizer = torch.optim.AdamW(
             [p for p in drafter.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
@@ -515,7 +532,16 @@ class TrainRecipe:
         for indices in micro_batch_indices(len(rows), batch_size * world, self.cfg.seed, start):
             mine = indices[rank::world] or indices[:1]
             batch = collate([rows[i] for i in mine], self.cfg.train.max_length)
+            batch["index"] = torch.tensor(mine)  # each row's record: the feature cache is read by it
             yield {key: value.to(self.accelerator.device) for key, value in batch.items()}
+
+    def _target_output(self, batch: dict[str, torch.Tensor], split: str, for_training: bool = False) -> Any:
+        """What the target gives the drafter's loss for this micro-batch of `split`: its logits and the drafter's
+        feature layers, from its forward or (features.source=cache) from prep's feature cache."""
+        if self.feature_cache is not None:
+            return self.feature_cache.target_output(split, batch["index"], batch["input_ids"], batch["loss_mask"])
+        return self.target(batch["input_ids"], batch["attention_mask"], feature_layers=self.drafter.feature_layers,
+                           for_training=for_training)
 
     @torch.no_grad()
     def _prepare(self, batch: dict[str, torch.Tensor], step: int, index: int) -> dict[str, torch.Tensor]:
@@ -543,8 +569,7 @@ class TrainRecipe:
             loss_total, local_tokens, agree, counted = 0.0, 0, 0, 0
             self.module.train()
             for index, batch in enumerate(micro):
-                target_output = self.target(batch["input_ids"], batch["attention_mask"],
-                                            feature_layers=self.drafter.feature_layers, for_training=True)
+                target_output = self._target_output(batch, "train", for_training=True)
                 sync = index == len(micro) - 1
                 with accelerator.no_sync(self.module) if not sync else nullcontext():
                     loss = self.module(batch, target_output)
@@ -573,8 +598,10 @@ class TrainRecipe:
                 elapsed = time.perf_counter() - window_start
                 record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                 window_tokens, window_start = 0, time.perf_counter()
-                progress.set_postfix(loss=f"{loss_value:.3f}", tau_proxy=f"{expected_accept_length(agreement):.2f}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                shown = {"loss": f"{loss_value:.3f}", "tau_proxy": f"{expected_accept_length(agreement):.2f}"}
+                if "val_tau" in record:  # the real decoder's τ beside the proxy
+                    shown["val_tau"] = f"{record['val_tau']:.2f}"
+                progress.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
                 accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step + 1)
             if (step + 1) % loop.checkpoint_every == 0 and step + 1 < loop.max_steps:
                 save_checkpoint(accelerator, self.out_dir, step + 1, loop.keep_last,
@@ -613,7 +640,7 @@ class TrainRecipe:
         global_batch = self.cfg.train.batch_size * self.accelerator.num_processes
         for _ in range(min(self.cfg.train.eval_batches, batches_per_epoch(len(self.dataset["validation"]), global_batch))):
             batch = next(batches)
-            target_output = self.target(batch["input_ids"], batch["attention_mask"], feature_layers=self.drafter.feature_layers)
+            target_output = self._target_output(batch, "validation")
             loss = self.drafter.training_loss(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                                               target_output, objective)
             agree, counted = agree + loss.agree, counted + loss.counted
@@ -622,7 +649,18 @@ class TrainRecipe:
         per_step = (agree / counted.clamp(min=1)).tolist()
         metrics = {"val_top1": per_step[0], "val_tau_proxy": expected_accept_length(per_step)}
         metrics.update({f"val_top1_step{step}": value for step, value in enumerate(per_step)})
+        if self.tau_prompts:
+            metrics.update(self.decoded_tau())
         return metrics
+
+    def decoded_tau(self) -> dict:
+        """τ and α per position by the real decoder (chain, greedy) with the current weights (train/live_tau.py);
+        each process decodes its share of the prompts."""
+        loop, accelerator = self.cfg.train, self.accelerator
+        mine = self.tau_prompts[accelerator.process_index :: accelerator.num_processes]
+        drafting = snapshot_drafting(self.drafter, self.target, accelerator.device)
+        counts = decode_counts(drafting, self.target, mine, loop.tau_gamma, loop.tau_max_new_tokens, self.eos_token_ids)
+        return tau_metrics(accelerator.reduce(counts.to(accelerator.device), "sum").cpu())
 
     def save(self, final_metrics: dict) -> Path:
         """The drafter (save_pretrained, safetensors), the resolved config and a summary, renamed into place."""
@@ -637,7 +675,9 @@ class TrainRecipe:
                            "schedule": self.schedule}
                 (staging / "summary.json").write_text(json_text(summary, indent=1))
             print(f"train: step {final_metrics.get('step')}: loss {_metric(final_metrics, 'loss', '.4f')}, "
-                  f"validation top-1 {_metric(final_metrics, 'val_top1', '.3f')}\ntrain: wrote {final}")
+                  f"validation top-1 {_metric(final_metrics, 'val_top1', '.3f')}, "
+                  f"τ {_metric(final_metrics, 'val_tau', '.2f')} (decoded; proxy "
+                  f"{_metric(final_metrics, 'val_tau_proxy', '.2f')})\ntrain: wrote {final}")
         accelerator.wait_for_everyone()  # no process tears the group down while the drafter is being written
         accelerator.end_training()
         return final
@@ -662,10 +702,14 @@ def train(cfg: DictConfig) -> Path:
 register_configs()
 
 
+from specdistill.train.sweep import sweep_job  # noqa: E402  (the --multirun job wrapper; it never imports this module)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+@sweep_job  # --multirun: returns the job's metric, records a failure in job_result.json and goes on (train/sweep.py)
+def main(cfg: DictConfig) -> Path:
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,507 @@
+"""Hyperparameter sweeps over `specdistill train`: Hydra's --multirun with a ranked summary, and an Optuna search.
+
+    # Hydra's basic sweeper: every combination, one job after another (jobs in <sweep dir>/<job number>)
+    specdistill train --multirun target=toy_tiny data_dir=<prep out>/dataset train.max_steps=300 \
+        optim.lr=1e-4,3e-4 objective.ttt_steps=3,7
+    specdistill train --multirun ... hydra.sweep.dir=<that sweep's dir>     # resume: finished jobs return at once
+    specdistill train --multirun ... hydra.callbacks.sweep_summary.metric=val_top1   # rank by another final metric
+
+    # Optuna (TPE), one train process per trial (jobs in <out_dir>/jobs/<the trial's params>)
+    specdistill sweep out_dir=sweeps/lr n_trials=20 \
+        'train_overrides=["target=toy_tiny","data_dir=<prep out>/dataset","train.max_steps=300"]' \
+        'search_space={optim.lr:{type:float,low:1e-4,high:3e-3,log:true},objective.ttt_steps:{type:int,low:3,high:7}}'
+    specdistill sweep ... out_dir=sweeps/lr n_trials=30                     # resume the study; finished trials count
+
+Both write <sweep dir>/sweep_summary.json and sweep_summary.md: the jobs ranked by `metric` (a key of the `final`
+dict in each job's drafter/summary.json; default val_tau, τ of the real speculative decoder on validation prompts),
+each with its overrides, out_dir, status and, when it failed, its one-line error. A failed job (a bad value, a diverged
+run) is recorded and the sweep goes on with the next one.
+
+Multirun: `sweep_job` wraps train's Hydra task function. In a --multirun job it returns the metric, records the result
+in <job dir>/job_result.json, and turns a failure into a recorded result instead of an exception (Hydra's sweeper
+re-raises a job's exception and ends the sweep, and `exit_on_user_error` would exit the process). The `SweepSummary`
+callback (conf/train.yaml: hydra.callbacks.sweep_summary) ranks those files when the sweep ends. A single run is
+passed through untouched: one error line, exit status 2.
+
+Why Optuna directly and not hydra-optuna-sweeper: the plugin's last release (1.3.0) pins optuna<3, which would hold
+the whole environment to a 2022 Optuna, and the plugin is unmaintained. Used directly, Optuna gives us a sqlite study
+that a re-run resumes (trials a kill left running are re-enqueued and their jobs continue from their own
+checkpoints), simple trials without pruning, and a subprocess per trial, so a crashing trial cannot take the sweep
+down.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from specdistill.conf import CONFIG_DIR
+from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.outputs import hold_out_dir, json_text, write_text_atomic  # + the run-folder resolver
+
+if TYPE_CHECKING:  # optuna is imported only by the `sweep` stage: train's multirun does not need it
+    import optuna
+
+log = logging.getLogger("specdistill.sweep")
+DEFAULT_METRIC = "val_tau"
+DIRECTIONS = ("maximize", "minimize")
+SUMMARY_NAME = "sweep_summary"
+JOB_RESULT = "job_result.json"
+CALLBACK_NAME = "sweep_summary"  # the callback's key under hydra.callbacks (conf/train.yaml)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What both sweeps share: the metric of a finished job, and the ranked summary
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error message on one line (the summary's `error` column, the progress lines)."""
+    return " ".join(str(error).split())
+
+
+def read_metric(drafter: Path, metric: str) -> float:
+    """`final[metric]` of a finished train run's <drafter>/summary.json; a `UserError` naming the available metrics
+    when it has no such number."""
+    path = drafter / "summary.json"
+    try:
+        final = json.loads(path.read_text())["final"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"sweep: cannot read the final metrics in {path} ({type(error).__name__}: {error})") from None
+    value = final.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        available = ", ".join(sorted(key for key, item in final.items()
+                                     if isinstance(item, (int, float)) and not isinstance(item, bool)))
+        found = "is not among" if metric not in final else f"is {value!r} (not a number) in"
+        raise UserError(f"metric: '{metric}' {found} the final metrics in {path} (available: {available})")
+    return float(value)
+
+
+def write_summary(sweep_dir: Path, rows: list[dict], metric: str, direction: str) -> list[dict]:
+    """Rank the jobs (complete ones by `metric`, best first; ties and the others keep their order), write
+    <sweep_dir>/sweep_summary.json and .md, and return the ranked rows. Each row: job, status
+    (complete|failed|running|waiting), metric, overrides (key=value strings), out_dir, error."""
+    complete = sorted((row for row in rows if row["status"] == "complete"), key=lambda row: row["metric"],
+                      reverse=direction == "maximize")
+    ranked = [{**row, "rank": rank} for rank, row in enumerate(complete, 1)]
+    ranked += [{**row, "rank": None} for row in rows if row["status"] != "complete"]
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("complete", "failed", "running",
+                                                                                  "waiting")}
+    summary = {"metric": metric, "direction": direction, "best": ranked[0] if complete else None,
+               "counts": {status: count for status, count in counts.items() if count}, "jobs": ranked}
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(sweep_dir / f"{SUMMARY_NAME}.json", json_text(summary, indent=1))
+    write_text_atomic(sweep_dir / f"{SUMMARY_NAME}.md", summary_markdown(summary))
+    return ranked
+
+
+def summary_markdown(summary: dict) -> str:
+    """The summary as a Markdown table; overrides every job shares are listed once above it."""
+    jobs, metric = summary["jobs"], summary["metric"]
+    shared = shared_overrides(jobs)
+    lines = [f"# Sweep: {metric} ({summary['direction']})", "",
+             f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in summary["counts"].items()) + "."]
+    if summary["best"] is not None:
+        best = summary["best"]
+        lines.append(f"Best {metric} {best['metric']:#.5g}: job {best['job']} "
+                     f"({' '.join(o for o in best['overrides'] if o not in shared) or 'no overrides'}).")
+    if shared:
+        lines += ["", "Every job: " + " ".join(f"`{override}`" for override in shared)]
+    lines += ["", f"| rank | job | {metric} | status | overrides | out_dir | error |", "|---|---|---|---|---|---|---|"]
+    for job in jobs:
+        cells = [job["rank"] or "", job["job"], "" if job["metric"] is None else f"{job['metric']:#.5g}", job["status"],
+                 " ".join(o for o in job["overrides"] if o not in shared), job["out_dir"], job.get("error") or ""]
+        lines.append("| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def shared_overrides(jobs: list[dict]) -> list[str]:
+    """The overrides every job has (listed once, so each job shows only what it varies)."""
+    if len(jobs) < 2:
+        return []
+    return [override for override in jobs[0]["overrides"] if all(override in job["overrides"] for job in jobs)]
+
+
+def report(ranked: list[dict], metric: str, summary_dir: Path) -> str:
+    """One line for the console: how many jobs ended how, the best one, where the summary is."""
+    counts = {status: sum(row["status"] == status for row in ranked) for status in ("complete", "failed")}
+    best = next((row for row in ranked if row["status"] == "complete"), None)
+    shared = shared_overrides(ranked)
+    best_text = (f"best {metric} {best['metric']:#.5g}: job {best['job']} "
+                 f"({' '.join(o for o in best['overrides'] if o not in shared) or 'no overrides'})"
+                 if best else "no job completed")
+    return (f"sweep: {len(ranked)} jobs ({counts['complete']} complete, {counts['failed']} failed); {best_text}; "
+            f"wrote {summary_dir / (SUMMARY_NAME + '.md')}")
+
+
+def check_direction(direction: str, key: str) -> None:
+    if direction not in DIRECTIONS:
+        raise UserError(f"{key}: '{direction}' is not one of {', '.join(DIRECTIONS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hydra --multirun: the job wrapper and the summary callback
+
+
+def finish_wandb_run() -> None:
+    """Close a failed job's wandb run, marked failed: the recipe's `end_training` runs only on success, and the next
+    job in this process would otherwise log into the open run."""
+    wandb = sys.modules.get("wandb")  # never imported: no run to close
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1)
+
+
+def sweep_job(task: Callable[[DictConfig], Path]) -> Callable[[DictConfig], Any]:
+    """Wrap train's Hydra task function (`task(cfg)` returns the drafter folder). In a --multirun job: return the
+    job's metric, record it or the job's one-line failure in <job dir>/job_result.json, and never raise, so the sweep
+    goes on (module docstring). Outside --multirun: `task` unchanged."""
+
+    @functools.wraps(task)
+    def job(cfg: DictConfig) -> Any:
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return task(cfg)
+        hydra_cfg = HydraConfig.get()
+        metric = (hydra_cfg.callbacks.get(CALLBACK_NAME) or {}).get("metric", DEFAULT_METRIC)
+        result_path = Path(hydra_cfg.runtime.output_dir) / JOB_RESULT
+        row = {"job": hydra_cfg.job.num, "status": "running", "metric": None,
+               "overrides": list(hydra_cfg.overrides.task), "out_dir": str(Path(cfg.out_dir).expanduser().resolve()),
+               "error": None}
+        write_text_atomic(result_path, json_text(row, indent=1))  # a result of an earlier sweep never outlives a re-run
+        try:
+            value = read_metric(task(cfg), metric)
+        except Exception as error:  # any failure ends this job only (Ctrl-C, not an Exception, ends the sweep)
+            message = one_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {one_line(error)}"
+            if not isinstance(error, UserError):  # a bug, not a bad setting: the traceback goes to the job's log
+                log.error("job %s failed", hydra_cfg.job.num, exc_info=error)
+            print(f"error: {message}\nsweep: job {hydra_cfg.job.num} failed; going on with the next job",
+                  file=sys.stderr, flush=True)
+            finish_wandb_run()
+            write_text_atomic(result_path, json_text({**row, "status": "failed", "error": message}, indent=1))
+            return None
+        write_text_atomic(result_path, json_text({**row, "status": "complete", "metric": value}, indent=1))
+        return value
+
+    return job
+
+
+class SweepSummary(Callback):
+    """After a --multirun sweep, rank its jobs' job_result.json files into <sweep dir>/sweep_summary.{json,md}.
+    Registered in conf/train.yaml as hydra.callbacks.sweep_summary (metric, direction)."""
+
+    def __init__(self, metric: str = DEFAULT_METRIC, direction: str = "maximize") -> None:
+        self.metric, self.direction = metric, direction
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:  # before any job trains: a typo here would only show after the whole sweep
+            check_direction(self.direction, f"hydra.callbacks.{CALLBACK_NAME}.direction")
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).expanduser()
+        # every job of this sweep dir, a resumed sweep's earlier jobs included (their dirs hold their results)
+        rows = sorted((json.loads(path.read_text()) for path in sweep_dir.rglob(JOB_RESULT)),
+                      key=lambda row: row["job"])
+        print(report(write_summary(sweep_dir, rows, self.metric, self.direction), self.metric, sweep_dir), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `specdistill sweep`: Optuna
+
+
+@dataclass
+class SweepConfig:
+    out_dir: str = "${hydra:runtime.output_dir}"  # the sweep dir: optuna.db, jobs/<params>/, sweep_summary.{json,md}
+    # train config key (dotted, or nested dicts) → {type: float|int, low, high, log?, step?} | {type: categorical,
+    # choices: [...]}. Typed Any, not a dict, so `search_space={...}` on the command line sets new keys (a typed dict
+    # would be closed to keys it does not have)
+    search_space: Any = None
+    n_trials: int = 10  # trials of the study in all: finished ones of an earlier (resumed) run count
+    metric: str = DEFAULT_METRIC  # a key of `final` in each job's drafter/summary.json
+    direction: str = "maximize"
+    train_overrides: list[str] = field(default_factory=list)  # given to every trial, e.g. [target=toy, data_dir=...]
+    study_name: str = "specdistill_sweep"
+    seed: int = 0  # the TPE sampler's seed
+
+
+ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)
+
+TRIAL_STATUS = {"COMPLETE": "complete", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+SPEC_FIELDS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"),
+               "categorical": ("choices",)}
+
+
+def flatten_space(node: dict, prefix: str = "") -> dict[str, Any]:
+    """{optim: {lr: spec}} and {optim.lr: spec} both → {"optim.lr": spec}; a spec is the dict with a `type`."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and "type" not in value:
+            flat.update(flatten_space(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def distribution(key: str, spec: Any) -> "optuna.distributions.BaseDistribution":
+    """One search_space entry as an Optuna distribution; a `UserError` naming the entry's key when it is malformed."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    where = f"search_space.{key}"
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: {spec!r} is not a spec; write {{type: float|int|categorical, ...}}")
+    kind = spec.get("type")
+    if kind not in SPEC_FIELDS:
+        raise UserError(f"{where}.type: {kind!r} is not one of {', '.join(SPEC_FIELDS)}")
+    unknown = sorted(set(spec) - {"type", *SPEC_FIELDS[kind]})
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]}: not a field of type {kind} (it takes {', '.join(SPEC_FIELDS[kind])})")
+    if kind == "categorical":
+        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+            raise UserError(f"{where}.choices: give a non-empty list of values")
+        return CategoricalDistribution(spec["choices"])
+    number = int if kind == "int" else (int, float)
+    for name in ("low", "high"):
+        if isinstance(spec.get(name), bool) or not isinstance(spec.get(name), number):
+            expected = "an integer" if kind == "int" else "a number"
+            raise UserError(f"{where}.{name}: {spec.get(name)!r} is not {expected}")
+    try:  # Optuna's own checks: low ≤ high, log needs low > 0, log excludes step
+        if kind == "int":
+            return IntDistribution(spec["low"], spec["high"], log=bool(spec.get("log", False)),
+                                   step=spec.get("step") or 1)
+        return FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)),
+                                 step=spec.get("step"))
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{where}: {one_line(error)}") from None
+
+
+def search_distributions(space: dict) -> dict[str, "optuna.distributions.BaseDistribution"]:
+    flat = flatten_space(space)
+    if not flat:
+        raise UserError("search_space: empty; give the keys to search, e.g. "
+                        "'search_space={optim.lr:{type:float,low:1e-4,high:3e-3,log:true}}'")
+    return {key: distribution(key, spec) for key, spec in flat.items()}
+
+
+def format_value(value: Any) -> str:
+    """A parameter value as a Hydra override value; floats by repr, so the text reads back as the same number."""
+    from specdistill.train.run import quoted
+
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, float):
+        return repr(value)
+    text = str(value)
+    return text if re.fullmatch(r"[\w./:+-]+", text) else quoted(text)
+
+
+def param_overrides(params: dict[str, Any]) -> list[str]:
+    return [f"{key}={format_value(params[key])}" for key in sorted(params)]
+
+
+def job_name(params: dict[str, Any]) -> str:
+    """The trial's job folder name, from its exact params: a trial re-run with the same params (after a kill, or
+    proposed again) finds its own checkpoints or finished drafter there."""
+    raw = ",".join(param_overrides(params))
+    name = re.sub(r"[^\w.=,+-]", "_", raw)
+    if name != raw or len(name) > 120:  # a digest keeps apart names that sanitising or cutting made equal
+        name = f"{name[:100]}-{hashlib.sha1(raw.encode()).hexdigest()[:10]}"
+    return name
+
+
+def check_train_overrides(cfg: DictConfig, distributions: dict) -> None:
+    """Compose train's config once with the overrides a trial gets, so a typo in a key or a missing data_dir fails
+    now, naming the key, not in every trial."""
+    from hydra import compose
+
+    from specdistill.train.config import register_configs
+    from specdistill.train.run import quoted
+
+    for override in cfg.train_overrides:
+        if "=" not in override:
+            raise UserError(f"train_overrides: '{override}' is not key=value")
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "out_dir" or key.startswith("hydra."):
+            raise UserError(f"train_overrides: {key} is set per trial (<out_dir>/jobs/<params>); remove '{override}'")
+        if key in distributions:
+            raise UserError(f"train_overrides: {key} is in search_space too; remove '{override}'")
+    for key in distributions:
+        if key == "out_dir" or key.startswith("hydra."):
+            raise UserError(f"search_space.{key}: set per trial by the sweep; it cannot be searched")
+    register_configs()
+    first = {key: (dist.choices[0] if hasattr(dist, "choices") else dist.low) for key, dist in distributions.items()}
+    overrides = [*cfg.train_overrides, *param_overrides(first), f"out_dir={quoted(Path(cfg.out_dir) / 'jobs')}"]
+    try:
+        train_cfg = compose("train", overrides)
+        OmegaConf.to_container(train_cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UserError(f"train_overrides / search_space: train does not compose ({one_line(error)})") from None
+    missing = sorted(OmegaConf.missing_keys(train_cfg))
+    if missing:
+        raise UserError(f"train_overrides: {missing[0]} is required but not set; add {missing[0]}=<value> "
+                        "(e.g. data_dir=<prep out>/dataset)")
+
+
+class TrialFailed(UserError):
+    """A trial's train process failed; the message is its last error line."""
+
+
+def last_error_line(log_path: Path) -> str | None:
+    """The last `error: …` line of a train log, else its last line (a traceback's exception)."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", log_path.read_text(errors="replace")) if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or [None])[-1]
+
+
+def run_trial(job_dir: Path, overrides: list[str], metric: str) -> float:
+    """`python -m specdistill.train.train <overrides>` in its own process (a crash ends the trial, not the sweep),
+    its output appended to <job_dir>/train.log; the metric from its drafter's summary.json."""
+    from specdistill.train.run import quoted
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    # Hydra's own files (.hydra/, its log) go beside the job's, not into a new outputs/train/<time> folder
+    command = [sys.executable, "-m", "specdistill.train.train", *overrides, f"out_dir={quoted(job_dir)}",
+               f"hydra.run.dir={quoted(job_dir / 'hydra')}"]
+    log_path = job_dir / "train.log"
+    with log_path.open("a") as log_file:
+        log_file.write(f"$ {shlex.join(command)}\n")
+        log_file.flush()
+        status = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT).returncode
+    if status != 0:
+        line = last_error_line(log_path)
+        raise TrialFailed(f"{line.removeprefix('error: ') if line else 'train failed'} (exit status {status}; "
+                          f"{log_path})")
+    return read_metric(job_dir / "drafter", metric)
+
+
+def counted(trial: "optuna.trial.FrozenTrial") -> bool:
+    """Whether a trial counts toward n_trials: it completed, or failed on its own (a kill's are run again)."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "error" in trial.user_attrs)
+
+
+def resume_interrupted(study: "optuna.Study") -> int:
+    """Trials a killed sweep left RUNNING: mark them failed and enqueue their params again, so each job continues
+    from its own checkpoints (same params, same job folder). One sweep holds the folder at a time (a lock), so a
+    RUNNING trial here was interrupted. Returns how many."""
+    from optuna.trial import TrialState
+
+    interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in interrupted:
+        study.tell(trial.number, state=TrialState.FAIL)
+        if trial.params:  # killed before its params were drawn: nothing to continue
+            study.enqueue_trial(trial.params)
+    return len(interrupted)
+
+
+def study_rows(study: "optuna.Study", out_dir: Path) -> list[dict]:
+    """One summary row per job folder, named by its trial's number: the newest trial with those params (a re-run
+    after a kill replaces the interrupted one), in trial order."""
+    rows: dict[str, dict] = {}
+    for trial in study.get_trials(deepcopy=False):
+        params = trial.params or trial.system_attrs.get("fixed_params", {})  # a waiting trial has only fixed ones
+        if not params:
+            continue
+        name = job_name(params)
+        rows.pop(name, None)
+        status = TRIAL_STATUS.get(trial.state.name, trial.state.name.lower())
+        rows[name] = {"job": trial.number, "status": status,
+                      "metric": trial.value if status == "complete" else None,
+                      "overrides": param_overrides(params), "out_dir": str(out_dir / "jobs" / name),
+                      "error": trial.user_attrs.get("error") or ("interrupted" if status == "failed" else None)}
+    return list(rows.values())
+
+
+def sweep(cfg: DictConfig) -> dict:
+    """Run (or resume) the study in cfg.out_dir until it has n_trials finished trials; returns the best job's summary
+    row (a `UserError` when no trial completed)."""
+    check_direction(cfg.direction, "direction")
+    if cfg.n_trials < 1:
+        raise UserError(f"n_trials: {cfg.n_trials}; give at least 1")
+    if not cfg.metric:
+        raise UserError("metric: empty; name a key of `final` in the drafter's summary.json (e.g. val_tau)")
+    space = cfg.search_space
+    if space is not None and not isinstance(space, DictConfig):
+        raise UserError(f"search_space: {space!r} is not a dict of train config key → spec, e.g. "
+                        "'search_space={optim.lr:{type:float,low:1e-4,high:3e-3,log:true}}'")
+    distributions = search_distributions(OmegaConf.to_container(space, resolve=True) if space is not None else {})
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    check_train_overrides(cfg, distributions)
+
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
+    with hold_out_dir(out_dir):
+        study = optuna.create_study(study_name=cfg.study_name, storage=f"sqlite:///{out_dir / 'optuna.db'}",
+                                    direction=cfg.direction, load_if_exists=True)
+        # a resumed study keeps what its trial values mean
+        started = {"direction": study.direction.name.lower(), "metric": study.user_attrs.get("metric", cfg.metric)}
+        for key, value in started.items():
+            if cfg[key] != value:
+                raise UserError(f"{key}: the study '{cfg.study_name}' in {out_dir / 'optuna.db'} was started with "
+                                f"{key}={value}; keep that, or use another out_dir or study_name")
+        study.set_user_attr("metric", cfg.metric)
+        # a resumed study seeds on from its trial count: the same seed would draw the first trials' params again
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
+        interrupted = resume_interrupted(study)
+        done = sum(counted(trial) for trial in study.get_trials(deepcopy=False))
+        if done or interrupted:
+            print(f"sweep: resuming the study '{cfg.study_name}' in {out_dir}: {done} of {cfg.n_trials} trials done"
+                  f"{f', {interrupted} interrupted (run again)' if interrupted else ''}", flush=True)
+        while done < cfg.n_trials:
+            trial = study.ask(distributions)
+            overrides = param_overrides(trial.params)
+            progress = f"sweep: trial {done + 1}/{cfg.n_trials} {' '.join(overrides)}"
+            try:
+                value = run_trial(out_dir / "jobs" / job_name(trial.params), [*cfg.train_overrides, *overrides],
+                                  cfg.metric)
+            except UserError as error:
+                trial.set_user_attr("error", one_line(error))
+                study.tell(trial, state=TrialState.FAIL)
+                print(f"{progress} → failed: {one_line(error)}", flush=True)
+                write_summary(out_dir, study_rows(study, out_dir), cfg.metric, cfg.direction)
+                if not isinstance(error, TrialFailed):  # the metric is missing: every trial would fail alike
+                    raise
+            else:
+                study.tell(trial, value)
+                print(f"{progress} → {cfg.metric} {value:#.5g}", flush=True)
+            done += 1
+            write_summary(out_dir, study_rows(study, out_dir), cfg.metric, cfg.direction)
+        ranked = write_summary(out_dir, study_rows(study, out_dir), cfg.metric, cfg.direction)
+    print(report(ranked, cfg.metric, out_dir), flush=True)
+    if not any(row["status"] == "complete" for row in ranked):
+        raise UserError(f"sweep: no trial completed; each job's error is in {out_dir / (SUMMARY_NAME + '.md')}")
+    best = study.best_trial
+    print(f"sweep: best trial {best.number}: {cfg.metric} {best.value:#.5g} with "
+          f"{' '.join(param_overrides(best.params))}")
+    return ranked[0]
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="sweep", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    sweep(cfg)
+
+
+if __name__ == "__main__":
+    main()
