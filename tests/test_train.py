@@ -47,8 +47,10 @@ def test_drafter_learns_to_agree_with_the_target(kind, trained_drafter):
     # τ by the real decoder on validation prompts, beside the proxy: the untrained drafter is almost never accepted
     print(kind, "decoded tau", untrained["val_tau"], "→", trained["val_tau"], "proxy", trained["val_tau_proxy"])
     assert untrained["val_tau"] < 1.1 and trained["val_tau"] > untrained["val_tau"] + 0.15
-    alphas = [trained[f"val_alpha_pos{k}"] for k in range(1, 6)]  # tau_gamma=5 positions, each a rate
-    assert all(0 <= alpha <= 1 for alpha in alphas) and alphas[0] > 0.2 and "val_alpha_pos6" not in trained
+    # α per draft position the decoding reached, of tau_gamma=5
+    alphas = {key: value for key, value in trained.items() if key.startswith("val_alpha_pos")}
+    assert set(alphas) <= {f"val_alpha_pos{k}" for k in range(1, 6)} and trained["val_alpha_pos1"] > 0.2
+    assert all(0 <= alpha <= 1 for alpha in alphas.values())
     assert "val_tau" in result.stderr and "τ" in result.stdout  # the progress bar and the closing line show it
     # the saved drafter reloads through the Auto classes
     drafter = AutoModel.from_pretrained(tmp_path / "drafter")

@@ -11,6 +11,7 @@ from omegaconf import MISSING
 
 from specdistill.data_prep.config import register_configs as register_data_configs
 from specdistill.distill.config import StageConfig
+from specdistill.train.distributed import DistributedConfig
 from specdistill.distill.objectives import FeatureObjective, HassObjective, MedusaObjective, TokenObjective
 
 
@@ -93,6 +94,7 @@ class TrainConfig(StageConfig):
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # distributed=ddp|zero2|zero3|fsdp
     # auto: continue the run in out_dir (same settings) from its newest checkpoint; never: start a new run, refused
     # when out_dir already holds one
     resume: str = "auto"

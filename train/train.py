@@ -1,12 +1,15 @@
 """specdistill train: distill a drafter of any registered kind from the frozen target, online (the target runs in the
-loop).
+loop) or from prep's offline feature cache (features.source=cache), on one process or many (distributed=ddp|zero2|
+zero3|fsdp, train/distributed.py).
 
     specdistill train target=toy drafter=eagle3 data_dir=outputs/prep/<date>/<time>/dataset
     specdistill train target=toy drafter=eagle1 data_dir=... train.max_steps=1400 optim.lr=1e-3 optim.warmup_steps=50
     specdistill train drafter=eagle1 objective=hass objective.top_k_loss_weight=1 init_from=<stage A>/drafter ...
     specdistill train drafter=token_lm objective=tvd objective.data_source=on_policy data_dir=...
     specdistill train ... logger=wandb                                   # WANDB_MODE=offline logs locally
+    specdistill train ... features.source=cache          # after `specdistill prep ... features.cache=true`
     torchrun --nproc_per_node 2 -m specdistill.train data_dir=...                    # DDP (one process per GPU, or gloo on CPU)
+    torchrun --nproc_per_node 8 -m specdistill.train data_dir=... distributed=zero3  # DeepSpeed ZeRO-3 (zero2, fsdp alike)
 
 setup (target, data, drafter, optimizer, resume) → train (accumulated steps, validation, checkpoints) → save:
 
@@ -29,7 +32,10 @@ import json
 import logging
 from contextlib import ExitStack, nullcontext
 import math
+import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,7 +50,7 @@ from tqdm.auto import tqdm
 from specdistill.conf import CONFIG_DIR
 from specdistill.distill.targets import (eagle3_layers, eos_token_ids, load_target_model, load_target_tokenizer,
                                         tokenizer_fingerprint)
-from specdistill.distill.drafters import drafter_kind, resolve_objective
+from specdistill.distill.drafters import drafter_kind, load_drafting, resolve_objective
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import (hold_out_dir, json_text, recover_folder, replace_folder, staging_folder,
@@ -52,7 +58,9 @@ from specdistill.distill.outputs import (hold_out_dir, json_text, recover_folder
 from specdistill.distill.objectives import Objective, expected_accept_length
 from specdistill.distill.target import FrozenTarget
 from specdistill.train.config import register_configs
-from specdistill.train.live_tau import decode_counts, snapshot_drafting, tau_metrics, validation_prompts
+from specdistill.train.sweep import sweep_job
+from specdistill.train.distributed import make_accelerator
+from specdistill.train.live_tau import decode_counts, tau_counts_size, tau_metrics, validation_prompts
 
 log = logging.getLogger("specdistill.train")
 CHECKPOINT_PREFIX = "step_"
@@ -61,7 +69,7 @@ TRAINER_STATE = "trainer_state.json"
 # (train.max_steps may grow; checked on its own)
 RESUMABLE_CHANGES = ("out_dir", "cache_dir", "resume", "logger.", "train.max_steps", "train.log_every",
                      "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_last",
-                     "train.tau_")
+                     "train.tau_", "features.path")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,10 +166,11 @@ class DraftTraining(nn.Module):
         super().__init__()
         self.drafter, self.objective = drafter, objective
 
-    def forward(self, batch: dict[str, torch.Tensor], target_output: Any):
-        return self.drafter.training_loss(
-            batch["input_ids"], batch["attention_mask"], batch["loss_mask"], target_output, self.objective
-        )
+    def forward(self, batch: dict[str, torch.Tensor], target_output: Any, objective: Objective | None = None):
+        """The loss under the training objective, or `objective` (validation's): always through this forward, so
+        ZeRO-3 and FSDP gather the sharded weights."""
+        return self.drafter.training_loss(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                          target_output, objective or self.objective)
 
 
 def warmup_steps(optim: Any, max_steps: int) -> int:
@@ -355,7 +364,6 @@ class TrainRecipe:
     def open_out_dir(self) -> Path | None:
         """Start the accelerator, lock out_dir for this run, tidy what interrupted runs left, and check that `resume`
         fits what out_dir holds. Returns the drafter when the run there is already finished (nothing to train)."""
-        from accelerate import Accelerator
         from accelerate.utils import broadcast_object_list
 
         cfg = self.cfg
@@ -367,11 +375,7 @@ class TrainRecipe:
         precision = cfg.train.mixed_precision.name
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(
-            mixed_precision=precision,
-            log_with=None if cfg.logger.name == "none" else cfg.logger.name,
-            cpu=not torch.cuda.is_available(),  # without it, processes on a CPU-only machine never join one group
-        )
+        self.accelerator = make_accelerator(cfg, precision, None if cfg.logger.name == "none" else cfg.logger.name)
         refusal = None
         if self.accelerator.is_main_process:
             try:
@@ -561,8 +565,11 @@ class TrainRecipe:
         if self.start_step == 0:  # the untrained drafter's agreement: the baseline every later value is read against
             self.history.append({"step": 0, **self.validate()})
         window_tokens, window_start = 0, time.perf_counter()
+        self.first_step_records, self.records_seen = [], set()
         for step in progress:
-            micro = [self._prepare(next(batches), step, index) for index in range(loop.grad_accum)]
+            drawn = [next(batches) for _ in range(loop.grad_accum)]
+            self._note_records(step, drawn)
+            micro = [self._prepare(batch, step, index) for index, batch in enumerate(drawn)]
             # positions trained on in the whole step, over every process: the per-token normaliser
             step_tokens = sum(self.drafter.trained_rows(batch["loss_mask"]).sum() for batch in micro)
             step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
@@ -570,11 +577,12 @@ class TrainRecipe:
             self.module.train()
             for index, batch in enumerate(micro):
                 target_output = self._target_output(batch, "train", for_training=True)
-                sync = index == len(micro) - 1
-                with accelerator.no_sync(self.module) if not sync else nullcontext():
+                # accumulate: gradients are synchronised (DeepSpeed: stepped) on the step's last micro-batch only
+                with accelerator.accumulate(self.module):
                     loss = self.module(batch, target_output)
-                    # DDP averages gradients over processes; scale back up so the step is a per-token mean
-                    accelerator.backward(loss.loss_sum * accelerator.num_processes / step_tokens)
+                    # accelerate (or DeepSpeed) divides by grad_accum and the processes' gradients are averaged:
+                    # scale back up so the step's gradient is a per-token mean
+                    accelerator.backward(loss.loss_sum * accelerator.num_processes * loop.grad_accum / step_tokens)
                 loss_total += loss.loss_sum.item()
                 agree, counted = agree + loss.agree, counted + loss.counted
                 local_tokens += int(batch["attention_mask"].sum())
@@ -612,6 +620,13 @@ class TrainRecipe:
             final.update(self.validate())
         return final
 
+    def _note_records(self, step: int, micro: list[dict[str, torch.Tensor]]) -> None:
+        """Which records this process trains on (summary.json: data_shards), to show every process gets its own."""
+        records = [int(index) for batch in micro for index in batch["index"].tolist()]
+        if step == self.start_step:
+            self.first_step_records = records
+        self.records_seen.update(records)
+
     def _stop_if_diverged(self, step: int, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient would poison the weights: stop before the optimizer step, without a drafter.
         The checkpoint of the step before, if any, holds the weights that diverged: it is removed, so resume=auto never
@@ -641,8 +656,7 @@ class TrainRecipe:
         for _ in range(min(self.cfg.train.eval_batches, batches_per_epoch(len(self.dataset["validation"]), global_batch))):
             batch = next(batches)
             target_output = self._target_output(batch, "validation")
-            loss = self.drafter.training_loss(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                              target_output, objective)
+            loss = self.module(batch, target_output, objective)
             agree, counted = agree + loss.agree, counted + loss.counted
         agree = self.accelerator.reduce(agree, "sum")
         counted = self.accelerator.reduce(counted, "sum")
@@ -654,25 +668,44 @@ class TrainRecipe:
         return metrics
 
     def decoded_tau(self) -> dict:
-        """τ and α per position by the real decoder (chain, greedy) with the current weights (train/live_tau.py);
-        each process decodes its share of the prompts."""
+        """τ and α per position by the real decoder (chain, greedy) with the current weights (train/live_tau.py).
+        The main process writes the weights as a drafter folder and loads it as `specdistill eval` does: the same
+        path under every distributed mode, sharded weights included. The other processes wait for its counts."""
         loop, accelerator = self.cfg.train, self.accelerator
-        mine = self.tau_prompts[accelerator.process_index :: accelerator.num_processes]
-        drafting = snapshot_drafting(self.drafter, self.target, accelerator.device)
-        counts = decode_counts(drafting, self.target, mine, loop.tau_gamma, loop.tau_max_new_tokens, self.eos_token_ids)
+        weights = self._drafter_weights()
+        counts = torch.zeros(tau_counts_size(loop.tau_gamma), dtype=torch.float64)
+        if accelerator.is_main_process:
+            with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".decoded_tau_") as snapshot:
+                self.drafter.save_pretrained(snapshot, state_dict=weights, safe_serialization=True)
+                drafting = load_drafting(snapshot, self.target, accelerator.device, self.cfg.target.trust_remote_code)
+            counts = decode_counts(drafting, self.target, self.tau_prompts, loop.tau_gamma, loop.tau_max_new_tokens,
+                                   self.eos_token_ids)
         return tau_metrics(accelerator.reduce(counts.to(accelerator.device), "sum").cpu())
+
+    def _drafter_weights(self) -> dict[str, torch.Tensor] | None:
+        """The drafter's whole state dict on the main process (None on the others). Every process calls it: under
+        ZeRO-3 and FSDP the weights are gathered from all of them."""
+        state = self.accelerator.get_state_dict(self.module)
+        if not self.accelerator.is_main_process:
+            return None
+        return {name.removeprefix("drafter."): tensor for name, tensor in state.items()}
 
     def save(self, final_metrics: dict) -> Path:
         """The drafter (save_pretrained, safetensors), the resolved config and a summary, renamed into place."""
+        from accelerate.utils import gather_object
+
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         final = self.out_dir / "drafter"
+        weights = self._drafter_weights()
+        shards = gather_object([{"process": accelerator.process_index, "records_seen": len(self.records_seen),
+                                 "first_step_records": self.first_step_records}])
         if accelerator.is_main_process:
             with replace_folder(final) as staging:  # the previous drafter stays until the new one is complete
-                accelerator.unwrap_model(self.module).drafter.save_pretrained(staging, safe_serialization=True)
+                self.drafter.save_pretrained(staging, state_dict=weights, safe_serialization=True)
                 (staging / "resolved_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
                 summary = {"final": final_metrics, "history": self.history, "settings": run_settings(self.cfg),
-                           "schedule": self.schedule}
+                           "schedule": self.schedule, "data_shards": shards}
                 (staging / "summary.json").write_text(json_text(summary, indent=1))
             print(f"train: step {final_metrics.get('step')}: loss {_metric(final_metrics, 'loss', '.4f')}, "
                   f"validation top-1 {_metric(final_metrics, 'val_top1', '.3f')}, "
@@ -702,14 +735,19 @@ def train(cfg: DictConfig) -> Path:
 register_configs()
 
 
-from specdistill.train.sweep import sweep_job  # noqa: E402  (the --multirun job wrapper; it never imports this module)
-
-
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 @exit_on_user_error
 @sweep_job  # --multirun: returns the job's metric, records a failure in job_result.json and goes on (train/sweep.py)
 def main(cfg: DictConfig) -> Path:
-    return train(cfg)
+    drafter = train(cfg)
+    if cfg.distributed.mode.value != "ddp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DeepSpeed's and FSDP's gloo groups sometimes abort the process at interpreter exit ("terminate called
+        # without an active exception") after a complete run; everything is written and closed by now
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return drafter
 
 
 if __name__ == "__main__":

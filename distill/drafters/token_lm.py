@@ -439,9 +439,12 @@ class TokenLMDrafter(nn.Module):
         keys = ("model_type", "vocab_size", "num_hidden_layers", "hidden_size", *SHAPE_KEYS[1:])
         return {key: getattr(self.model.config, key, None) for key in keys}
 
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> None:
-        """A plain causal LM folder (config.json, generation_config.json, weights)."""
-        self.model.save_pretrained(folder, **kwargs)
+    def save_pretrained(self, folder: Any, state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+        """A plain causal LM folder (config.json, generation_config.json, weights). `state_dict`: this module's (keys
+        under `model.`), e.g. gathered from ZeRO-3 / FSDP shards."""
+        if state_dict is not None:
+            state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
+        self.model.save_pretrained(folder, state_dict=state_dict, **kwargs)
 
     def drafting(self, device: torch.device | str) -> LMDrafting:
         return LMDrafting(self.model, device)
