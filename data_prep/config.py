@@ -58,7 +58,7 @@ class DataConfig:
 
 class CacheDType(Enum):
     bf16 = "bf16"
-    fp8 = "fp8"  # float8_e4m3fn with a float32 scale per row (row amax / 448)
+    fp8 = "fp8"  # float8_e4m3fn with a bfloat16 scale per row (row amax / 448)
     fp32 = "fp32"  # exact: training from it equals online training
 
 
