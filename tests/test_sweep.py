@@ -115,6 +115,44 @@ def test_killed_multirun_resumes_without_retraining_finished_jobs(grid, toy_data
         assert drafter_summary(Path(job["out_dir"])).stat().st_mtime_ns == finished[job["job"]]
 
 
+@pytest.mark.slow
+def test_a_multirun_killed_mid_job_resumes_and_completes(toy_dataset, tmp_path: Path):
+    """A real kill (the whole process, during the second job), then the same command: the first job is not trained
+    again, the interrupted one and the rest finish, and the summary ranks all four."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    sweep_dir = tmp_path / "sweep"
+    args = grid_args(toy_dataset[0], sweep_dir)
+    args[args.index("train.max_steps=3")] = "train.max_steps=8"  # long enough to be killed inside job 1
+    command = [sys.executable, "-c", "from specdistill.train.cli import main; main()", *args]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first_done = sweep_dir / "0" / "drafter" / "summary.json"
+    deadline = time.monotonic() + 300
+    while not first_done.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(1.0)  # into job 1
+    for each in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+        each.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert not (sweep_dir / "sweep_summary.json").exists() and not (sweep_dir / "3").exists()
+    first_mtime = first_done.stat().st_mtime_ns
+
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert first_done.stat().st_mtime_ns == first_mtime  # the finished job returned at once
+    jobs = summary(sweep_dir)["jobs"]
+    assert len(jobs) == 4 and {job["status"] for job in jobs} == {"complete"}
+    assert_ranked(jobs)
+
+
 def test_failed_jobs_are_recorded_and_the_sweep_goes_on(toy_dataset, tmp_path: Path):
     # job 0 diverges (after its wandb run started), jobs 1 and 3 have a bad warm-up value, job 2 trains
     sweep_dir = tmp_path / "sweep"
