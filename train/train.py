@@ -675,9 +675,16 @@ class TrainRecipe:
         weights = self._drafter_weights()
         counts = torch.zeros(tau_counts_size(loop.tau_gamma), dtype=torch.float64)
         if accelerator.is_main_process:
-            with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".decoded_tau_") as snapshot:
-                self.drafter.save_pretrained(snapshot, state_dict=weights, safe_serialization=True)
-                drafting = load_drafting(snapshot, self.target, accelerator.device, self.cfg.target.trust_remote_code)
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # no save and load bars inside the training bar
+            try:
+                with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".decoded_tau_") as snapshot:
+                    self.drafter.save_pretrained(snapshot, state_dict=weights, safe_serialization=True)
+                    drafting = load_drafting(snapshot, self.target, accelerator.device,
+                                             self.cfg.target.trust_remote_code)
+            finally:
+                transformers_logging.enable_progress_bar()
             counts = decode_counts(drafting, self.target, self.tau_prompts, loop.tau_gamma, loop.tau_max_new_tokens,
                                    self.eos_token_ids)
         return tau_metrics(accelerator.reduce(counts.to(accelerator.device), "sum").cpu())
