@@ -171,3 +171,14 @@ def test_a_sharded_mode_runs_alone_without_a_launcher(one_process, toy_dataset, 
                      f"out_dir={tmp_path}/alone", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(one_process / "drafter", tmp_path / "alone" / "drafter")
+
+
+def test_a_multirun_switches_modes_from_job_to_job(toy_dataset, tmp_path: Path):
+    """One process running jobs of every mode in turn: accelerate's state and DeepSpeed's group are reset or kept so
+    that each job comes up as asked."""
+    result = run_cli("train", "--multirun", "target=toy_tiny", f"data_dir={toy_dataset[0]}", "train.max_steps=2",
+                     "train.tau_prompts=1", "train.eval_batches=1", "drafter.draft_vocab_size=512",
+                     "distributed=zero3,ddp,zero2,fsdp,zero3", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())["jobs"]
+    assert len(jobs) == 5 and {job["status"] for job in jobs} == {"complete"}, jobs

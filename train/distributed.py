@@ -99,7 +99,14 @@ def make_accelerator(cfg: Any, precision: str, log_with: str | None) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
+    from accelerate.state import AcceleratorState, GradientState
+
     mode, cuda = cfg.distributed.mode.value, torch.cuda.is_available()
+    # accelerate keeps one state per process: a --multirun's next job starts from a clean one (its plugins may differ)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    for flag in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):  # set by an earlier job's plugin
+        os.environ.pop(flag, None)
     common = {"mixed_precision": precision, "log_with": log_with, "gradient_accumulation_steps": cfg.train.grad_accum}
     if mode == "ddp":
         # cpu=True on a CPU-only machine: without it, processes never join one group
@@ -127,6 +134,18 @@ def make_accelerator(cfg: Any, precision: str, log_with: str | None) -> Any:
     return check_mode(Accelerator(fsdp_plugin=plugin, kwargs_handlers=handlers, **common), mode)
 
 
+_OWN_GROUP = "SPECDISTILL_OWN_PROCESS_GROUP"  # set when this process made its group of one (no launcher)
+
+
+def end_run(accelerator: Any) -> None:
+    """accelerate's end_training, except that a group of one this process made itself stays up: a --multirun's next
+    job joins it (DeepSpeed keeps references to the group it first saw, and fails on a new one)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if os.environ.get(_OWN_GROUP) != "1":
+        accelerator.state.destroy_process_group()
+
+
 def _single_process_group() -> None:
     """Started without a launcher: a process group of one, as `torchrun --nproc_per_node 1` would set up (DeepSpeed
     and FSDP need a group even alone)."""
@@ -136,7 +155,7 @@ def _single_process_group() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+                       "MASTER_PORT": str(port), _OWN_GROUP: "1"})
 
 
 def _require_deepspeed() -> None:

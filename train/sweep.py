@@ -162,7 +162,7 @@ def check_direction(direction: str, key: str) -> None:
 
 
 def finish_wandb_run() -> None:
-    """Close a failed job's wandb run, marked failed: the recipe's `end_training` runs only on success, and the next
+    """Close a failed job's wandb run, marked failed: the recipe's `end_run` runs only on success, and the next
     job in this process would otherwise log into the open run."""
     wandb = sys.modules.get("wandb")  # never imported: no run to close
     if wandb is not None and getattr(wandb, "run", None) is not None:

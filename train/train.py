@@ -59,7 +59,7 @@ from specdistill.distill.objectives import Objective, expected_accept_length
 from specdistill.distill.target import FrozenTarget
 from specdistill.train.config import register_configs
 from specdistill.train.sweep import sweep_job
-from specdistill.train.distributed import make_accelerator
+from specdistill.train.distributed import end_run, make_accelerator
 from specdistill.train.live_tau import decode_counts, tau_counts_size, tau_metrics, validation_prompts
 
 log = logging.getLogger("specdistill.train")
@@ -719,7 +719,7 @@ class TrainRecipe:
                   f"τ {_metric(final_metrics, 'val_tau', '.2f')} (decoded; proxy "
                   f"{_metric(final_metrics, 'val_tau_proxy', '.2f')})\ntrain: wrote {final}")
         accelerator.wait_for_everyone()  # no process tears the group down while the drafter is being written
-        accelerator.end_training()
+        end_run(accelerator)
         return final
 
 
