@@ -82,7 +82,8 @@ def toy_dataset(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tu
     return out_dir / "dataset", result
 
 
-TRAIN_FAST = ["target=toy_tiny", "optim.warmup_steps=10", "optim.lr=2e-3", "train.batch_size=8",
+# the decoded τ on 2 validation prompts (train's default, 8, is for real runs; test_train checks it at 8)
+TRAIN_FAST = ["target=toy_tiny", "optim.warmup_steps=10", "optim.lr=2e-3", "train.batch_size=8", "train.tau_prompts=2",
               "train.checkpoint_every=1000"]
 EAGLE3_FAST = ["drafter.draft_vocab_size=512", "objective.ttt_steps=3"]  # EAGLE-3's own options, made small
 
@@ -97,7 +98,8 @@ def trained_drafter(tmp_path_factory: pytest.TempPathFactory, toy_dataset):
         if kind not in runs:
             out_dir = tmp_path_factory.mktemp(f"train_{kind}")
             result = run_cli("train", f"drafter={kind}", f"data_dir={toy_dataset[0]}", f"out_dir={out_dir}",
-                             "train.max_steps=150", "train.eval_every=150", *TRAIN_FAST,
+                             "train.max_steps=150", "train.eval_every=150", "train.tau_prompts=8",
+                             *(arg for arg in TRAIN_FAST if not arg.startswith("train.tau_prompts=")),
                              *(EAGLE3_FAST if kind == "eagle3" else []), cwd=out_dir)
             runs[kind] = out_dir, result
         return runs[kind]
