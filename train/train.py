@@ -503,6 +503,11 @@ class TrainRecipe:
             problem = f"{state_path} ({type(error).__name__}: {str(error)[:120]})"
         if problem is None:
             self._check_checkpoint_drafter(checkpoint, state.get("drafter", {}))
+            written_by, now = state.get("num_processes", self.accelerator.num_processes), self.accelerator.num_processes
+            if written_by != now:  # per-process optimizer shards and RNG states, and each process's share of the data
+                raise UserError(f"resume: the checkpoint {checkpoint} was written by {written_by} processes, and this "
+                                f"run has {now}; relaunch with {written_by} (torchrun --nproc_per_node {written_by}) "
+                                "to continue it, or use another out_dir")
             check_same_settings(state.get("settings"), self.cfg, self.out_dir)
             if self.cfg.train.max_steps < state["step"]:
                 raise UserError(f"train.max_steps={self.cfg.train.max_steps} is below step {state['step']} of the "
@@ -614,7 +619,8 @@ class TrainRecipe:
             if (step + 1) % loop.checkpoint_every == 0 and step + 1 < loop.max_steps:
                 save_checkpoint(accelerator, self.out_dir, step + 1, loop.keep_last,
                                 {"history": self.history, "drafter": self.drafter.identity(),
-                                 "settings": run_settings(cfg), "schedule": self.schedule})
+                                 "settings": run_settings(cfg), "schedule": self.schedule,
+                                 "num_processes": accelerator.num_processes})
         final = self.history[-1]
         if "val_top1" not in final:  # resumed at train.max_steps: the loop above ran no step that validates
             final.update(self.validate())
