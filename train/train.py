@@ -439,6 +439,10 @@ class TrainRecipe:
         self.target = FrozenTarget(model)
         self.eos_token_ids = eos_token_ids(tokenizer, model)
         self.tau_prompts = validation_prompts(self.dataset["validation"], cfg.train.tau_prompts)
+        if cfg.train.tau_prompts and len(self.tau_prompts) < cfg.train.tau_prompts:
+            log.warning("train.tau_prompts=%d: the validation split has %d record(s) with a prompt before their first "
+                        "trained token, so the decoded τ uses %d prompt(s)%s", cfg.train.tau_prompts,
+                        len(self.tau_prompts), len(self.tau_prompts), "" if self.tau_prompts else " (it is not measured)")
         context = BuildContext(self.target, token_counts, eagle3_layers(cfg.target),
                                str(cfg.target.name_or_path), cfg.target.revision)
         drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context)
