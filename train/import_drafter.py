@@ -20,7 +20,7 @@ from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 

@@ -120,9 +120,7 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Sweep: {metric} ({summary['direction']})", "",
              f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in summary["counts"].items()) + "."]
     if summary["best"] is not None:
-        best = summary["best"]
-        lines.append(f"Best {metric} {best['metric']:#.5g}: job {best['job']} "
-                     f"({' '.join(o for o in best['overrides'] if o not in shared) or 'no overrides'}).")
+        lines.append(f"Best {describe_best(summary['best'], metric, shared)}.")
     if shared:
         lines += ["", "Every job: " + " ".join(f"`{override}`" for override in shared)]
     lines += ["", f"| rank | job | {metric} | status | overrides | out_dir | error |", "|---|---|---|---|---|---|---|"]
@@ -140,14 +138,18 @@ def shared_overrides(jobs: list[dict]) -> list[str]:
     return [override for override in jobs[0]["overrides"] if all(override in job["overrides"] for job in jobs)]
 
 
+def describe_best(best: dict, metric: str, shared: list[str]) -> str:
+    """`<metric> <value>: job <n> (<the overrides it varies>)`, as the summary and the console line show the best job."""
+    varied = " ".join(override for override in best["overrides"] if override not in shared) or "no overrides"
+    return f"{metric} {best['metric']:#.5g}: job {best['job']} ({varied})"
+
+
 def report(ranked: list[dict], metric: str, summary_dir: Path) -> str:
     """One line for the console: how many jobs ended how, the best one, where the summary is."""
     counts = {status: sum(row["status"] == status for row in ranked) for status in ("complete", "failed")}
     best = next((row for row in ranked if row["status"] == "complete"), None)
     shared = shared_overrides(ranked)
-    best_text = (f"best {metric} {best['metric']:#.5g}: job {best['job']} "
-                 f"({' '.join(o for o in best['overrides'] if o not in shared) or 'no overrides'})"
-                 if best else "no job completed")
+    best_text = f"best {describe_best(best, metric, shared)}" if best else "no job completed"
     return (f"sweep: {len(ranked)} jobs ({counts['complete']} complete, {counts['failed']} failed); {best_text}; "
             f"wrote {summary_dir / (SUMMARY_NAME + '.md')}")
 
