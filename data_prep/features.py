@@ -5,12 +5,14 @@ wrote and store what the drafters' losses read of it, for `specdistill train fea
     specdistill prep ... features.cache=true features.dtype=fp8 features.layers=[1,3,5,-1]
 
 distill/feature_cache.py states which positions of which layers are stored (and why) and the folder's layout. Each
-shard is written to a temporary name and renamed; a re-run of the same prep command continues: finished shards of
-the same plan (target, dataset, layers, dtype, shard size) are kept, and the manifest is written last.
+shard is written to a temporary name, hashed and renamed; a re-run of the same prep command continues or repairs:
+finished shards of the same plan (target, dataset, layers, dtype, shard size) whose size and sha256 still match
+what was recorded are kept, the others written again, and the manifest is written last.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from specdistill.distill.drafters.eagle3 import default_eagle3_layers
 from specdistill.distill.drafters.feature import target_fingerprint
 from specdistill.distill.errors import UserError
 from specdistill.distill.feature_cache import (
+    CHECKSUMS,
     CONTEXT,
     EMBEDDING,
     FORMAT,
@@ -30,10 +33,13 @@ from specdistill.distill.feature_cache import (
     MANIFEST,
     PLAN,
     VERSION,
+    damaged_shards,
     dataset_fingerprint,
     encode_rows,
+    file_sha256,
     record_row_counts,
     row_bytes,
+    shard_problem,
     stored_positions,
 )
 from specdistill.distill.outputs import hold_out_dir, json_text, replace_file, write_text_atomic
@@ -55,7 +61,7 @@ def check_features_config(features_cfg: Any) -> None:
 
 def cache_layers(features_cfg: Any, target_cfg: Any, num_layers: int) -> list[int]:
     """`features.layers`, else every layer a registered feature drafter of this target reads: EAGLE-3's taps
-    (eagle3.py `build`: target.eagle3_layers, else [2, L/2, L−3]) and the final normed state, which EAGLE-1, FSPAD
+    (eagle3.py `build`: target.eagle3_layers, else `default_eagle3_layers`) and the final normed state, which EAGLE-1, FSPAD
     and HASS (eagle1.py `build`) and Medusa (medusa.py `build`) read; token_lm reads none."""
     layers = features_cfg.layers
     if layers is None:
@@ -122,10 +128,59 @@ def start_or_continue(folder: Path, plan: dict) -> None:
     if plan_path.is_file():
         print(f"features: {folder} holds a cache of another target, dataset or settings: writing it again")
     (folder / MANIFEST).unlink(missing_ok=True)
+    (folder / CHECKSUMS).unlink(missing_ok=True)
     for path in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp")]:
         path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plan_path, json_text(plan, indent=1))
+
+
+def recorded_shards(folder: Path) -> tuple[dict[str, dict], bool]:
+    """The finished shards' records (file → {"bytes", "sha256"}; no sha256 in a cache written before they were
+    recorded) and whether they are a manifest's (a complete cache) rather than checksums.json's."""
+    for name in (MANIFEST, CHECKSUMS):
+        path = folder / name
+        try:
+            shards = json.loads(path.read_text())["shards"] if path.is_file() else None
+            if shards is not None:
+                return {shard["file"]: {key: shard[key] for key in ("bytes", "sha256") if key in shard}
+                        for shard in shards}, name == MANIFEST
+        except (ValueError, KeyError, TypeError):
+            # damaged like a shard: the shards are checked against the other record, or written again
+            print(f"features: {path} cannot be read; ignoring it")
+    return {}, False
+
+
+def verified_shards(folder: Path, plan: dict) -> dict[str, dict]:
+    """The records of the plan's shards that are on disk as recorded (size, and sha256 where one is recorded); the
+    others are reported, to be written again. A cache written before checksums has its sizes checked and its sha256s
+    taken now. The manifest stays only when every shard passed against it."""
+    recorded, complete = recorded_shards(folder)
+    kept = {shard["file"]: recorded[shard["file"]] for shard in plan["shards"] if shard["file"] in recorded}
+    for shard in plan["shards"]:
+        if shard["file"] not in recorded and (folder / shard["file"]).is_file():  # renamed, then interrupted
+            print(f"features: shard {folder / shard['file']} has no recorded size and sha256; rewriting it")
+    damaged = damaged_shards(folder, kept, "features: verifying")
+    for name, why in damaged.items():
+        print(f"features: {shard_problem(folder, name, why)}; rewriting it")
+        del kept[name]
+    unhashed = [name for name, record in kept.items() if "sha256" not in record]
+    if unhashed:
+        print(f"features: {folder} was written before shard checksums were recorded: its {len(unhashed)} shards of "
+              "the recorded size are kept and their sha256 recorded now (damage that kept a shard's size cannot be "
+              "told from them; delete the folder to write every shard again)")
+        for name in tqdm(unhashed, desc="features: hashing", unit="shard", delay=3):
+            kept[name] = {**kept[name], "sha256": file_sha256(folder / name)}
+    if not complete or damaged or unhashed or len(kept) < len(plan["shards"]):
+        # the verified records first, then no manifest: the folder is not a cache until the rest is written
+        write_checksums(folder, kept)
+        (folder / MANIFEST).unlink(missing_ok=True)
+    return kept
+
+
+def write_checksums(folder: Path, records: dict[str, dict]) -> None:
+    write_text_atomic(folder / CHECKSUMS, json_text({"shards": [{"file": name, **record}
+                                                                for name, record in records.items()]}, indent=1))
 
 
 def pad_right(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,27 +253,35 @@ def write_feature_cache(cfg: Any, dataset_dir: Path, tokenizer: Any, folder: Pat
     announce(plan, sizes)
     with hold_out_dir(folder.parent):  # one prep at a time writes into this out_dir
         start_or_continue(folder, plan)
-        done = [shard for shard in plan["shards"] if (folder / shard["file"]).is_file()]
-        if (folder / MANIFEST).is_file() and len(done) == len(plan["shards"]):
-            print(f"features: {folder} is complete already (same target, dataset and settings)")
+        complete = (folder / MANIFEST).is_file()
+        done = verified_shards(folder, plan)
+        if (folder / MANIFEST).is_file():  # every shard verified against it
+            print(f"features: {folder} is complete already (same target, dataset and settings; every shard's size "
+                  "and sha256 verified)")
             return folder
         total = sum(info["records"] for info in fingerprint.values())
-        finished = sum(end - start for start, end in (shard["records"] for shard in done))
-        (folder / MANIFEST).unlink(missing_ok=True)  # a shard of it is missing: not a cache until written again
-        if done:
+        finished = sum(end - start for start, end in (shard["records"] for shard in plan["shards"]
+                                                      if shard["file"] in done))
+        if done and not complete:
             print(f"features: continuing in {folder}: {len(done)} of {len(plan['shards'])} shards already written")
         started = time.perf_counter()
         with tqdm(total=total, initial=finished, desc="features", unit="rec", mininterval=1.0) as progress:
             for shard in plan["shards"]:
-                if shard in done:
+                if shard["file"] in done:
                     continue
                 start, end = shard["records"]
                 tensors = shard_tensors(target, dataset[shard["split"]][start:end], plan, features_cfg.batch_size,
                                         device, progress)
+                # one metadata entry: safetensors writes several in no fixed order, and a shard's bytes (so its
+                # sha256) should depend on its contents only, as a resumed or repaired write then shows
+                description = json_text({"split": shard["split"], "records": [start, end]})
                 with replace_file(folder / shard["file"]) as partial:
-                    save_file(tensors, str(partial), metadata={"format": FORMAT, "split": shard["split"],
-                                                               "records": f"{start}-{end}"})
-        shards = [{**shard, "bytes": (folder / shard["file"]).stat().st_size} for shard in plan["shards"]]
+                    save_file(tensors, str(partial), metadata={FORMAT: description})
+                    # hashed as written, before the rename: a later change to the file no longer matches
+                    record = {"bytes": partial.stat().st_size, "sha256": file_sha256(partial)}
+                done[shard["file"]] = record
+                write_checksums(folder, done)
+        shards = [{**shard, **done[shard["file"]]} for shard in plan["shards"]]
         file_bytes = sum(shard["bytes"] for shard in shards)
         measured = file_bytes / max(sizes["tokens"], 1)
         write_text_atomic(folder / MANIFEST, json_text({

@@ -40,8 +40,14 @@ Layout of <prep out_dir>/features/:
                                  `layer.<id>` [rows, hidden] (float32 | bfloat16 | float8_e4m3fn),
                                  `layer.<id>.scale` [rows] bfloat16 (fp8: row = q × scale, scale = row amax / 448),
                                  `offsets.<rule>` int64 [records + 1] (where each record's rows start)
-    manifest.json                the plan, every shard's size and the measured bytes per token; written last, so a
-                                 folder without it is not a cache
+    checksums.json               the size and sha256 of every finished shard, taken from the written file before
+                                 its rename, so an interrupted write keeps only the shards that still match
+    manifest.json                the plan, every shard's size and sha256 and the measured bytes per token; written
+                                 last, so a folder without it is not a cache
+
+Both stages verify every shard's size and sha256 against the manifest: a re-run of prep rewrites the shards that
+fail, train refuses them. A manifest without sha256 (written before they were recorded) is checked by size only,
+and the next run of its prep command records them.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from specdistill.distill.errors import UserError
 from specdistill.distill.objectives import DataSource
@@ -63,6 +70,7 @@ FORMAT = "specdistill-feature-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
+CHECKSUMS = "checksums.json"
 CONTEXT, LOGITS, EMBEDDING = "context", "logits", "embedding"  # position rules (module doc)
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
@@ -155,9 +163,50 @@ def refuse_uncacheable(objective: Any) -> None:
                         "objective.data_source=fixed")
 
 
+def file_sha256(path: Path, progress: tqdm | None = None) -> str:
+    """The sha256 of a file's bytes, read in blocks (`progress` advances by the bytes read)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 22):
+            digest.update(block)
+            if progress is not None:
+                progress.update(len(block))
+    return digest.hexdigest()
+
+
+def damaged_shards(folder: Path, records: dict[str, dict], desc: str) -> dict[str, str]:
+    """shard file → why it is not the file its record (file → {"bytes", "sha256"}) describes: "missing", "<n> bytes,
+    <m> recorded" or "checksum mismatch"; a record without sha256 (a cache written before they were recorded) is
+    checked by size only. The progress bar shows only when hashing takes more than a few seconds."""
+    damaged, sizes = {}, {}
+    for name, record in records.items():
+        path = folder / name
+        sizes[name] = path.stat().st_size if path.is_file() else None
+        if sizes[name] is None:
+            damaged[name] = "missing"
+        elif sizes[name] != record["bytes"]:
+            damaged[name] = f"{sizes[name]} bytes, {record['bytes']} recorded"
+    hashed = {name: record["sha256"] for name, record in records.items() if name not in damaged and "sha256" in record}
+    with tqdm(total=sum(sizes[name] for name in hashed), desc=desc, unit="B", unit_scale=True, delay=3,
+              mininterval=1.0) as progress:
+        for name, sha256 in hashed.items():
+            if file_sha256(folder / name, progress) != sha256:
+                damaged[name] = "checksum mismatch"
+    return damaged
+
+
+def shard_problem(folder: Path, name: str, why: str) -> str:
+    """"shard <path> is missing | is damaged (<why>)", for a `damaged_shards` entry."""
+    return f"shard {folder / name} {'is missing' if why == 'missing' else f'is damaged ({why})'}"
+
+
+def prep_command(out_dir: Path) -> str:
+    return f"specdistill prep <the arguments that wrote data_dir> out_dir={out_dir} features.cache=true"
+
+
 def read_manifest(folder: Path, hint: str) -> dict:
-    """A complete cache's manifest: it exists, is this format and every shard it lists is there in full; else one
-    line naming the folder, ending with `hint` (how to write the cache)."""
+    """A cache's manifest: it exists, is this format and lists every shard's file and size (`check_shards` checks the
+    files); else one line naming the folder, ending with `hint` (how to write the cache)."""
     path = folder / MANIFEST
     if not path.is_file():
         shards = list(folder.glob("*.safetensors")) if folder.is_dir() else []
@@ -169,47 +218,67 @@ def read_manifest(folder: Path, hint: str) -> dict:
         manifest = json.loads(path.read_text())
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ValueError(f"not a {FORMAT} version {VERSION} manifest")
-        files = [(shard["file"], folder / shard["file"], shard["bytes"]) for shard in manifest["shards"]]
-        broken = [name for name, path, size in files if not path.is_file() or path.stat().st_size != size]
+        if not all(isinstance(shard["file"], str) and isinstance(shard["bytes"], int) for shard in manifest["shards"]):
+            raise ValueError("a shard without its file name or size")
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"features.path: {path} cannot be read ({type(error).__name__}: {error}); {hint}") from None
-    if broken:
-        raise UserError(f"features.path: {folder} is incomplete: {broken[0]}"
-                        f"{f' and {len(broken) - 1} more shards' if len(broken) > 1 else ''} missing or of another "
-                        f"size than {MANIFEST} records; {hint}")
     return manifest
+
+
+def check_shards(folder: Path, manifest: dict) -> None:
+    """Every shard the manifest lists is there with its recorded size and sha256 (only its size when the manifest
+    predates checksums, with a warning); else one line naming the first damaged shard and how to repair it. The
+    cache is of this run's dataset (checked before), so rerunning the prep that wrote it rewrites no other data."""
+    records = {shard["file"]: shard for shard in manifest["shards"]}
+    repair = (f"rerun the prep that wrote it, the same command with the same out_dir "
+              f"(`{prep_command(folder.parent)}`): it verifies every shard and rewrites the damaged ones")
+    damaged = damaged_shards(folder, records, "features: verifying the cache")
+    if damaged:
+        others = len(damaged) - 1
+        more = f" ({others} more {'shards are' if others > 1 else 'shard is'} damaged or missing)" if others else ""
+        raise UserError(f"features.path: {shard_problem(folder, *next(iter(damaged.items())))}{more}; {repair}")
+    if any("sha256" not in shard for shard in manifest["shards"]):
+        log.warning("features: %s records no shard checksums (written by an older specdistill): its shards were "
+                    "checked by size only; to record them, %s", folder / MANIFEST, repair)
 
 
 def open_feature_cache(folder: Path, target: FrozenTarget, dataset: Any, feature_layers: Sequence[int],
                        objective: Any, data_dir: Path) -> "FeatureCache":
-    """The cache in `folder`, checked against this run before any step: complete, of this target (weights
-    fingerprint, shape), of this dataset (hash), holding the drafter's layers, and an objective it can serve."""
+    """The cache in `folder`, checked against this run before any step: of this target (weights fingerprint, shape),
+    of this dataset (hash), holding the drafter's layers, every shard intact (size, sha256), and an objective it can
+    serve."""
     from specdistill.distill.drafters.feature import target_fingerprint
 
     refuse_uncacheable(objective)
-    command = f"specdistill prep <the arguments that wrote data_dir> out_dir={folder.parent} features.cache=true"
-    manifest = read_manifest(folder, f"write it with `{command}` (a re-run continues an interrupted write)")
+    # until the cache is known to be of this dataset, advice to write one names data_dir's own prep out_dir (where
+    # train looks by default): the folder `folder` is in may hold another dataset, which that prep would overwrite
+    own, command = data_dir.parent / "features", prep_command(data_dir.parent)
+    at_own = folder.resolve() == own.resolve()
+    unset = "" if at_own else f", then train with features.path unset (that prep writes {own})"
+    manifest = read_manifest(folder, f"write it with `{command}` (a re-run continues an interrupted write){unset}")
     cached, here = manifest["target"], {"fingerprint": target_fingerprint(target), "num_layers": target.num_layers,
                                         "hidden_size": target.config.hidden_size}
     if any(cached.get(key) != value for key, value in here.items()):
         raise UserError(f"features.path: the cache in {folder} was written from another target "
                         f"({cached.get('name_or_path')}, weights fingerprint {cached.get('fingerprint')}) than this "
-                        f"run's (weights fingerprint {here['fingerprint']}); write it with this target (`{command}`) "
-                        "or train with features.source=online")
+                        f"run's (weights fingerprint {here['fingerprint']}); write data_dir's cache with this target "
+                        f"(`{command}`){unset}, or train with features.source=online")
     fingerprint = dataset_fingerprint(dataset)
     for split, mine in fingerprint.items():
         theirs = manifest["dataset"].get(split)
         if theirs != mine:
             there = f"{theirs['records']} records, hash {theirs['sha256']}" if theirs else "no such split"
+            point = "" if at_own else "point features.path= at the cache of data_dir's dataset, or "
             raise UserError(f"features.path: the cache in {folder} belongs to another dataset than data_dir={data_dir} "
                             f"(split {split}: {there} in the cache, {mine['records']} records, hash {mine['sha256']} "
-                            f"here); a cache is written by the prep that writes its dataset: `{command}`")
+                            f"here); {point}write data_dir's cache with `{command}`{unset}")
     missing = [layer for layer in feature_layers if layer not in manifest["layers"]]
     if missing:
         wanted = ",".join(str(layer) for layer in dict.fromkeys([*manifest["layers"], *feature_layers]))
         raise UserError(f"features.path: the cache in {folder} holds target layers {manifest['layers']}, but the "
                         f"drafter reads {list(feature_layers)} (missing {missing}); write a cache with them: "
-                        f"`{command} features.layers=[{wanted}]`")
+                        f"`{prep_command(folder.parent)} features.layers=[{wanted}]`")
+    check_shards(folder, manifest)
     log.info("features: read from the %s cache in %s (target layers %s), not from the target's forward",
              manifest["dtype"], folder, manifest["layers"])
     return FeatureCache(folder, manifest, target, feature_layers)

@@ -1,7 +1,8 @@
 """The offline feature cache (`prep features.cache=true` → `train features.source=cache`): the reader rebuilds what the
 target's forward gives the losses; training from an fp32 cache equals online training, bf16 and fp8 stay close at a
-fraction of the bytes; an interrupted write continues without rewriting finished shards; a cache that does not fit
-the run is refused with one line."""
+fraction of the bytes; an interrupted write continues without rewriting finished shards; a damaged shard (truncated,
+or changed at the same size) is refused by train and rewritten by the same prep command; a cache that does not fit
+the run is refused with one line whose advice never writes into another dataset's folder."""
 
 from __future__ import annotations
 
@@ -234,20 +235,26 @@ def test_a_cache_that_does_not_fit_the_run_is_refused(prepared: Path, caches: di
     (broken / MANIFEST).write_text(json.dumps(manifest))
     line = refused(tmp_path, data_dir, f"features.path={broken}")
     assert "was written from another target (toy_tiny, weights fingerprint 0000000000000000)" in line
+    # the advice writes data_dir's own cache, not into the folder of the cache named by features.path
+    assert f"out_dir={prepared} features.cache=true" in line and "features.path unset" in line
 
+    shutil.copy(caches["fp32"] / MANIFEST, broken / MANIFEST)
     (broken / manifest["shards"][2]["file"]).unlink()
     line = refused(tmp_path, data_dir, f"features.path={broken}")
-    assert f"{broken} is incomplete: {manifest['shards'][2]['file']} missing" in line
+    assert f"shard {broken / manifest['shards'][2]['file']} is missing; rerun the prep that wrote it" in line
 
     (broken / MANIFEST).unlink()
     line = refused(tmp_path, data_dir, f"features.path={broken}")
     assert f"{broken} holds {len(manifest['shards']) - 1} shards but no manifest.json" in line
-    assert f"out_dir={tmp_path} features.cache=true" in line
+    assert f"out_dir={prepared} features.cache=true" in line and "features.path unset" in line
 
     other = tmp_path / "other"  # another dataset, with the fp32 cache of the first
     prep(compose("prep", [*DATA[:2], "data.max_records=60", f"out_dir={other}"]))
     line = refused(tmp_path, other / "dataset", f"features.path={caches['fp32']}")
     assert "belongs to another dataset than data_dir=" in line and "split train: " in line
+    # the advice writes the cache of data_dir in data_dir's own prep out_dir, never into the other dataset's
+    assert f"out_dir={other} features.cache=true" in line and f"out_dir={prepared}" not in line, line
+    assert "features.path" in line.split("; ", 1)[1]  # and says to stop pointing features.path at the other cache
 
     final_only = tmp_path / "final_only"
     write_cache(prepared, final_only, "features.layers=[-1]")
@@ -257,6 +264,89 @@ def test_a_cache_that_does_not_fit_the_run_is_refused(prepared: Path, caches: di
 
     line = refused(tmp_path, data_dir, "objective=tvd", "objective.data_source=on_policy", kind="token_lm")
     assert line.startswith("features.source=cache: objective.data_source=on_policy trains on responses the drafter")
+
+
+# --- damaged shards: refused by train, repaired by the same prep command ------------------------------------------
+
+
+def prep_again(out_dir: Path, capsys: pytest.CaptureFixture) -> str:
+    """The prep command that wrote the `prepared` fixture, rerun with out_dir=`out_dir` → what it printed."""
+    capsys.readouterr()
+    prep(compose("prep", [*DATA, "features.cache=true", "features.dtype=fp32",
+                          f"features.shard_records={SHARD_RECORDS}", f"out_dir={out_dir}"]))
+    return capsys.readouterr().out
+
+
+def copied_prep(prepared: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the prepared out_dir (dataset and fp32 cache), to damage → (its out_dir, its cache manifest)."""
+    out_dir = Path(shutil.copytree(prepared, tmp_path / "prep"))
+    return out_dir, json.loads((out_dir / "features" / MANIFEST).read_text())
+
+
+def test_a_truncated_shard_is_refused_by_train_and_repaired_by_rerunning_prep(prepared: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture):
+    out_dir, manifest = copied_prep(prepared, tmp_path)
+    shard = out_dir / "features" / manifest["shards"][3]["file"]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # as an interrupted copy leaves it
+    line = refused(tmp_path, out_dir / "dataset")
+    assert f"shard {shard} is damaged ({len(whole) // 2} bytes, {len(whole)} recorded)" in line, line
+    assert f"out_dir={out_dir} features.cache=true" in line and "the same out_dir" in line
+
+    printed = prep_again(out_dir, capsys)
+    assert f"features: shard {shard} is damaged ({len(whole) // 2} bytes, {len(whole)} recorded); rewriting it" \
+        in printed, printed
+    assert shard.read_bytes() == whole  # the same bytes as the first write
+    assert json.loads((out_dir / "features" / MANIFEST).read_text())["shards"] == manifest["shards"]
+    history, _ = train_run(tmp_path / "train", out_dir / "dataset", "eagle1", "features.source=cache")
+    assert losses(history)
+    assert "is complete already" in prep_again(out_dir, capsys)  # and a third run verifies it, rewriting nothing
+
+
+def test_a_shard_corrupted_at_the_same_size_is_detected_and_repaired(prepared: Path, tmp_path: Path, tiny,
+                                                                    capsys: pytest.CaptureFixture):
+    import datasets
+
+    out_dir, manifest = copied_prep(prepared, tmp_path)
+    shard = out_dir / "features" / manifest["shards"][1]["file"]
+    whole = bytearray(shard.read_bytes())
+    data_start = 8 + int.from_bytes(whole[:8], "little")  # safetensors: header length, JSON header, tensor data
+    middle = (data_start + len(whole)) // 2
+    whole[middle : middle + 8] = bytes(byte ^ 0xFF for byte in whole[middle : middle + 8])
+    shard.write_bytes(whole)
+    line = refused(tmp_path, out_dir / "dataset")
+    assert f"shard {shard} is damaged (checksum mismatch)" in line, line
+    dataset = datasets.load_from_disk(str(out_dir / "dataset"))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        open_feature_cache(out_dir / "features", tiny.target, dataset, (0, 1, -1), FeatureObjective(),
+                           out_dir / "dataset")
+
+    printed = prep_again(out_dir, capsys)
+    assert f"features: shard {shard} is damaged (checksum mismatch); rewriting it" in printed, printed
+    assert shard.read_bytes() == (prepared / "features" / shard.name).read_bytes()
+    open_feature_cache(out_dir / "features", tiny.target, dataset, (0, 1, -1), FeatureObjective(),
+                       out_dir / "dataset")
+
+
+def test_a_cache_written_before_checksums_is_checked_by_size_and_prep_records_them(
+        prepared: Path, tmp_path: Path, tiny, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture):
+    import datasets
+
+    out_dir, manifest = copied_prep(prepared, tmp_path)
+    folder, data_dir = out_dir / "features", out_dir / "dataset"
+    legacy = {**manifest, "shards": [{key: value for key, value in shard.items() if key != "sha256"}
+                                     for shard in manifest["shards"]]}
+    (folder / MANIFEST).write_text(json.dumps(legacy))
+    dataset = datasets.load_from_disk(str(data_dir))
+    with caplog.at_level("WARNING"):
+        open_feature_cache(folder, tiny.target, dataset, (0, 1, -1), FeatureObjective(), data_dir)
+    assert "records no shard checksums" in caplog.text and f"out_dir={out_dir}" in caplog.text
+
+    stamps = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.safetensors")}
+    printed = prep_again(out_dir, capsys)
+    assert "written before shard checksums were recorded" in printed, printed
+    assert {name: (folder / name).stat().st_mtime_ns for name in stamps} == stamps  # kept, not rewritten
+    assert json.loads((folder / MANIFEST).read_text())["shards"] == manifest["shards"]  # checksums recorded
 
 
 def test_the_cli_reports_a_missing_cache_in_one_line(prepared: Path, tmp_path: Path):
