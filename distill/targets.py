@@ -50,7 +50,8 @@ def resolve_target_path(target_cfg: Any, cache_dir: str) -> str:
 
 def eagle3_layers(target_cfg: Any) -> Optional[list[int]]:
     """The target layers EAGLE-3 taps as configured: `target.eagle3_layers`, else the toy's own when the toy is the
-    target, else None (the EAGLE-3 drafter then takes its reference default [2, L/2, L−3])."""
+    target, else None (the EAGLE-3 drafter then takes its default for the target's depth, eagle3.py
+    `default_eagle3_layers`: three distinct layers, [2, L/2, L−3] where those are)."""
     if target_cfg.eagle3_layers is not None:
         return list(target_cfg.eagle3_layers)
     if uses_toy(target_cfg):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from specdistill.distill.errors import UserError
+from specdistill.eval.decoding import DecodingConfig
 
 SPEC_BENCH_URL = "https://github.com/hemingkx/Spec-Bench/blob/main/data/spec_bench/question.jsonl"
 # Benches that are not on the Hub: where their prompt file comes from.
@@ -80,6 +81,41 @@ def render_prompt(tokenizer: Any, prompt: BenchPrompt, chat_template: bool) -> l
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(prompt.turns[0])["input_ids"])
+
+
+def decoding_positions(prompt_tokens: int, decoding: DecodingConfig) -> int:
+    """How many positions (0, 1, …) the target's forwards may read for a prompt: the prompt's, one per new token but
+    the last (never fed back), and a step's drafts, verified at up to the draft depth (γ of a chain, a tree's depth)
+    past the last committed token. Plain decoding and the drafters read fewer."""
+    return prompt_tokens + decoding.max_new_tokens - 1 + decoding.draft_depth
+
+
+def fit_context_window(prompts: list[BenchPrompt], prompt_ids: list[list[int]], decoding: DecodingConfig,
+                       window: int | None, skip: bool, bench: str) -> list[int]:
+    """The indices of the prompts whose decoding stays inside the target's context window of `window` positions (None:
+    the target declares none). Past it the target reads rotary positions it was never trained on and decodes worse
+    without a word, so such a prompt is refused with one line naming it, or left out when `skip`."""
+    if window is None:
+        return list(range(len(prompts)))
+    depth_key = "gamma" if decoding.method == "chain" else "tree_depth"
+    kept = []
+    for index, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+        needed = decoding_positions(len(ids), decoding)
+        if needed <= window:
+            kept.append(index)
+        elif not skip:
+            room = window - needed + decoding.max_new_tokens  # the largest eval.max_new_tokens that fits
+            fix = f"lower eval.max_new_tokens to {room}" if room >= 1 else "shorten the prompt"
+            raise UserError(
+                f"{bench}: prompt {index} (id '{prompt.id}') is {len(ids)} tokens, and decoding it with "
+                f"eval.max_new_tokens={decoding.max_new_tokens} and eval.{depth_key}={decoding.draft_depth} reads "
+                f"{needed} positions, past the target's context window of {window} (config.max_position_embeddings): "
+                f"{fix}, or set eval.long_prompts=skip to leave such prompts out")
+    if not kept:
+        raise UserError(f"{bench}: all {len(prompts)} prompts are too long to decode within the target's context "
+                        f"window of {window} (config.max_position_embeddings) with eval.max_new_tokens="
+                        f"{decoding.max_new_tokens}, so eval.long_prompts=skip leaves none; lower eval.max_new_tokens")
+    return kept
 
 
 def _toy_prompts(cfg: BenchConfig, num_prompts: int | None, seed: int) -> list[BenchPrompt]:

@@ -21,6 +21,11 @@ class Method(Enum):
     tree = "tree"
 
 
+class LongPrompts(Enum):
+    error = "error"
+    skip = "skip"
+
+
 @dataclass
 class EvalLoopConfig:
     method: Method = Method.chain
@@ -35,6 +40,9 @@ class EvalLoopConfig:
     warmup_prompts: int = 2  # decoded untimed before measuring
     verify_lossless: Optional[bool] = None  # re-decode greedily without the drafter and compare; null: on for bench=toy
     hf_baselines: bool = True  # token-level drafters: also transformers' assisted generation and prompt lookup
+    # a prompt whose decoding would read positions past the target's context window (max_position_embeddings): error
+    # refuses the run naming it; skip leaves it out, counted in report.json's skipped_prompts and the log
+    long_prompts: LongPrompts = LongPrompts.error
 
 
 @dataclass

@@ -35,12 +35,12 @@ from tqdm.auto import tqdm
 
 from specdistill.conf import CONFIG_DIR
 from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.outputs import replace_folder, write_text_atomic
+from specdistill.distill.outputs import claim_out_dir, replace_folder, write_text_atomic
 from specdistill.distill.drafters import load_drafting
 from specdistill.distill.target import FrozenTarget
 from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
-from specdistill.eval.benches import load_bench, render_prompt
-from specdistill.eval.config import check_loop_ranges, register_configs
+from specdistill.eval.benches import fit_context_window, load_bench, render_prompt
+from specdistill.eval.config import LongPrompts, check_loop_ranges, register_configs
 from specdistill.eval.decoding import Decoder, DecodingConfig, Generation
 from specdistill.eval.metrics import summarize, tokens_per_second
 from specdistill.eval.report import REPORT_FILES, format_table, write_report
@@ -118,6 +118,7 @@ class EvalRecipe:
             tree_total_tokens=loop.tree_total_tokens, temperature=loop.temperature, top_p=loop.top_p,
             max_new_tokens=loop.max_new_tokens,
         )
+        self._fit_context_window()
         self.drafters = {
             path: load_drafting(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths
         }
@@ -125,6 +126,22 @@ class EvalRecipe:
         self.verify_lossless = cfg.bench.name == "toy" if verify is None else verify
         log.info("eval: %d prompts from bench '%s', %d drafter(s), %s", len(self.prompts), cfg.bench.name,
                  len(self.drafters), self.decoding)
+
+    def _fit_context_window(self) -> None:
+        """Keep the prompts that decode inside the target's context window (eval.long_prompts: refuse or skip others)."""
+        bench = self.cfg.bench
+        kept = fit_context_window(self.prompts, self.prompt_ids, self.decoding,
+                                  getattr(self.model.config, "max_position_embeddings", None),
+                                  self.cfg.eval.long_prompts == LongPrompts.skip,
+                                  f"bench.path={bench.path}" if bench.path else f"bench '{bench.name}'")
+        self.skipped_prompts = len(self.prompts) - len(kept)
+        if self.skipped_prompts:
+            skipped = [prompt.id for index, prompt in enumerate(self.prompts) if index not in kept]
+            log.warning("eval.long_prompts=skip: left out %d prompt(s) too long for the target's context window of %d "
+                        "positions with eval.max_new_tokens=%d: %s", self.skipped_prompts,
+                        self.model.config.max_position_embeddings, self.decoding.max_new_tokens, ", ".join(skipped))
+        self.prompts = [self.prompts[index] for index in kept]
+        self.prompt_ids = [self.prompt_ids[index] for index in kept]
 
     def _decoder(self, path: str | None, greedy: bool = False) -> Decoder:
         config = self.decoding
@@ -194,6 +211,7 @@ class EvalRecipe:
         loop = self.cfg.eval
         return {"target": str(self.cfg.target.name_or_path), "drafter": drafter, "bench": str(self.cfg.bench.name),
                 "temperature": float(loop.temperature), "method": loop.method.value, "hardware": hardware(self.device),
+                "skipped_prompts": self.skipped_prompts,
                 "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)}
 
     def _report(self, path: str, baseline: list[Generation], generations: list[Generation], check: str) -> dict:
@@ -255,9 +273,10 @@ def record_in_drafter(report: dict, depth: int) -> None:
 
 def evaluate(cfg: DictConfig) -> list[dict]:
     recipe = EvalRecipe(cfg)
-    recipe.setup()
-    reports = recipe.evaluate()
-    recipe.save(reports)
+    with claim_out_dir(recipe.out_dir, "eval", cfg.overwrite):  # the out_dir rule (distill/outputs.py)
+        recipe.setup()
+        reports = recipe.evaluate()
+        recipe.save(reports)
     return reports
 
 

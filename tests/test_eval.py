@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from specdistill.distill.outputs import mark_stage
 from tests.conftest import run_cli
 
 EVAL = ["target=toy_tiny", "bench=toy", "eval.num_prompts=4", "eval.max_new_tokens=24", "eval.warmup_prompts=1"]
@@ -15,7 +16,8 @@ def test_eval_writes_the_report_of_a_trained_drafter(trained_drafter, tmp_path: 
     out_dir, result = trained_drafter("eagle3")
     assert result.returncode == 0, result.stderr[-2000:]
     eagle3 = out_dir / "drafter"
-    (tmp_path / "report.json").write_text('{"tau": 9.9}')  # an earlier run's report in the same out_dir
+    mark_stage(tmp_path, "eval")  # an earlier eval run's out_dir, with its report
+    (tmp_path / "report.json").write_text('{"tau": 9.9}')
     eval_run = run_cli("eval", *EVAL, f"drafter_path={eagle3}", f"out_dir={tmp_path}", cwd=tmp_path)
     assert eval_run.returncode == 0, eval_run.stderr[-3000:]
     assert (tmp_path / "previous" / "report.json").read_text() == '{"tau": 9.9}'

@@ -1,8 +1,11 @@
 """τ during training: the evaluator's own speculative decoder (eval/decoding.py, chain, greedy) run with the drafter's
 current weights on a few validation prompts, so every run logs the real τ and α beside the top-1 proxy.
 
-A prompt is a validation record's tokens before its first trained token (the conversation up to the first assistant
-turn). The main process decodes them (the others add zeros to one reduce), and
+A prompt is a real prefix of a validation record, so τ is measured continuing real text: the tokens before its first
+trained token (the conversation up to the first assistant turn), or, where those are too few to be a context (a text
+record is trained from its second token), the record's own first half, at most `MAX_PREFIX_TOKENS`. Decoding from a
+1-token prompt would measure unconditional generation instead, not the continuation of real text that `specdistill
+eval` measures. The main process decodes them (the others add zeros to one reduce), and
 
     τ   = Σ tokens committed by decoding steps ÷ Σ decoding steps        (as `specdistill eval` defines it)
     α_k = Σ accepted at draft position k ÷ Σ times position k was reached
@@ -21,16 +24,25 @@ from specdistill.distill.target import FrozenTarget
 from specdistill.eval.decoding import Decoder, DecodingConfig
 
 
+# A prompt shorter than this is no real context: a text record's is 1 token, while a chat template's role markers and
+# a user turn take more.
+MIN_PROMPT_TOKENS = 4
+MAX_PREFIX_TOKENS = 256  # a text record's prompt: its first half, capped so the prefill stays cheap
+
+
 def validation_prompts(rows: Any, count: int) -> list[list[int]]:
-    """The tokens before the first trained token of the first `count` records that have both a prompt and a trained
-    token (a record trained from its first token has no prompt to decode from)."""
+    """The prompts of the first `count` records that have one (module doc): the tokens before the first trained token,
+    else the record's first half (capped); a record too short for either is left out."""
     prompts: list[list[int]] = []
     for row in rows:
         if len(prompts) == count:
             break
-        first = next((position for position, value in enumerate(row["loss_mask"]) if value), 0)
-        if first > 0:
-            prompts.append(list(row["input_ids"][:first]))
+        # the tokens before the first trained one; too few for a context (a text record): the record's first half
+        length = next((position for position, value in enumerate(row["loss_mask"]) if value), 0)
+        if length < MIN_PROMPT_TOKENS:
+            length = min(len(row["input_ids"]) // 2, MAX_PREFIX_TOKENS)
+        if length >= MIN_PROMPT_TOKENS:
+            prompts.append(list(row["input_ids"][:length]))
     return prompts
 
 

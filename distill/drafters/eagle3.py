@@ -43,7 +43,7 @@ from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import Linear, rms_norm
 from specdistill.distill.errors import UserError
 from specdistill.distill.objectives import FeatureObjective
-from specdistill.distill.target import TargetOutput
+from specdistill.distill.target import TargetOutput, check_feature_layers
 
 
 class Eagle3Config(FeatureDrafterConfig):
@@ -66,8 +66,29 @@ class Eagle3Options(FeatureDrafterOptions):
 
 
 def default_eagle3_layers(num_layers: int) -> list[int]:
-    """EAGLE-3's reference taps (low, middle, high): inputs of layers 2, L/2 and L−3."""
-    return [2, num_layers // 2, num_layers - 3]
+    """EAGLE-3's taps (low, middle, high) for an L-layer target: the reference's inputs of layers 2, L/2 and L−3, which
+    are three distinct layers from L = 7 on. Below that they repeat a layer (L = 6: [2, 3, 3]) or run backwards, so the
+    taps spread over the depth instead: the lowest layer input past the embeddings, the middle one and the last one,
+    [1, L/2, L−1] ([0, 1, 2] at L = 3). Fewer than 3 layers have no three distinct layer inputs: refused, naming the
+    key that sets the taps by hand."""
+    if num_layers < 3:
+        raise UserError(f"EAGLE-3 taps 3 distinct layers and the target has {num_layers} layers: set "
+                        f"target.eagle3_layers to the ids to tap (0..{num_layers - 1}: a layer's input; -1: the final "
+                        "normed state, which trains but cannot be exported), or pick another drafter")
+    reference = [2, num_layers // 2, num_layers - 3]
+    if reference == sorted(set(reference)):
+        return reference
+    return [min(1, num_layers - 3), num_layers // 2, num_layers - 1]
+
+
+def check_taps(layers: list[int], num_layers: int, key: str) -> None:
+    """Refuse a layer tapped twice (fc would read one state in two column blocks, and export refuses it) or one the
+    target lacks, naming the key the taps came from."""
+    repeated = next((layer for index, layer in enumerate(layers) if layer in layers[:index]), None)
+    if repeated is not None:
+        raise UserError(f"{key}={layers} taps layer {repeated} twice; EAGLE-3 reads each tapped layer once (export "
+                        f"refuses a repeat): give distinct ids in 0..{num_layers - 1} (-1: the final normed state)")
+    check_feature_layers(layers, num_layers, key)
 
 
 def select_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int, vocab_size: int) -> torch.Tensor:
@@ -102,12 +123,16 @@ class Eagle3Drafter(FeatureDrafter):
 
     @classmethod
     def build(cls, options: Eagle3Options, context: BuildContext) -> "Eagle3Drafter":
-        """Taps: `options.feature_layers`, else the target config's `eagle3_layers`, else [2, L/2, L−3]. The draft
+        """Taps: `options.feature_layers`, else the target config's `eagle3_layers`, else `default_eagle3_layers`;
+        checked here, at train start, so a repeated or missing layer never trains a drafter export refuses. The draft
         vocabulary is the most frequent masked tokens of `context.token_counts`, the LM head starting from the
         target's rows for them."""
         target = context.target
         vocab_size = target.config.vocab_size
         layers = list(options.feature_layers or context.eagle3_layers or default_eagle3_layers(target.num_layers))
+        # the default's taps always pass: only a configured list can fail, named by where it was set
+        key = "drafter.feature_layers" if options.feature_layers else "target.eagle3_layers"
+        check_taps(layers, target.num_layers, key)
         draft_vocab_size = min(options.draft_vocab_size or vocab_size, vocab_size)
         config = draft_config_from_target(Eagle3Config, target.config, layers, num_hidden_layers=options.num_layers,
                                           draft_vocab_size=draft_vocab_size,
