@@ -64,6 +64,21 @@ def test_stage_b_without_its_stage_a_drafter_is_one_clear_error(tmp_path):
     assert result.returncode == 2 and "init_from" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("stage_list, message", [
+    ('eval=["eval.top_p=2"]', "error: eval.top_p=2.0 is out of range: it must be a number in (0, 1]"),
+    ('eval=["eval.gama=3"]', "error: run: the eval stage does not compose (eval.gama: not a config key (did you mean "
+                             "eval.gamma?)"),
+])
+def test_run_checks_every_stage_before_the_first_starts(stage_list, message, cache_dir, tmp_path):
+    """A bad eval setting fails before prep starts, not after prep and train ran (short stages, in case it does not)."""
+    result = run_cli("run", 'common=["target=toy_tiny"]', 'prep=["data=toy_chat"]',
+                     'train=["train.max_steps=1","train.tau_prompts=0","train.eval_batches=1"]', stage_list,
+                     f"out_dir={tmp_path}/run", cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr[-3000:]
+    assert not (tmp_path / "run" / "prep").exists()
+
+
 def test_every_toy_preset_trains_and_decodes_losslessly(toy_dataset, tmp_path):
     """Each `_toy` preset's own train and eval lists on the tiny target, a few steps each; HASS stage B starts from
     stage A's drafter."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from specdistill.distill.errors import UserError
-from specdistill.train.sweep import read_metric, search_distributions, write_summary
+from specdistill.train.sweep import MissingMetric, read_metric, search_distributions, write_summary
 
 from tests.conftest import run_cli
 
@@ -104,15 +104,44 @@ def test_killed_multirun_resumes_without_retraining_finished_jobs(grid, toy_data
     assert len(resumed) == 4 and {job["status"] for job in resumed} == {"complete"}
     assert_ranked(resumed)
 
-    # ranked by a metric the runs do not have: every job fails naming the available ones, and nothing retrains
+    # ranked by a metric the runs do not have: the finished jobs stay finished, unranked, and their notes name the
+    # metrics they have; nothing retrains
     unknown = run_cli(*args, "hydra.callbacks.sweep_summary.metric=val_taux", cwd=sweep_dir.parent)
     assert unknown.returncode == 0, unknown.stderr[-3000:]
-    failed = summary(sweep_dir)["jobs"]
-    assert {job["status"] for job in failed} == {"failed"}
-    assert all("metric: 'val_taux' is not among" in job["error"] and f"{METRIC}," in job["error"] for job in failed)
-    assert "no job completed" in unknown.stdout
+    unranked = summary(sweep_dir)
+    assert {job["status"] for job in unranked["jobs"]} == {"unranked"} and unranked["best"] is None
+    assert all(job["error"] is None and "'val_taux' is not among" in job["note"] and f"{METRIC}," in job["note"]
+               for job in unranked["jobs"])
+    assert "4 unranked" in unknown.stdout and "hydra.callbacks.sweep_summary.metric=val_tau " in unknown.stdout
     for job in jobs[:3]:
         assert drafter_summary(Path(job["out_dir"])).stat().st_mtime_ns == finished[job["job"]]
+
+
+def test_multirun_jobs_without_the_metric_are_finished_not_failed(toy_dataset, tmp_path: Path):
+    """train.tau_prompts=0 measures no decoded τ: the jobs finish, unranked by val_tau, and the summary says which
+    metric to rank them by; ranked by it, the same sweep returns the finished jobs at once."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["train", "--multirun", *TRAIN, "train.tau_prompts=0", f"data_dir={toy_dataset[0]}", "optim.lr=1e-2,3e-3",
+            "objective.ttt_steps=2", f"hydra.sweep.dir={sweep_dir}"]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = summary(sweep_dir)
+    assert found["counts"] == {"unranked": 2} and found["best"] is None
+    for job in found["jobs"]:
+        assert job["status"] == "unranked" and job["error"] is None and job["rank"] is None
+        assert job["note"].startswith(f"metric: '{METRIC}' is not among the final metrics")
+        assert "val_tau_proxy" in job["note"]
+        assert drafter_summary(Path(job["out_dir"])).exists()
+    hint = "hydra.callbacks.sweep_summary.metric=val_tau_proxy"
+    assert hint in (sweep_dir / "sweep_summary.md").read_text()
+    assert "sweep: 2 jobs (0 complete, 2 unranked, 0 failed)" in result.stdout and hint in result.stdout
+    assert "no job completed" not in result.stdout + result.stderr
+
+    ranked = run_cli(*args, hint, cwd=tmp_path)
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    assert ranked.stdout.count("already finished") == 2
+    found = summary(sweep_dir)
+    assert found["metric"] == "val_tau_proxy" and {job["status"] for job in found["jobs"]} == {"complete"}
 
 
 @pytest.mark.slow
@@ -159,7 +188,10 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(toy_dataset, tmp_path: P
     result = run_cli("train", "--multirun", *TRAIN, f"data_dir={toy_dataset[0]}", "objective.ttt_steps=2",
                      "logger=wandb", "optim.lr=1e30,1e-3", "optim.warmup_ratio=0,7", f"hydra.sweep.dir={sweep_dir}",
                      cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the sweep ends with status 1 after its summary, and says so on its last line
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (f"error: sweep: 3 of 4 jobs failed; each job's error is in "
+                                                      f"{sweep_dir / 'sweep_summary.md'}")
     jobs = {job["job"]: job for job in summary(sweep_dir)["jobs"]}
     assert [job["status"] for _, job in sorted(jobs.items())] == ["failed", "failed", "complete", "failed"]
     assert jobs[0]["error"].startswith("train: step ") and "training diverged" in jobs[0]["error"]
@@ -236,17 +268,27 @@ def test_optuna_sweep_reports_the_best_trial_and_resumes(toy_dataset, tmp_path: 
         "error: metric: the study 'specdistill_sweep' in"), changed.stderr[-2000:]
     assert "was started with metric=val_tau" in changed.stderr and len(load_study(out_dir).trials) == 4
 
-    # a metric the runs do not have (a new study on the same jobs): the trial fails naming the available metrics,
-    # and the search stops at once, since every trial would fail alike
+    # a metric the runs do not have (a new study on the same jobs): Optuna cannot rank the finished trial, so the
+    # search stops at once (every trial would lack it alike) with one line naming the metrics the run has; the trial
+    # is unranked, not failed
     other = optuna.create_study(study_name="other", storage=f"sqlite:///{out_dir / 'optuna.db'}", direction="maximize")
     other.enqueue_trial(study.best_params)  # a finished job: train returns at once
-    unknown = run_cli(*sweep_args(toy_dataset[0], out_dir, LR_SPACE, "n_trials=3", "metric=val_taux",
-                                  "study_name=other"), cwd=tmp_path)
+    other_args = sweep_args(toy_dataset[0], out_dir, LR_SPACE, "n_trials=1", "study_name=other")
+    unknown = run_cli(*other_args, "metric=val_taux", cwd=tmp_path)
     assert unknown.returncode == 2
     error = unknown.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: metric: 'val_taux' is not among the final metrics") and f"{METRIC}," in error
+    assert error.startswith("error: metric: trial 0 finished, but 'val_taux' is not among its final metrics (")
+    assert f"{METRIC}," in error and "so the search stopped: rank by one of them, e.g. metric=val_tau (" in error
+    assert "sweep: trial 1/1 optim.lr=" in unknown.stdout and "→ finished without val_taux" in unknown.stdout
+    found = summary(out_dir)
+    assert [job["status"] for job in found["jobs"]] == ["unranked"]
+    assert "'val_taux' is not among" in found["jobs"][0]["note"]
+    # run again with a metric it has: the unranked trial's finished job is read at once, and the study goes on
+    again = run_cli(*other_args, f"metric={METRIC}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
     other = optuna.load_study(study_name="other", storage=f"sqlite:///{out_dir / 'optuna.db'}")
-    assert states(other) == ["FAIL"] and other.trials[0].user_attrs["error"] == error.removeprefix("error: ")
+    assert states(other) == ["FAIL", "COMPLETE"] and other.trials[1].params == study.best_params
+    assert other.trials[1].value == pytest.approx(study.best_value)
     for number, path in finished.items():
         assert path.stat().st_mtime_ns == mtimes[number]
 
@@ -262,7 +304,10 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(toy_dataset, tmp_path: 
     study.enqueue_trial({"optim.warmup_ratio": 0.1})
     space = "search_space={optim:{warmup_ratio:{type:categorical,choices:[0.1,7.0]}}}"  # the nested form
     result = run_cli(*sweep_args(toy_dataset[0], out_dir, space, "n_trials=3"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # a trial failed: status 1, after the summary of the two job folders (the third trial draws a value again)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (f"error: sweep: 1 of 2 jobs failed; each job's error is in "
+                                                      f"{out_dir / 'sweep_summary.md'}")
     assert ("sweep: trial 1/3 optim.warmup_ratio=7.0 → failed: optim.warmup_ratio: 7.0 is not a fraction of "
             "train.max_steps (0 to 1) (exit status 2;") in result.stdout
     assert "sweep: trial 2/3 optim.warmup_ratio=0.1 → val_tau" in result.stdout
@@ -283,22 +328,28 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(toy_dataset, tmp_path: 
 @pytest.mark.parametrize("direction, order, best",
                          [("maximize", [2, 0, 3], "2.0000"), ("minimize", [3, 0, 2], "1.0000")])
 def test_summary_ranks_complete_jobs_and_lists_failed_ones_last(direction, order, best, tmp_path: Path):
-    def row(job, status, metric=None, error=None):
+    def row(job, status, metric=None, error=None, note=None):
         return {"job": job, "status": status, "metric": metric, "overrides": ["data_dir=d", f"optim.lr={job}"],
-                "out_dir": f"/sweep/{job}", "error": error}
+                "out_dir": f"/sweep/{job}", "error": error, "note": note}
 
     rows = [row(0, "complete", 1.5), row(1, "failed", error="optim.warmup_ratio: 7.0 | bad"), row(2, "complete", 2.0),
-            row(3, "complete", 1.0), row(4, "running")]
-    ranked = write_summary(tmp_path, rows, "val_tau", direction)
-    assert [job["job"] for job in ranked] == [*order, 1, 4] and [job["rank"] for job in ranked] == [1, 2, 3, None, None]
+            row(3, "complete", 1.0), row(4, "running"),
+            {**row(5, "unranked", note="metric: 'val_tau' is not among"), "available": ["loss", "val_tau_proxy"]}]
+    ranked = write_summary(tmp_path, rows, "val_tau", direction, "metric")
+    assert [job["job"] for job in ranked] == [*order, 1, 4, 5]
+    assert [job["rank"] for job in ranked] == [1, 2, 3, None, None, None]
     found = summary(tmp_path)
     assert found["jobs"] == ranked and found["best"]["job"] == order[0]
-    assert found["counts"] == {"complete": 3, "failed": 1, "running": 1}
+    assert found["counts"] == {"complete": 3, "unranked": 1, "failed": 1, "running": 1}
     markdown = (tmp_path / "sweep_summary.md").read_text()
     assert f"Best val_tau {best}: job {order[0]} (optim.lr={order[0]})." in markdown
     assert "Every job: `data_dir=d`" in markdown  # shared overrides once; each row shows what it varies
     assert f"| 1 | {order[0]} |" in markdown
     assert "| optim.lr=1 | /sweep/1 | optim.warmup_ratio: 7.0 \\| bad |" in markdown  # a | in a cell is escaped
+    assert "| unranked | optim.lr=5 | /sweep/5 | metric: 'val_tau' is not among |" in markdown  # its note, not an error
+    assert found["unranked"] in markdown and found["unranked"] == (
+        "1 of 6 jobs finished without val_tau among their final metrics (they have: loss, val_tau_proxy): rank by one "
+        "of them, e.g. metric=val_tau_proxy (finished jobs return at once)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,8 +377,10 @@ def test_read_metric_names_the_available_metrics(tmp_path: Path):
     final = {"step": 3, "val_tau": 1.25, "val_top1": 0.5, "loss": None}
     drafter_summary(tmp_path).write_text(json.dumps({"final": final}))
     assert read_metric(tmp_path / "drafter", "val_tau") == 1.25
-    with pytest.raises(UserError, match=r"^metric: 'val_alpha' is not among .* \(available: step, val_tau, val_top1\)"):
+    available = r"\(available: step, val_tau, val_top1\)"
+    with pytest.raises(MissingMetric, match=r"^metric: 'val_alpha' is not among .* " + available) as missing:
         read_metric(tmp_path / "drafter", "val_alpha")
+    assert missing.value.available == ["step", "val_tau", "val_top1"]
     with pytest.raises(UserError, match=r"^metric: 'loss' is None \(not a number\)"):
         read_metric(tmp_path / "drafter", "loss")
 
@@ -336,8 +389,9 @@ def test_read_metric_names_the_available_metrics(tmp_path: Path):
     (["search_space={optim.lr:{type:uniform,low:0,high:1}}"],
      "error: search_space.optim.lr.type: 'uniform' is not one"),
     (["search_space=5"], "error: search_space: 5 is not a dict"),
-    (["search_space={optim.lrr:{type:float,low:0.1,high:1}}"], "error: train_overrides / search_space: train does not "
-                                                                "compose (Could not override 'optim.lrr'."),
+    (["search_space={optim.lrr:{type:float,low:0.1,high:1}}"],
+     "error: train_overrides / search_space: train does not compose (optim.lrr: not a config key (did you mean "
+     "optim.lr?)"),
     ([LR_SPACE, "direction=up"], "error: direction: 'up' is not one of maximize, minimize"),
     ([LR_SPACE, 'train_overrides=["target=toy_tiny"]'], "error: train_overrides: data_dir is required but not set"),
 ])

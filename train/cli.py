@@ -8,7 +8,9 @@
     specdistill run    experiment=quickstart
     specdistill sweep  'train_overrides=["data_dir=..."]' 'search_space={optim.lr:{type:float,low:1e-4,high:1e-3,log:true}}'
 
-Everything after the sub-command goes to the stage's Hydra app unchanged (overrides, --multirun, --help, --cfg).
+Everything after the sub-command goes to the stage's Hydra app unchanged (overrides, --multirun, --help, --cfg). A
+command line the app cannot compose (a misspelled key, a wrong value type, a missing option) ends in one `error:` line
+naming the key, exit status 2 (`run_hydra_app`), as a stage's own `UserError` does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import importlib
 import os
 import sys
 
-from specdistill.distill.errors import exit_interrupted
+from specdistill.distill.errors import exit_interrupted, run_hydra_app
 
 # sub-command → (module, description)
 STAGES: dict[str, tuple[str, str]] = {
@@ -48,7 +50,8 @@ def _quiet_deepspeed_on_cpu() -> None:
 
 
 def run_stage(command: str, overrides: list[str]) -> None:
-    """Run one stage's Hydra app with the given command-line arguments (exits non-zero on errors)."""
+    """Run one stage's Hydra app with the given command-line arguments (exits non-zero on errors: 2 for what the
+    user can fix)."""
     if command not in STAGES:
         print(f"error: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
@@ -56,7 +59,7 @@ def run_stage(command: str, overrides: list[str]) -> None:
     sys.argv = [f"specdistill {command}", *overrides]
     try:
         _quiet_deepspeed_on_cpu()
-        importlib.import_module(module).main()
+        run_hydra_app(importlib.import_module(module).main)
     except KeyboardInterrupt:  # Ctrl-C while torch & co. import, before the stage's own handler (exit_on_user_error)
         exit_interrupted()
 

@@ -4,8 +4,9 @@
     specdistill run experiment=quickstart 'train=["drafter=eagle1","train.max_steps=600"]'   # replace a stage's list
 
 Each stage is composed from its own config (conf/prep.yaml, train.yaml, eval.yaml) with `common` + its own override
-list, so everything a stage accepts on its command line it accepts here. All three are composed before the first
-starts, so a typo in the eval list fails at once, not after prep and train have run:
+list, so everything a stage accepts on its command line it accepts here. All three are composed, and train's and
+eval's value ranges checked, before the first starts, so a typo or an out-of-range value in the eval list fails at
+once, not after prep and train have run:
 
     <out_dir>/prep/dataset   <out_dir>/train/drafter   <out_dir>/eval/report.md
 """
@@ -26,7 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 import specdistill.distill.outputs  # noqa: F401  (registers the run-folder resolver conf/hydra/output uses)
 from specdistill.conf import CONFIG_DIR
-from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.outputs import claim_out_dir
+from specdistill.distill.errors import UserError, config_error_message, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunConfig:
     out_dir: str = "${hydra:runtime.output_dir}"
+    overwrite: bool = False  # write into an out_dir that holds files run did not write (distill/outputs.py)
     cache_dir: str = "${oc.env:SPECDISTILL_CACHE,'~/.cache/specdistill'}"
     seed: int = 0
     common: list[str] = field(default_factory=list)  # overrides for every stage, e.g. [target=toy]
@@ -61,16 +64,18 @@ def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
         cfg = compose(stage, overrides)
         OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
-        message = " ".join(str(error).split())
-        raise UserError(f"run: the {stage} stage does not compose ({message}); fix `{stage}=[...]` or `common=[...]` "
-                        f"(each entry is one override of `specdistill {stage}`)") from None
+        raise UserError(f"run: the {stage} stage does not compose ({config_error_message(error)}); fix "
+                        f"`{stage}=[...]` or `common=[...]` (each entry is one override of `specdistill {stage}`)"
+                        ) from None
     return cfg
 
 
 def run(cfg: DictConfig) -> Path:
-    """Compose every stage, then run the three; returns the eval folder."""
+    """Compose and check every stage, then run the three; returns the eval folder."""
     from specdistill.data_prep.prep import prep
+    from specdistill.eval.config import check_loop_ranges
     from specdistill.eval.eval import evaluate
+    from specdistill.train.config import check_ranges
     from specdistill.train.train import train
 
     if not any((cfg.common, cfg.prep, cfg.train, cfg.eval)):
@@ -90,12 +95,16 @@ def run(cfg: DictConfig) -> Path:
                                         f"out_dir={quoted(out_dir / 'train')}"])
     eval_cfg = compose_stage("eval", [*common, *cfg.eval, f"drafter_path={quoted(out_dir / 'train' / 'drafter')}",
                                       f"out_dir={quoted(out_dir / 'eval')}"])
-    log.info("[1/3] prep → %s", out_dir / "prep")
-    prep(prep_cfg)
-    log.info("[2/3] train → %s", out_dir / "train")
-    train(train_cfg)
-    log.info("[3/3] eval → %s", out_dir / "eval")
-    evaluate(eval_cfg)
+    # each stage checks its ranges again when it starts; here they fail before prep, not after prep and train
+    check_ranges(train_cfg)
+    check_loop_ranges(eval_cfg.eval)
+    with claim_out_dir(out_dir, "run", cfg.overwrite):  # the out_dir rule; each stage checks its own folder too
+        log.info("[1/3] prep → %s", out_dir / "prep")
+        prep(prep_cfg)
+        log.info("[2/3] train → %s", out_dir / "train")
+        train(train_cfg)
+        log.info("[3/3] eval → %s", out_dir / "eval")
+        evaluate(eval_cfg)
     log.info("done: %s", ", ".join(f"{stage}: {out_dir / stage}" for stage in stages))
     return out_dir / "eval"
 

@@ -15,7 +15,15 @@
 Both write <sweep dir>/sweep_summary.json and sweep_summary.md: the jobs ranked by `metric` (a key of the `final`
 dict in each job's drafter/summary.json; default val_tau, τ of the real speculative decoder on validation prompts),
 each with its overrides, out_dir, status and, when it failed, its one-line error. A failed job (a bad value, a diverged
-run) is recorded and the sweep goes on with the next one.
+run) is recorded and the sweep goes on with the next one. A job that finished without `metric` among its final
+metrics (val_tau with train.tau_prompts=0) did not fail: it is `unranked`, its note names the metrics it has, and the
+summary says which setting ranks the jobs by the closest one (a re-run returns finished jobs at once). Optuna cannot
+learn from such a trial, so `specdistill sweep` stops at the first one (status 2, one line); run again with a metric
+the runs have, and the study reads that trial's finished job instead of training it again.
+
+Exit status: 0 when no job failed (unranked ones included), 1 when the summary lists a failed job (after it is
+written, with one line on stderr: how many failed, where the summary is), 2 when the sweep itself is refused (a bad
+setting of the sweep, or a config that does not compose: nothing trained) or, for Optuna, stopped at an unranked trial.
 
 Multirun: `sweep_job` wraps train's Hydra task function. In a --multirun job it returns the metric, records the result
 in <job dir>/job_result.json, and turns a failure into a recorded result instead of an exception (Hydra's sweeper
@@ -32,6 +40,7 @@ down.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -55,8 +64,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from specdistill.conf import CONFIG_DIR
-from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.outputs import hold_out_dir, json_text, write_text_atomic  # + the run-folder resolver
+from specdistill.distill.errors import UserError, config_error_message, exit_on_user_error
+from specdistill.distill.outputs import claim_out_dir, json_text, write_text_atomic  # + the run-folder resolver
 
 if TYPE_CHECKING:  # optuna is imported only by the `sweep` stage: train's multirun does not need it
     import optuna
@@ -67,6 +76,9 @@ DIRECTIONS = ("maximize", "minimize")
 SUMMARY_NAME = "sweep_summary"
 JOB_RESULT = "job_result.json"
 CALLBACK_NAME = "sweep_summary"  # the callback's key under hydra.callbacks (conf/train.yaml)
+MULTIRUN_METRIC_KEY = f"hydra.callbacks.{CALLBACK_NAME}.metric"
+# a job's status in the summary; unranked: finished, but without the metric among its final metrics
+STATUSES = ("complete", "unranked", "failed", "running", "waiting")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,9 +90,17 @@ def one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split())
 
 
+class MissingMetric(UserError):
+    """A finished run's summary has no number `metric`: the job cannot be ranked by it, but it did not fail."""
+
+    def __init__(self, message: str, available: list[str]) -> None:
+        super().__init__(message)
+        self.available = available  # the numeric keys of its `final`
+
+
 def read_metric(drafter: Path, metric: str) -> float:
-    """`final[metric]` of a finished train run's <drafter>/summary.json; a `UserError` naming the available metrics
-    when it has no such number."""
+    """`final[metric]` of a finished train run's <drafter>/summary.json; a `MissingMetric` naming the available
+    metrics when it has no such number, a `UserError` when the file cannot be read."""
     path = drafter / "summary.json"
     try:
         final = json.loads(path.read_text())["final"]
@@ -88,25 +108,27 @@ def read_metric(drafter: Path, metric: str) -> float:
         raise UserError(f"sweep: cannot read the final metrics in {path} ({type(error).__name__}: {error})") from None
     value = final.get(metric)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        available = ", ".join(sorted(key for key, item in final.items()
-                                     if isinstance(item, (int, float)) and not isinstance(item, bool)))
+        available = sorted(key for key, item in final.items()
+                           if isinstance(item, (int, float)) and not isinstance(item, bool))
         found = "is not among" if metric not in final else f"is {value!r} (not a number) in"
-        raise UserError(f"metric: '{metric}' {found} the final metrics in {path} (available: {available})")
+        raise MissingMetric(f"metric: '{metric}' {found} the final metrics in {path} (available: "
+                            f"{', '.join(available)})", available)
     return float(value)
 
 
-def write_summary(sweep_dir: Path, rows: list[dict], metric: str, direction: str) -> list[dict]:
+def write_summary(sweep_dir: Path, rows: list[dict], metric: str, direction: str, metric_key: str) -> list[dict]:
     """Rank the jobs (complete ones by `metric`, best first; ties and the others keep their order), write
     <sweep_dir>/sweep_summary.json and .md, and return the ranked rows. Each row: job, status
-    (complete|failed|running|waiting), metric, overrides (key=value strings), out_dir, error."""
+    (complete|unranked|failed|running|waiting), metric, overrides (key=value strings), out_dir, error; an unranked
+    one also its note and the metrics it has (available). `metric_key` is the setting that names the metric."""
     complete = sorted((row for row in rows if row["status"] == "complete"), key=lambda row: row["metric"],
                       reverse=direction == "maximize")
     ranked = [{**row, "rank": rank} for rank, row in enumerate(complete, 1)]
     ranked += [{**row, "rank": None} for row in rows if row["status"] != "complete"]
-    counts = {status: sum(row["status"] == status for row in rows) for status in ("complete", "failed", "running",
-                                                                                  "waiting")}
+    counts = {status: sum(row["status"] == status for row in rows) for status in STATUSES}
     summary = {"metric": metric, "direction": direction, "best": ranked[0] if complete else None,
-               "counts": {status: count for status, count in counts.items() if count}, "jobs": ranked}
+               "counts": {status: count for status, count in counts.items() if count},
+               "unranked": unranked_note(ranked, metric, metric_key), "jobs": ranked}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(sweep_dir / f"{SUMMARY_NAME}.json", json_text(summary, indent=1))
     write_text_atomic(sweep_dir / f"{SUMMARY_NAME}.md", summary_markdown(summary))
@@ -121,12 +143,16 @@ def summary_markdown(summary: dict) -> str:
              f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in summary["counts"].items()) + "."]
     if summary["best"] is not None:
         lines.append(f"Best {describe_best(summary['best'], metric, shared)}.")
+    if summary["unranked"]:
+        lines.append(f"{summary['unranked']}.")
     if shared:
         lines += ["", "Every job: " + " ".join(f"`{override}`" for override in shared)]
-    lines += ["", f"| rank | job | {metric} | status | overrides | out_dir | error |", "|---|---|---|---|---|---|---|"]
+    lines += ["", f"| rank | job | {metric} | status | overrides | out_dir | error / note |",
+              "|---|---|---|---|---|---|---|"]
     for job in jobs:
         cells = [job["rank"] or "", job["job"], "" if job["metric"] is None else f"{job['metric']:#.5g}", job["status"],
-                 " ".join(o for o in job["overrides"] if o not in shared), job["out_dir"], job.get("error") or ""]
+                 " ".join(o for o in job["overrides"] if o not in shared), job["out_dir"],
+                 job.get("error") or job.get("note") or ""]
         lines.append("| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -144,14 +170,46 @@ def describe_best(best: dict, metric: str, shared: list[str]) -> str:
     return f"{metric} {best['metric']:#.5g}: job {best['job']} ({varied})"
 
 
-def report(ranked: list[dict], metric: str, summary_dir: Path) -> str:
-    """One line for the console: how many jobs ended how, the best one, where the summary is."""
-    counts = {status: sum(row["status"] == status for row in ranked) for status in ("complete", "failed")}
+def rank_by(metric: str, available: list[str], metric_key: str) -> str:
+    """How to rank jobs that lack `metric`: by the available metric closest to it."""
+    closest = difflib.get_close_matches(metric, available, n=1, cutoff=0) or ["<one of them>"]
+    return f"rank by one of them, e.g. {metric_key}={closest[0]} (finished jobs return at once)"
+
+
+def unranked_note(rows: list[dict], metric: str, metric_key: str) -> str | None:
+    """What the summary and the console say of the jobs that finished without `metric`: how many, the metrics they
+    all have, and the setting that ranks them; None when there are none."""
+    unranked = [row for row in rows if row["status"] == "unranked"]
+    if not unranked:
+        return None
+    available = sorted(set.intersection(*(set(row["available"]) for row in unranked)))
+    return (f"{len(unranked)} of {len(rows)} jobs finished without {metric} among their final metrics (they have: "
+            f"{', '.join(available)}): {rank_by(metric, available, metric_key)}")
+
+
+def report(ranked: list[dict], metric: str, summary_dir: Path, metric_key: str) -> str:
+    """One line for the console: how many jobs ended how, the best one (or how to rank unranked ones), where the
+    summary is."""
+    counts = {status: sum(row["status"] == status for row in ranked) for status in STATUSES}
     best = next((row for row in ranked if row["status"] == "complete"), None)
-    shared = shared_overrides(ranked)
-    best_text = f"best {describe_best(best, metric, shared)}" if best else "no job completed"
-    return (f"sweep: {len(ranked)} jobs ({counts['complete']} complete, {counts['failed']} failed); {best_text}; "
-            f"wrote {summary_dir / (SUMMARY_NAME + '.md')}")
+    ended = [f"{counts['complete']} complete", *([f"{counts['unranked']} unranked"] if counts["unranked"] else []),
+             f"{counts['failed']} failed"]
+    parts = [f"sweep: {len(ranked)} jobs ({', '.join(ended)})"]
+    if best is not None:
+        parts.append(f"best {describe_best(best, metric, shared_overrides(ranked))}")
+    elif not counts["unranked"]:
+        parts.append("no job completed")
+    parts += [note for note in [unranked_note(ranked, metric, metric_key)] if note]
+    return "; ".join([*parts, f"wrote {summary_dir / (SUMMARY_NAME + '.md')}"])
+
+
+def exit_if_jobs_failed(ranked: list[dict], summary_dir: Path) -> None:
+    """The sweep's exit status (module docstring): 1, with one line on stderr, when the summary lists a failed job."""
+    failed = sum(row["status"] == "failed" for row in ranked)
+    if failed:
+        print(f"error: sweep: {failed} of {len(ranked)} jobs failed; each job's error is in "
+              f"{summary_dir / (SUMMARY_NAME + '.md')}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def check_direction(direction: str, key: str) -> None:
@@ -173,8 +231,9 @@ def finish_wandb_run() -> None:
 
 def sweep_job(task: Callable[[DictConfig], Path]) -> Callable[[DictConfig], Any]:
     """Wrap train's Hydra task function (`task(cfg)` returns the drafter folder). In a --multirun job: return the
-    job's metric, record it or the job's one-line failure in <job dir>/job_result.json, and never raise, so the sweep
-    goes on (module docstring). Outside --multirun: `task` unchanged."""
+    job's metric, record it, the metrics a job without it has, or the job's one-line failure in
+    <job dir>/job_result.json, and never raise, so the sweep goes on (module docstring). Outside --multirun: `task`
+    unchanged."""
 
     @functools.wraps(task)
     def job(cfg: DictConfig) -> Any:
@@ -183,12 +242,19 @@ def sweep_job(task: Callable[[DictConfig], Path]) -> Callable[[DictConfig], Any]
         hydra_cfg = HydraConfig.get()
         metric = (hydra_cfg.callbacks.get(CALLBACK_NAME) or {}).get("metric", DEFAULT_METRIC)
         result_path = Path(hydra_cfg.runtime.output_dir) / JOB_RESULT
-        row = {"job": hydra_cfg.job.num, "status": "running", "metric": None,
-               "overrides": list(hydra_cfg.overrides.task), "out_dir": str(Path(cfg.out_dir).expanduser().resolve()),
-               "error": None}
-        write_text_atomic(result_path, json_text(row, indent=1))  # a result of an earlier sweep never outlives a re-run
+        row = {"job": hydra_cfg.job.num, "metric": None, "overrides": list(hydra_cfg.overrides.task),
+               "out_dir": str(Path(cfg.out_dir).expanduser().resolve()), "error": None, "note": None}
+        # a result of an earlier sweep never outlives a re-run; the new one is written when the job ends, not before:
+        # train refuses an out_dir holding files it did not write (distill/outputs.py)
+        result_path.unlink(missing_ok=True)
         try:
             value = read_metric(task(cfg), metric)
+        except MissingMetric as missing:  # finished: kept, unranked; the summary says how to rank it
+            print(f"sweep: job {hydra_cfg.job.num} finished without {metric} among its final metrics (it has: "
+                  f"{', '.join(missing.available)})", flush=True)
+            write_text_atomic(result_path, json_text({"status": "unranked", **row, "note": one_line(missing),
+                                                      "available": missing.available}, indent=1))
+            return None
         except Exception as error:  # any failure ends this job only (Ctrl-C, not an Exception, ends the sweep)
             message = one_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {one_line(error)}"
             if not isinstance(error, UserError):  # a bug, not a bad setting: the traceback goes to the job's log
@@ -196,17 +262,18 @@ def sweep_job(task: Callable[[DictConfig], Path]) -> Callable[[DictConfig], Any]
             print(f"error: {message}\nsweep: job {hydra_cfg.job.num} failed; going on with the next job",
                   file=sys.stderr, flush=True)
             finish_wandb_run()
-            write_text_atomic(result_path, json_text({**row, "status": "failed", "error": message}, indent=1))
+            write_text_atomic(result_path, json_text({"status": "failed", **row, "error": message}, indent=1))
             return None
-        write_text_atomic(result_path, json_text({**row, "status": "complete", "metric": value}, indent=1))
+        write_text_atomic(result_path, json_text({"status": "complete", **row, "metric": value}, indent=1))
         return value
 
     return job
 
 
 class SweepSummary(Callback):
-    """After a --multirun sweep, rank its jobs' job_result.json files into <sweep dir>/sweep_summary.{json,md}.
-    Registered in conf/train.yaml as hydra.callbacks.sweep_summary (metric, direction)."""
+    """After a --multirun sweep, rank its jobs' job_result.json files into <sweep dir>/sweep_summary.{json,md}, then
+    exit with status 1 when a job failed. Registered in conf/train.yaml as hydra.callbacks.sweep_summary (metric,
+    direction)."""
 
     def __init__(self, metric: str = DEFAULT_METRIC, direction: str = "maximize") -> None:
         self.metric, self.direction = metric, direction
@@ -223,7 +290,9 @@ class SweepSummary(Callback):
         # every job of this sweep dir, a resumed sweep's earlier jobs included (their dirs hold their results)
         rows = sorted((json.loads(path.read_text()) for path in sweep_dir.rglob(JOB_RESULT)),
                       key=lambda row: row["job"])
-        print(report(write_summary(sweep_dir, rows, self.metric, self.direction), self.metric, sweep_dir), flush=True)
+        ranked = write_summary(sweep_dir, rows, self.metric, self.direction, MULTIRUN_METRIC_KEY)
+        print(report(ranked, self.metric, sweep_dir, MULTIRUN_METRIC_KEY), flush=True)
+        exit_if_jobs_failed(ranked, sweep_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,6 +302,7 @@ class SweepSummary(Callback):
 @dataclass
 class SweepConfig:
     out_dir: str = "${hydra:runtime.output_dir}"  # the sweep dir: optuna.db, jobs/<params>/, sweep_summary.{json,md}
+    overwrite: bool = False  # write into an out_dir that holds files sweep did not write (distill/outputs.py)
     # train config key (dotted, or nested dicts) → {type: float|int, low, high, log?, step?} | {type: categorical,
     # choices: [...]}. Typed Any, not a dict, so `search_space={...}` on the command line sets new keys (a typed dict
     # would be closed to keys it does not have)
@@ -248,6 +318,7 @@ class SweepConfig:
 ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)
 
 TRIAL_STATUS = {"COMPLETE": "complete", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+OPTUNA_METRIC_KEY = "metric"  # the sweep's setting that names the metric
 SPEC_FIELDS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"),
                "categorical": ("choices",)}
 
@@ -355,7 +426,8 @@ def check_train_overrides(cfg: DictConfig, distributions: dict) -> None:
         train_cfg = compose("train", overrides)
         OmegaConf.to_container(train_cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
-        raise UserError(f"train_overrides / search_space: train does not compose ({one_line(error)})") from None
+        raise UserError(f"train_overrides / search_space: train does not compose ({config_error_message(error)})"
+                        ) from None
     missing = sorted(OmegaConf.missing_keys(train_cfg))
     if missing:
         raise UserError(f"train_overrides: {missing[0]} is required but not set; add {missing[0]}=<value> "
@@ -374,13 +446,14 @@ def last_error_line(log_path: Path) -> str | None:
 
 
 def run_trial(job_dir: Path, overrides: list[str], metric: str) -> float:
-    """`python -m specdistill.train.train <overrides>` in its own process (a crash ends the trial, not the sweep),
-    its output appended to <job_dir>/train.log; the metric from its drafter's summary.json."""
+    """`python -m specdistill.train <overrides>` in its own process (a crash ends the trial, not the sweep; a config
+    that does not compose ends in one `error:` line, as on the command line), its output appended to
+    <job_dir>/train.log; the metric from its drafter's summary.json (a `MissingMetric` when it has none)."""
     from specdistill.train.run import quoted
 
     job_dir.mkdir(parents=True, exist_ok=True)
     # Hydra's own files (.hydra/, its log) go beside the job's, not into a new outputs/train/<time> folder
-    command = [sys.executable, "-m", "specdistill.train.train", *overrides, f"out_dir={quoted(job_dir)}",
+    command = [sys.executable, "-m", "specdistill.train", *overrides, f"out_dir={quoted(job_dir)}",
                f"hydra.run.dir={quoted(job_dir / 'hydra')}"]
     log_path = job_dir / "train.log"
     with log_path.open("a") as log_file:
@@ -395,7 +468,8 @@ def run_trial(job_dir: Path, overrides: list[str], metric: str) -> float:
 
 
 def counted(trial: "optuna.trial.FrozenTrial") -> bool:
-    """Whether a trial counts toward n_trials: it completed, or failed on its own (a kill's are run again)."""
+    """Whether a trial counts toward n_trials: it completed, or failed on its own (a kill's are run again, an
+    unranked one's are read again)."""
     from optuna.trial import TrialState
 
     return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "error" in trial.user_attrs)
@@ -415,27 +489,48 @@ def resume_interrupted(study: "optuna.Study") -> int:
     return len(interrupted)
 
 
+def trial_params(trial: "optuna.trial.FrozenTrial") -> dict[str, Any]:
+    """A trial's params; a waiting (enqueued) trial has only its fixed ones."""
+    return trial.params or trial.system_attrs.get("fixed_params", {})
+
+
+def reread_unranked(study: "optuna.Study") -> int:
+    """Trials that finished without the metric (the search stopped there): enqueue their params again, so the study
+    reads each one's finished job (train returns at once) under the metric it has now. Only a job's newest trial: one a
+    later trial already re-read is not queued again. Returns how many."""
+    trials = study.get_trials(deepcopy=False)
+    newest = {job_name(trial_params(trial)): trial.number for trial in trials}
+    unranked = [trial for trial in trials
+                if "unranked" in trial.user_attrs and newest[job_name(trial.params)] == trial.number]
+    for trial in unranked:
+        study.enqueue_trial(trial.params)
+    return len(unranked)
+
+
 def study_rows(study: "optuna.Study", out_dir: Path) -> list[dict]:
     """One summary row per job folder, named by its trial's number: the newest trial with those params (a re-run
     after a kill replaces the interrupted one), in trial order."""
     rows: dict[str, dict] = {}
     for trial in study.get_trials(deepcopy=False):
-        params = trial.params or trial.system_attrs.get("fixed_params", {})  # a waiting trial has only fixed ones
+        params = trial_params(trial)
         if not params:
             continue
         name = job_name(params)
         rows.pop(name, None)
-        status = TRIAL_STATUS.get(trial.state.name, trial.state.name.lower())
+        unranked = "unranked" in trial.user_attrs
+        status = "unranked" if unranked else TRIAL_STATUS.get(trial.state.name, trial.state.name.lower())
         rows[name] = {"job": trial.number, "status": status,
                       "metric": trial.value if status == "complete" else None,
                       "overrides": param_overrides(params), "out_dir": str(out_dir / "jobs" / name),
-                      "error": trial.user_attrs.get("error") or ("interrupted" if status == "failed" else None)}
+                      "error": trial.user_attrs.get("error") or ("interrupted" if status == "failed" else None),
+                      "note": trial.user_attrs.get("unranked"),
+                      **({"available": trial.user_attrs["available"]} if unranked else {})}
     return list(rows.values())
 
 
-def sweep(cfg: DictConfig) -> dict:
-    """Run (or resume) the study in cfg.out_dir until it has n_trials finished trials; returns the best job's summary
-    row (a `UserError` when no trial completed)."""
+def sweep(cfg: DictConfig) -> list[dict]:
+    """Run (or resume) the study in cfg.out_dir until it has n_trials finished trials; returns the ranked summary
+    rows, or exits with status 1 after the summary when a trial failed (module docstring)."""
     check_direction(cfg.direction, "direction")
     if cfg.n_trials < 1:
         raise UserError(f"n_trials: {cfg.n_trials}; give at least 1")
@@ -453,11 +548,13 @@ def sweep(cfg: DictConfig) -> dict:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
-    with hold_out_dir(out_dir):
+    with claim_out_dir(out_dir, "sweep", cfg.overwrite):  # the out_dir rule: a resumed study is sweep's own folder
         study = optuna.create_study(study_name=cfg.study_name, storage=f"sqlite:///{out_dir / 'optuna.db'}",
                                     direction=cfg.direction, load_if_exists=True)
-        # a resumed study keeps what its trial values mean
+        # a resumed study keeps what its trial values mean (before it has one, its metric may still change)
         started = {"direction": study.direction.name.lower(), "metric": study.user_attrs.get("metric", cfg.metric)}
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            del started["metric"]
         for key, value in started.items():
             if cfg[key] != value:
                 raise UserError(f"{key}: the study '{cfg.study_name}' in {out_dir / 'optuna.db'} was started with "
@@ -465,11 +562,16 @@ def sweep(cfg: DictConfig) -> dict:
         study.set_user_attr("metric", cfg.metric)
         # a resumed study seeds on from its trial count: the same seed would draw the first trials' params again
         study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
-        interrupted = resume_interrupted(study)
+        again = {"interrupted (run again)": resume_interrupted(study),
+                 f"unranked (read again for {cfg.metric})": reread_unranked(study)}
         done = sum(counted(trial) for trial in study.get_trials(deepcopy=False))
-        if done or interrupted:
+        if done or any(again.values()):
             print(f"sweep: resuming the study '{cfg.study_name}' in {out_dir}: {done} of {cfg.n_trials} trials done"
-                  f"{f', {interrupted} interrupted (run again)' if interrupted else ''}", flush=True)
+                  + "".join(f", {count} {what}" for what, count in again.items() if count), flush=True)
+
+        def summarize() -> list[dict]:
+            return write_summary(out_dir, study_rows(study, out_dir), cfg.metric, cfg.direction, OPTUNA_METRIC_KEY)
+
         while done < cfg.n_trials:
             trial = study.ask(distributions)
             overrides = param_overrides(trial.params)
@@ -477,26 +579,32 @@ def sweep(cfg: DictConfig) -> dict:
             try:
                 value = run_trial(out_dir / "jobs" / job_name(trial.params), [*cfg.train_overrides, *overrides],
                                   cfg.metric)
-            except UserError as error:
+            except MissingMetric as missing:  # finished, but with no value Optuna has nothing to learn from: stop
+                trial.set_user_attr("unranked", one_line(missing))
+                trial.set_user_attr("available", missing.available)
+                study.tell(trial, state=TrialState.FAIL)
+                print(f"{progress} → finished without {cfg.metric}", flush=True)
+                summarize()
+                raise UserError(f"metric: trial {trial.number} finished, but '{cfg.metric}' is not among its final "
+                                f"metrics ({', '.join(missing.available)}); Optuna cannot rank it, so the search "
+                                f"stopped: {rank_by(cfg.metric, missing.available, OPTUNA_METRIC_KEY)}") from None
+            except UserError as error:  # the trial failed, or its summary.json cannot be read
                 trial.set_user_attr("error", one_line(error))
                 study.tell(trial, state=TrialState.FAIL)
                 print(f"{progress} → failed: {one_line(error)}", flush=True)
-                write_summary(out_dir, study_rows(study, out_dir), cfg.metric, cfg.direction)
-                if not isinstance(error, TrialFailed):  # the metric is missing: every trial would fail alike
-                    raise
             else:
                 study.tell(trial, value)
                 print(f"{progress} → {cfg.metric} {value:#.5g}", flush=True)
             done += 1
-            write_summary(out_dir, study_rows(study, out_dir), cfg.metric, cfg.direction)
-        ranked = write_summary(out_dir, study_rows(study, out_dir), cfg.metric, cfg.direction)
-    print(report(ranked, cfg.metric, out_dir), flush=True)
-    if not any(row["status"] == "complete" for row in ranked):
-        raise UserError(f"sweep: no trial completed; each job's error is in {out_dir / (SUMMARY_NAME + '.md')}")
-    best = study.best_trial
-    print(f"sweep: best trial {best.number}: {cfg.metric} {best.value:#.5g} with "
-          f"{' '.join(param_overrides(best.params))}")
-    return ranked[0]
+            summarize()
+        ranked = summarize()
+    print(report(ranked, cfg.metric, out_dir, OPTUNA_METRIC_KEY), flush=True)
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        best = study.best_trial
+        print(f"sweep: best trial {best.number}: {cfg.metric} {best.value:#.5g} with "
+              f"{' '.join(param_overrides(best.params))}", flush=True)
+    exit_if_jobs_failed(ranked, out_dir)
+    return ranked
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="sweep", version_base="1.3")
