@@ -39,7 +39,7 @@ from specdistill.data_prep.readers import Conversation, MalformedRecord, PlainTe
 from specdistill.distill.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
 from specdistill.distill.toy import toy_chat_conversations
 from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.outputs import hold_out_dir, replace_folder
+from specdistill.distill.outputs import claim_out_dir, hold_out_dir, replace_folder
 
 log = logging.getLogger("specdistill.prep")
 MAX_REPORTED_ERRORS = 20  # malformed records listed by index in stats.json and the log
@@ -179,9 +179,12 @@ def save_dataset(train: list[dict], validation: list[dict], counts: torch.Tensor
 
 
 def prep(cfg: DictConfig) -> Path:
+    with claim_out_dir(cfg.out_dir, "prep", cfg.overwrite) as out_dir:  # the out_dir rule (distill/outputs.py)
+        return prep_into(cfg, out_dir)
+
+
+def prep_into(cfg: DictConfig, out_dir: Path) -> Path:
     started = time.perf_counter()
-    out_dir = Path(cfg.out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # setup
     if cfg.features.cache:  # the drafter modules it imports load transformers: only when asked for

@@ -46,7 +46,7 @@ class TargetConfig:
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' default)
     trust_remote_code: bool = False  # only turn on for repositories you trust
     chat_template: Optional[str] = None  # a Jinja template string that replaces the tokenizer's own
-    # layers EAGLE-3 taps (low, middle, high); None: the toy's own, any other target [2, L/2, L−3]
+    # layers EAGLE-3 taps (low, middle, high); None: the toy's own, any other target eagle3.py default_eagle3_layers
     eagle3_layers: Optional[list[int]] = None
     toy: Optional[ToyTarget] = None  # set by target=toy / target=toy_tiny; used only while name_or_path is toy.name
 
@@ -57,5 +57,7 @@ class StageConfig:
 
     target: TargetConfig = field(default_factory=TargetConfig)
     out_dir: str = "${hydra:runtime.output_dir}"  # where this stage writes
+    # write into an out_dir that holds files this stage did not write (distill/outputs.py: check_out_dir)
+    overwrite: bool = False
     cache_dir: str = "${oc.env:SPECDISTILL_CACHE,'~/.cache/specdistill'}"  # toy target and other built artefacts
     seed: int = 0

@@ -13,6 +13,13 @@ A folder cannot be swapped in one system call, so the swap is: old → `.<name>.
 crash between the two renames leaves the old folder under `.<name>.old`; `recover_folder` (called by
 `replace_folder` and by readers of the folder) puts it back.
 
+What a stage does with an existing `out_dir` is one rule, `check_out_dir`: it writes there when the folder is new or
+empty, was written by the same stage (its `.specdistill_stage` marker; train resumes there, prep continues, eval
+keeps the previous report under previous/, export and import replace their own folder), or the user said
+`overwrite=true`; anything else (another stage's folder, a user's own files, a plain file) is refused with one line.
+`claim_out_dir` applies it for the stages that write into out_dir, holds the folder, and removes a folder it made when
+the stage fails before writing anything into it.
+
 Also here: `hold_out_dir` (one run at a time per output folder), `json_text` (JSON without bare NaN) and the
 `specdistill_run_stamp` resolver that makes the default run folder unique per run.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import secrets
@@ -33,6 +41,8 @@ from typing import Any, Iterator
 from specdistill.distill.errors import UserError
 
 LOCK_NAME = ".specdistill.lock"
+STAGE_MARKER = ".specdistill_stage"  # which stage wrote a folder: that stage may write there again
+log = logging.getLogger("specdistill")
 
 
 def staging_folder(final: Path) -> Path:
@@ -69,10 +79,32 @@ def replace_folder(final: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if final.exists():
-        final.rename(backup)
-    staging.rename(final)
+    default_file_modes(staging)
+    try:
+        if final.exists():
+            final.rename(backup)
+        staging.rename(final)
+    except BaseException:  # e.g. a folder the user cannot write: nothing finished is left behind under a dot-name
+        shutil.rmtree(staging, ignore_errors=True)
+        recover_folder(final)
+        raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@functools.cache
+def umask_file_mode() -> int:
+    """The mode a new file gets from the user's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def default_file_modes(path: Path) -> None:
+    """Give files written private (0600: safetensors' `save_file`, and through it `save_pretrained`) the mode every
+    other output file has, so a shared or served folder is readable as a whole."""
+    for file in [path] if path.is_file() else path.rglob("*"):
+        if file.is_file() and file.stat().st_mode & 0o777 == 0o600:
+            file.chmod(umask_file_mode())
 
 
 @contextmanager
@@ -84,6 +116,7 @@ def replace_file(path: Path | str) -> Iterator[Path]:
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield partial
+        default_file_modes(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -111,24 +144,113 @@ def json_text(value: Any, indent: int | None = None, default: Any = None) -> str
     return json.dumps(_finite(value), indent=indent, allow_nan=False, default=default)
 
 
+def stage_files(stage: str) -> set[str]:
+    """What a stage's own run leaves in its out_dir besides its outputs: the marker, the lock, and Hydra's record of
+    the run (`.hydra/`, `<stage>.log`) when out_dir is Hydra's run folder (the default)."""
+    return {STAGE_MARKER, LOCK_NAME, ".hydra", f"{stage}.log"}
+
+
+def folder_stage(folder: Path) -> str | None:
+    """The stage that wrote `folder` (its marker), or None."""
+    marker = folder / STAGE_MARKER
+    return marker.read_text().strip() or None if marker.is_file() else None
+
+
+def this_runs_entry(out_dir: Path) -> str | None:
+    """The entry of `out_dir` that holds this run's own Hydra folder (`outputs/` when out_dir is the working folder)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    except (ImportError, ValueError):  # not a Hydra app (a test, a notebook): no such folder
+        return None
+    out = out_dir.resolve()
+    return run_dir.relative_to(out).parts[0] if out in run_dir.parents else None
+
+
+def check_out_dir(out_dir: Path, stage: str, overwrite: bool, replaces: bool = False) -> None:
+    """The out_dir rule (module doc): return when `stage` may write into `out_dir`, else raise a `UserError`.
+    `replaces`: the stage replaces the whole folder (export, import), so nothing in it counts as its own but its
+    marker; a stage that writes beside what is there also lets this run's own Hydra folder be."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"out_dir: {out_dir} is a file, not a folder; give out_dir a folder path (a new one is made)")
+    if not out_dir.exists() or folder_stage(out_dir) == stage:
+        return
+    own = {STAGE_MARKER} if replaces else {*stage_files(stage), this_runs_entry(out_dir)}
+    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in own)
+    if not foreign:
+        return
+    if overwrite:
+        log.warning("out_dir: %s holds %d entries that `specdistill %s` did not write; writing there (overwrite=true)",
+                    out_dir, len(foreign), stage)
+        return
+    writer = folder_stage(out_dir)
+    what = (f"the output of `specdistill {writer}`" if writer else
+            f"files specdistill {stage} did not write ({', '.join(foreign[:4])}{', …' if len(foreign) > 4 else ''})")
+    raise UserError(f"out_dir: {out_dir} holds {what}, and a stage never writes over what it did not write. Choose a "
+                    f"new or empty folder, or add overwrite=true to {'replace that folder' if replaces else 'write into it'}")
+
+
+def check_not_inside(out_dir: Path, source: Path, key: str) -> None:
+    """Refuse an out_dir that is `source` or holds it: replacing out_dir would delete the input (even with
+    overwrite=true, which gives up what out_dir holds, not the input)."""
+    out, inside = out_dir.expanduser().resolve(), source.expanduser().resolve()
+    if out == inside or out in inside.parents:
+        raise UserError(f"out_dir: {out_dir} {'is' if out == inside else 'holds'} the {key} folder {source}, which "
+                        "writing there would delete; choose another out_dir")
+
+
+def mark_stage(folder: Path, stage: str) -> None:
+    """Record that `stage` wrote `folder` (check_out_dir lets it write there again)."""
+    (folder / STAGE_MARKER).write_text(stage + "\n")
+
+
+@contextmanager
+def claim_out_dir(out_dir: Path | str, stage: str, overwrite: bool) -> Iterator[Path]:
+    """Check `out_dir` against the rule, make it, mark it as `stage`'s and hold it (`hold_out_dir`) for the block.
+    When the block fails and the folder it made holds nothing but the marker and lock, the folder is removed, so a
+    failed run leaves no empty output folder behind."""
+    out_dir = Path(out_dir).expanduser()
+    check_out_dir(out_dir, stage, overwrite)
+    made = not out_dir.exists()
+    try:
+        with hold_out_dir(out_dir):
+            mark_stage(out_dir, stage)
+            yield out_dir
+    except BaseException:
+        if made and out_dir.is_dir() and {entry.name for entry in out_dir.iterdir()} <= {STAGE_MARKER, LOCK_NAME}:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+_held: set[Path] = set()  # out_dirs this process holds: a stage's parts may hold its out_dir again
+
+
 @contextmanager
 def hold_out_dir(out_dir: Path | str) -> Iterator[None]:
     """Hold `<out_dir>/.specdistill.lock` for the block, so two runs never write into one folder at once; a second
     run fails at once with a `UserError`. The lock is the operating system's (the file is only its handle): it ends
-    with the process that holds it, so a killed run never blocks the next one."""
+    with the process that holds it, so a killed run never blocks the next one. Holding it again in the process that
+    holds it is a no-op."""
     from filelock import FileLock, Timeout
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    key = out_dir.resolve()
+    if key in _held:
+        yield
+        return
     lock = FileLock(str(out_dir / LOCK_NAME), timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise UserError(f"out_dir: {out_dir} is in use by another run (it holds {out_dir / LOCK_NAME}); wait for that "
                         "run to finish or choose another out_dir") from None
+    _held.add(key)
     try:
         yield
     finally:
+        _held.discard(key)
         lock.release()
 
 

@@ -304,7 +304,7 @@ def test_token_lm_to_sglang_is_refused(tiny, tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=tiny.target.config.vocab_size, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "lm")
     config = ExportConfig(drafter_path=str(tmp_path / "lm"), format=ExportFormat.sglang, out_dir=str(tmp_path / "out"))
-    with pytest.raises(ExportUnsupported, match="format=sglang: a token_lm"):
+    with pytest.raises(ExportUnsupported, match="format=sglang: this token_lm"):
         export(config)
     assert not (tmp_path / "out").exists()
 

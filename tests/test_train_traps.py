@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from specdistill.distill.errors import UserError
-from specdistill.distill.outputs import LOCK_NAME, hold_out_dir, json_text, recover_folder, replace_folder
+from specdistill.distill.outputs import LOCK_NAME, json_text, recover_folder, replace_folder
 from specdistill.train import train as train_module  # registers the train schema for `compose`
 from tests.conftest import compose, run_cli
 
@@ -40,7 +40,8 @@ def history(out_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, toy_dataset) -> Path:
-    """A finished 3-step run: checkpoints step_1 and step_2 (keep_last=2), its drafter at step 3. Copy before use."""
+    """A finished 3-step run: checkpoints step_2 and step_3 (keep_last=2; the last step is always checkpointed), its
+    drafter at step 3. Copy before use."""
     out_dir = tmp_path_factory.mktemp("finished") / "run"
     train_in_process(out_dir, toy_dataset[0], "train.max_steps=3", "train.checkpoint_every=1")
     return out_dir
@@ -87,8 +88,8 @@ def test_ctrl_c_ends_with_one_line_and_status_130(toy_dataset, tmp_path: Path):
 def test_a_damaged_checkpoint_falls_back_and_leftovers_are_removed(run_copy: Path, toy_dataset, caplog):
     checkpoints = run_copy / "checkpoints"
     shutil.rmtree(run_copy / "drafter")  # as if killed before the end
-    (checkpoints / "step_2" / "optimizer.bin").write_bytes(b"not a torch file")
-    shutil.copytree(checkpoints / "step_1", checkpoints / "step_7")  # a kill while pruning: state without weights
+    (checkpoints / "step_3" / "optimizer.bin").write_bytes(b"not a torch file")
+    shutil.copytree(checkpoints / "step_2", checkpoints / "step_7")  # a kill while pruning: state without weights
     (checkpoints / "step_7" / "model.safetensors").unlink()
     (checkpoints / ".step_5.tmp").mkdir()  # the staging folder of a save that never finished
     (checkpoints / "step_9").mkdir()  # an empty step folder
@@ -96,15 +97,15 @@ def test_a_damaged_checkpoint_falls_back_and_leftovers_are_removed(run_copy: Pat
     with caplog.at_level("INFO", logger="specdistill.train"):
         train_in_process(run_copy, toy_dataset[0], "train.max_steps=3", "train.checkpoint_every=1")
     log = caplog.text
-    assert "skipping the checkpoint step_2" in log and "step_2/optimizer.bin" in log
-    assert f"resumed from {checkpoints / 'step_1'}" in log
-    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_1", "step_2"]  # step_2 was saved again
-    torch.load(checkpoints / "step_2" / "optimizer.bin", weights_only=True)  # loads again
+    assert "skipping the checkpoint step_3" in log and "step_3/optimizer.bin" in log
+    assert f"resumed from {checkpoints / 'step_2'}" in log
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_2", "step_3"]  # step_3 was saved again
+    torch.load(checkpoints / "step_3" / "optimizer.bin", weights_only=True)  # loads again
     assert [record["step"] for record in history(run_copy)] == [0, 1, 2, 3]
 
     # nothing left to fall back to: one line naming the damaged file
     shutil.rmtree(run_copy / "drafter")
-    for step in ("step_1", "step_2"):
+    for step in ("step_2", "step_3"):
         (checkpoints / step / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(UserError, match=r"no checkpoint in .*checkpoints can be loaded .*step_2/model\.safetensors"):
         train_in_process(run_copy, toy_dataset[0], "train.max_steps=3", "train.checkpoint_every=1")
@@ -124,7 +125,8 @@ def test_a_finished_run_is_not_trained_again_and_changed_settings_are_refused(ru
         train_in_process(run_copy, toy_dataset[0], "train.max_steps=3", "optim.lr=0.01")
     with pytest.raises(UserError, match=r"train\.max_steps=2 is below step 3"):
         train_in_process(run_copy, toy_dataset[0], "train.max_steps=2")
-    shutil.rmtree(run_copy / "drafter")  # killed before the end: the checkpoint of step 2 is the newest
+    for unfinished in ("drafter", "checkpoints/step_3"):  # killed in the last step: the checkpoint of step 2 is the newest
+        shutil.rmtree(run_copy / unfinished)
     with pytest.raises(UserError, match=r"train\.max_steps=1 is below step 2 of the checkpoint"):
         train_in_process(run_copy, toy_dataset[0], "train.max_steps=1")
     with pytest.raises(UserError, match=rf"resume=never: out_dir {run_copy} already holds a run \(checkpoints/\).*resume=auto"):
@@ -134,7 +136,8 @@ def test_a_finished_run_is_not_trained_again_and_changed_settings_are_refused(ru
 
 def test_a_resumed_run_with_no_step_left_still_validates(run_copy: Path, toy_dataset, capsys):
     """Resumed at train.max_steps (fewer steps left than train.eval_every): the final record still has validation."""
-    shutil.rmtree(run_copy / "drafter")
+    for unfinished in ("drafter", "checkpoints/step_3"):  # killed in the last step
+        shutil.rmtree(run_copy / unfinished)
     train_in_process(run_copy, toy_dataset[0], "train.max_steps=2", "train.eval_every=100")
     final = history(run_copy)[-1]
     assert final["step"] == 2 and math.isfinite(final["val_top1"])
@@ -213,9 +216,16 @@ def test_json_text_never_writes_bare_nan():
 
 
 def test_a_second_run_in_the_same_out_dir_is_refused(toy_dataset, tmp_path: Path):
-    with hold_out_dir(tmp_path / "out"):  # another run holds it
+    holder = "import sys, time\nfrom specdistill.distill.outputs import hold_out_dir\nwith hold_out_dir(sys.argv[1]):\n" \
+             "    print('held', flush=True)\n    time.sleep(600)"
+    other_run = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other_run.stdout.readline().strip() == "held"  # another run holds it
         with pytest.raises(UserError, match=rf"out_dir: {tmp_path / 'out'} is in use by another run"):
             train_in_process(tmp_path / "out", toy_dataset[0], "train.max_steps=1")
+    finally:
+        other_run.kill()
+        other_run.wait()
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 

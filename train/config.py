@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -11,6 +12,7 @@ from omegaconf import MISSING
 
 from specdistill.data_prep.config import register_configs as register_data_configs
 from specdistill.distill.config import StageConfig
+from specdistill.distill.errors import UserError
 from specdistill.train.distributed import DistributedConfig
 from specdistill.distill.objectives import FeatureObjective, HassObjective, MedusaObjective, TokenObjective
 
@@ -98,6 +100,33 @@ class TrainConfig(StageConfig):
     # auto: continue the run in out_dir (same settings) from its newest checkpoint; never: start a new run, refused
     # when out_dir already holds one
     resume: str = "auto"
+
+
+# train.* keys that count something the run cannot do zero times of (the schema's int admits 0 and negatives)
+POSITIVE_LOOP_KEYS = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "eval_batches",
+                      "checkpoint_every", "log_every", "tau_gamma", "tau_max_new_tokens")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Refuse values the schema's types admit but training cannot use, naming the key, before anything loads (train
+    and `specdistill run` call it)."""
+    loop, optim = cfg.train, cfg.optim
+    for key in POSITIVE_LOOP_KEYS:
+        if loop[key] < 1:
+            hint = " (train.tau_prompts=0 turns the decoded τ off)" if key.startswith("tau_") else ""
+            raise UserError(f"train.{key}={loop[key]} must be at least 1{hint}")
+    if loop.tau_prompts < 0:
+        raise UserError(f"train.tau_prompts={loop.tau_prompts} is negative; 0 turns the decoded τ off")
+    if not 0 < optim.lr < math.inf:
+        raise UserError(f"optim.lr={optim.lr} must be a positive learning rate, e.g. optim.lr=3e-4")
+    if not 0 < optim.grad_clip_norm < math.inf:
+        raise UserError(f"optim.grad_clip_norm={optim.grad_clip_norm} must be positive (a large value barely clips)")
+    if optim.weight_decay < 0:
+        raise UserError(f"optim.weight_decay={optim.weight_decay} is negative; use 0 for none")
+    if len(optim.betas) != 2 or not all(0 <= beta < 1 for beta in optim.betas):
+        raise UserError(f"optim.betas={list(optim.betas)} must be two values in [0, 1), e.g. [0.9, 0.95]")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise UserError(f"optim.min_lr_ratio={optim.min_lr_ratio} must be in [0, 1] (a fraction of optim.lr)")
 
 
 def register_configs() -> None:

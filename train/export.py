@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -35,7 +35,7 @@ from specdistill.conf import CONFIG_DIR
 from specdistill.distill.drafters import registry
 from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
 from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.outputs import json_text, replace_folder
+from specdistill.distill.outputs import check_not_inside, check_out_dir, json_text, mark_stage, replace_folder
 from specdistill.train.hub import PushConfig, push_export
 
 log = logging.getLogger("specdistill.export")
@@ -63,6 +63,7 @@ class ExportConfig:
     verifier: Optional[str] = None
     reports: list[str] = field(default_factory=list)  # extra report.json files for the model card
     push: PushConfig = field(default_factory=PushConfig)
+    overwrite: bool = False  # replace an out_dir that holds files export did not write (distill/outputs.py)
 
 
 def register_configs() -> None:
@@ -71,19 +72,19 @@ def register_configs() -> None:
 
 # ---- setup ------------------------------------------------------------------------------------------------------
 
-def formats_of(kind: Optional[registry.DrafterKind]) -> tuple[str, ...]:
-    """The formats a kind exports to: its own engine layouts, plus `hf` (our folder) for every kind."""
+def formats_of(kind: Optional[registry.DrafterKind], config: dict) -> tuple[str, ...]:
+    """The formats a drafter exports to: its kind's engine layouts for its config, plus `hf` (our folder) always."""
     if kind is None:
         return ("vllm", "hf")
-    return (*getattr(kind.model_class, "export_formats", ()), "hf")
+    return (*kind.model_class.formats_for(config), "hf")
 
 
-def check_format(kind: Optional[registry.DrafterKind], format: str, path: Path) -> None:
-    formats = formats_of(kind)
+def check_format(kind: Optional[registry.DrafterKind], config: dict, format: str, path: Path) -> None:
+    formats = formats_of(kind, config)
     if format not in formats:
         name = kind.name if kind else "token_lm (a causal LM)"
-        raise ExportUnsupported(f"format={format}: a {name} drafter exports to {', '.join(formats)}; no serving engine "
-                                f"loads {name} drafters as {format} ({path})")
+        raise ExportUnsupported(f"format={format}: this {name} drafter exports to {', '.join(formats)}; no serving "
+                                f"engine loads it as {format} ({path})")
 
 
 # ---- convert ----------------------------------------------------------------------------------------------------
@@ -105,6 +106,9 @@ def cast(layout: EngineLayout, dtype: str) -> EngineLayout:
 def serve_commands(kind: Optional[registry.DrafterKind], format: str, target: str, drafter: str, tokens: int) -> dict:
     """How to serve this export, per engine (what the model card shows)."""
     kind_name = kind.name if kind else "token_lm"
+    if format == "hf" and kind is None:  # a plain causal LM: transformers' own classes, no remote code
+        return {"python": f"from transformers import AutoModelForCausalLM\n"
+                          f"drafter = AutoModelForCausalLM.from_pretrained({drafter!r})"}
     if format == "hf":
         return {"python": f"from transformers import AutoModel\n"
                           f"# trust_remote_code runs the modelling files in this folder (specdistill's own): read them first\n"
@@ -153,11 +157,16 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
     drafter_path, out_dir = Path(cfg.drafter_path).expanduser(), Path(cfg.out_dir).expanduser()
     if cfg.speculative_tokens < 1:
         raise UserError(f"speculative_tokens={cfg.speculative_tokens}: it must be an integer ≥ 1")
-    if out_dir.resolve() == drafter_path.resolve():
-        raise UserError(f"out_dir: {out_dir} is the drafter folder itself; export into another folder")
+    unused_push = [option.name for option in fields(PushConfig)
+                   if getattr(cfg.push, option.name) != getattr(PushConfig(), option.name)]
+    if unused_push and not cfg.push.repo_id:
+        raise UserError(f"push.{unused_push[0]} is set but push.repo_id is not, so nothing would be pushed; add "
+                        "push.repo_id=<org>/<name> (with push.dry_run=true to only list the files)")
+    check_not_inside(out_dir, drafter_path, "drafter_path")
+    check_out_dir(out_dir, "export", cfg.overwrite, replaces=True)
     config = registry.read_drafter_config(drafter_path)
     kind = registry.kind_of_model_type(config["model_type"])  # None: a plain causal LM (token_lm), exported as is
-    check_format(kind, format, drafter_path)  # before loading any weights
+    check_format(kind, config, format, drafter_path)  # before loading any weights
     drafter = None if kind is None else registry.load_weights_checked(kind.model_class, drafter_path)
     if cfg.verifier:
         config["target_name_or_path"] = cfg.verifier
@@ -184,6 +193,7 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
         card = build_model_card(drafter_path, format, engine_config, commands,
                                 drafter_reports(drafter_path, list(cfg.reports)), cfg.push.repo_id)
         card.save(staging / "README.md")
+        mark_stage(staging, "export")
     log.info("exported %s as %s → %s", drafter_path, format, out_dir)
     for engine, command in commands.items():
         print(f"{engine}:  {command}")

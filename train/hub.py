@@ -29,6 +29,7 @@ from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, Remote
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 
 from specdistill.distill.errors import UserError
+from specdistill.distill.outputs import STAGE_MARKER
 
 log = logging.getLogger("specdistill.export")
 
@@ -38,6 +39,7 @@ IDENTITY_KEYS = ("architectures", "base_model", "draft_kind")
 # files small and textual enough to search for a leaked token before uploading (weights are never searched)
 TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".toml"}
 MAX_SEARCHED_BYTES = 16 * 2**20
+IGNORED = [*DEFAULT_IGNORE_PATTERNS, STAGE_MARKER]  # the export's own marker stays out of the repo
 
 
 @dataclass
@@ -79,7 +81,7 @@ def push_export(folder: Path, push: PushConfig, identity: dict, api: HfApi | Non
         log.info("push: uploading %d files (%s) to %s", len(files), human_size(total_size(folder, files)),
                  destination(repo_id, push))
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   revision=push.revision, create_pr=push.create_pr,
+                                   revision=push.revision, create_pr=push.create_pr, ignore_patterns=IGNORED,
                                    commit_message=push.commit_message or default_commit_message(identity))
     return commit_link(commit)
 
@@ -134,7 +136,7 @@ def upload_files(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise UserError(f"push: {folder} is not a folder; run the export first")
     relative = [path.relative_to(folder).as_posix() for path in sorted(folder.glob("**/*")) if path.is_file()]
-    files = list(filter_repo_objects(relative, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    files = list(filter_repo_objects(relative, ignore_patterns=IGNORED))
     if not files:
         raise UserError(f"push: {folder} holds no files to upload; run the export first")
     return files
@@ -238,6 +240,19 @@ def hub_errors(repo_id: str) -> Iterator[None]:
                             "to a repo of your own") from None
         reason = error.server_message or str(error).strip().splitlines()[0]
         raise UserError(f"push: the Hub refused the upload to {repo_id} ({status}: {reason})") from None
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        raise UserError(f"push: cannot reach the Hub to upload to {repo_id} ({type(error).__name__}: {error}); check "
+                        "this machine's network (or HF_ENDPOINT), then run the same command again; "
+                        "push.dry_run=true lists the files without a network") from None
+
+
+def is_network_error(error: Exception) -> bool:
+    """A connection or timeout failure of the Hub client's HTTP library (httpx, httpx2 or requests, by version)."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, (ConnectionError, TimeoutError)) or bool(names & {"TransportError", "ConnectionError",
+                                                                              "Timeout"})
 
 
 def commit_link(commit: Any) -> str:

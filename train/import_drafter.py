@@ -28,7 +28,7 @@ from specdistill.conf import CONFIG_DIR
 from specdistill.distill.drafters import registry
 from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
 from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.outputs import json_text, replace_folder
+from specdistill.distill.outputs import check_not_inside, check_out_dir, json_text, mark_stage, replace_folder
 from specdistill.train.export import PROVENANCE_FILE, PROVENANCE_KEYS
 
 log = logging.getLogger("specdistill.import")
@@ -39,6 +39,7 @@ class ImportConfig:
     source: str = MISSING  # an engine-layout drafter folder
     format: Optional[str] = None  # vllm | speculators | sglang; null: detected from config.json
     out_dir: str = "${hydra:runtime.output_dir}/drafter"
+    overwrite: bool = False  # replace an out_dir that holds files import did not write (distill/outputs.py)
 
 
 def register_configs() -> None:
@@ -69,8 +70,10 @@ def read_layout(source: Path, format: Optional[str]) -> EngineLayout:
                         {key: provenance.get(key) for key in PROVENANCE_KEYS})
 
 
-def import_drafter(source: Path, out_dir: Path, format: Optional[str] = None) -> Path:
+def import_drafter(source: Path, out_dir: Path, format: Optional[str] = None, overwrite: bool = False) -> Path:
     """Import (module doc) → the drafter folder."""
+    check_not_inside(out_dir, source, "source")
+    check_out_dir(out_dir, "import", overwrite, replaces=True)
     if format not in (None, "vllm", "speculators", "sglang"):
         raise UserError(f"format={format}: import reads vllm, speculators or sglang folders (format=hf folders are "
                         "already specdistill drafters: use them as drafter_path directly)")
@@ -86,6 +89,7 @@ def import_drafter(source: Path, out_dir: Path, format: Optional[str] = None) ->
         drafter.save_pretrained(staging, safe_serialization=True)
         (staging / "imported_from.json").write_text(json_text({"source": str(source.resolve()),
                                                                "format": layout.format, "kind": kind.name}, indent=2))
+        mark_stage(staging, "import")
     log.info("imported %s (%s, %s) → %s", source, layout.format, kind.name, out_dir)
     print(f"drafter: {out_dir}  (specdistill eval drafter_path={out_dir} ...; train init_from={out_dir} ...)")
     return out_dir
@@ -94,7 +98,7 @@ def import_drafter(source: Path, out_dir: Path, format: Optional[str] = None) ->
 @hydra.main(config_path=CONFIG_DIR, config_name="import", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    import_drafter(Path(cfg.source).expanduser(), Path(cfg.out_dir).expanduser(), cfg.format)
+    import_drafter(Path(cfg.source).expanduser(), Path(cfg.out_dir).expanduser(), cfg.format, cfg.overwrite)
 
 
 register_configs()

@@ -53,11 +53,11 @@ from specdistill.distill.targets import (eagle3_layers, eos_token_ids, load_targ
 from specdistill.distill.drafters import drafter_kind, load_drafting, resolve_objective
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.outputs import (hold_out_dir, json_text, recover_folder, replace_folder, staging_folder,
+from specdistill.distill.outputs import (claim_out_dir, json_text, recover_folder, replace_folder, staging_folder,
                                          write_text_atomic)
 from specdistill.distill.objectives import Objective, expected_accept_length
 from specdistill.distill.target import FrozenTarget
-from specdistill.train.config import register_configs
+from specdistill.train.config import check_ranges, register_configs
 from specdistill.train.sweep import sweep_job
 from specdistill.train.distributed import end_run, make_accelerator
 from specdistill.train.live_tau import decode_counts, tau_counts_size, tau_metrics, validation_prompts
@@ -369,6 +369,7 @@ class TrainRecipe:
         cfg = self.cfg
         if cfg.resume not in ("auto", "never"):
             raise UserError(f"resume: '{cfg.resume}' is not one of auto, never")
+        check_ranges(cfg)
         self.data_dir = Path(cfg.data_dir).expanduser()
         if not self.data_dir.exists():
             raise UserError(f"data_dir: {self.data_dir} does not exist; point it at the dataset folder `specdistill prep` wrote")
@@ -379,7 +380,8 @@ class TrainRecipe:
         refusal = None
         if self.accelerator.is_main_process:
             try:
-                self.held.enter_context(hold_out_dir(self.out_dir))
+                # the out_dir rule (distill/outputs.py): an empty folder, a train run's (resumed), or overwrite=true
+                self.held.enter_context(claim_out_dir(self.out_dir, "train", cfg.overwrite))
                 recover_folder(self.out_dir / "drafter")
                 tidy_checkpoints(self.out_dir)
             except UserError as error:
@@ -414,7 +416,19 @@ class TrainRecipe:
             raise UserError(f"train.max_steps={max_steps} is below step {reached}, where the run in {self.out_dir} "
                             f"already finished; set train.max_steps ≥ {reached}, or use another out_dir")
         if max_steps > reached:
-            log.info("train.max_steps grew from %d to %d: continuing the run in %s", reached, max_steps, self.out_dir)
+            newest = checkpoints(self.out_dir)
+            if not newest or checkpoint_step(newest[-1]) != reached:  # no checkpoint of its last step to continue from
+                raise UserError(
+                    f"train.max_steps={max_steps}: the run in {self.out_dir} finished at step {reached}, but its "
+                    f"checkpoints/ holds no checkpoint of that step (written by an older specdistill, or removed), so it "
+                    "cannot be continued. Start the longer run in another out_dir, or from this drafter with "
+                    f"init_from={drafter}")
+            log.info("train.max_steps grew from %d to %d: continuing the run in %s from step %d", reached, max_steps,
+                     self.out_dir, reached)
+            if self.cfg.optim.schedule.name != "constant":
+                log.warning("optim.schedule=%s follows train.max_steps: its decay now ends at step %d, so the learning "
+                            "rate rises from where the run ended to the longer schedule's value at step %d",
+                            self.cfg.optim.schedule.name, max_steps, reached)
             return None
         if self.accelerator.is_main_process:
             print(f"train: the run in {self.out_dir} already finished at step {reached}; its drafter is {drafter}. "
@@ -426,11 +440,6 @@ class TrainRecipe:
 
         cfg = self.cfg
         set_seed(cfg.seed)
-        for key in ("tau_gamma", "tau_max_new_tokens"):
-            if cfg.train[key] < 1:
-                raise UserError(f"train.{key}={cfg.train[key]} must be at least 1 (train.tau_prompts=0 turns the decoded τ off)")
-        if cfg.train.tau_prompts < 0:
-            raise UserError(f"train.tau_prompts={cfg.train.tau_prompts} is negative; 0 turns the decoded τ off")
         kind = drafter_kind(cfg.drafter.kind)
         self.objective = resolve_objective(kind, cfg.objective)  # a wrong objective fails before anything loads
         tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
@@ -440,8 +449,8 @@ class TrainRecipe:
         self.eos_token_ids = eos_token_ids(tokenizer, model)
         self.tau_prompts = validation_prompts(self.dataset["validation"], cfg.train.tau_prompts)
         if cfg.train.tau_prompts and len(self.tau_prompts) < cfg.train.tau_prompts:
-            log.warning("train.tau_prompts=%d: the validation split has %d record(s) with a prompt before their first "
-                        "trained token, so the decoded τ uses %d prompt(s)%s", cfg.train.tau_prompts,
+            log.warning("train.tau_prompts=%d: the validation split has %d record(s) long enough to prompt the "
+                        "decoder (train/live_tau.py), so the decoded τ uses %d prompt(s)%s", cfg.train.tau_prompts,
                         len(self.tau_prompts), len(self.tau_prompts), "" if self.tau_prompts else " (it is not measured)")
         context = BuildContext(self.target, token_counts, eagle3_layers(cfg.target),
                                str(cfg.target.name_or_path), cfg.target.revision)
@@ -620,7 +629,8 @@ class TrainRecipe:
                     shown["val_tau"] = f"{record['val_tau']:.2f}"
                 progress.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
                 accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step + 1)
-            if (step + 1) % loop.checkpoint_every == 0 and step + 1 < loop.max_steps:
+            # the last step is always checkpointed: a later run with a larger train.max_steps continues from it
+            if (step + 1) % loop.checkpoint_every == 0 or step + 1 == loop.max_steps:
                 save_checkpoint(accelerator, self.out_dir, step + 1, loop.keep_last,
                                 {"history": self.history, "drafter": self.drafter.identity(),
                                  "settings": run_settings(cfg), "schedule": self.schedule,

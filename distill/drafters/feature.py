@@ -179,6 +179,12 @@ class FeatureDrafter(PreTrainedModel):
     _no_split_modules = ["DraftDecoderLayer"]
     Options: type
     Objectives: tuple[type, ...] = (FeatureObjective, HassObjective)
+    export_formats: tuple[str, ...] = ()  # the serving-engine layouts `engine_layout` writes (hf is every kind's)
+
+    @classmethod
+    def formats_for(cls, config: dict) -> tuple[str, ...]:
+        """The engine layouts a saved drafter of this kind exports to, read from its config.json before any weights."""
+        return cls.export_formats
 
     @classmethod
     def check_objective(cls, objective: Any) -> None:

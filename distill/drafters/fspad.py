@@ -63,6 +63,11 @@ class FeatureSampler(nn.Module):
         return hidden + mlp.down_proj(F.silu(mlp.gate_proj(embeds)) * mlp.up_proj(self.norm(hidden)))
 
 
+def fspad_parts_on(config: dict) -> list[str]:
+    """FSPAD's parts a drafter's config switches on (none: EAGLE-1 exactly)."""
+    return [name for name in ("feature_sampling", "partial_alignment") if config.get(name)]
+
+
 class FspadDrafter(Eagle1Drafter):
     config_class = FspadConfig
     Options = FspadOptions
@@ -72,11 +77,14 @@ class FspadDrafter(Eagle1Drafter):
         self.sampler = FeatureSampler(config) if config.feature_sampling else None
         self.post_init()
 
-    def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:
+    @classmethod
+    def formats_for(cls, config: dict) -> tuple[str, ...]:
         """No serving engine runs FSPAD's feature sampling or its split output; with both off it is EAGLE-1 exactly
         and exports as one."""
-        switched_on = [name for name in ("feature_sampling", "partial_alignment") if getattr(self.config, name)]
-        if switched_on:
+        return () if fspad_parts_on(config) else cls.export_formats
+
+    def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:
+        if switched_on := fspad_parts_on(self.config.to_dict()):
             raise ExportUnsupported(f"format={format}: no serving engine runs FSPAD's {' and '.join(switched_on)}; "
                                     "export format=hf (our own folder), or train with both switched off (= EAGLE-1)")
         return super().engine_layout(format, speculative_tokens)
