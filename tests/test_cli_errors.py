@@ -63,7 +63,7 @@ def test_other_config_errors_are_one_line_too(override, expected, tmp_path: Path
 def test_only_config_errors_are_caught():
     from hydra.errors import ConfigCompositionException
 
-    from specdistill.distill.errors import run_hydra_app
+    from specdistill.distill.hydra_errors import run_hydra_app
 
     def bad_config() -> None:
         raise ConfigCompositionException("Could not delete from config. 'nokey' does not exist.")

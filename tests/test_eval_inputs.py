@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from specdistill.distill.errors import UserError
+from specdistill.distill.outputs import mark_stage
 from specdistill.eval.eval import EvalRecipe, drafter_paths, move_previous_report
 from tests.conftest import compose, run_cli
 
@@ -70,11 +71,12 @@ def test_a_non_utf8_bench_file_names_the_file_and_line(tmp_path: Path) -> None:
 def test_a_failed_rerun_moves_the_previous_report_aside(tmp_path: Path, toy_tiny_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    mark_stage(out_dir, "eval")  # an earlier eval run's folder
     old = {"report.json": '{"tau": 2.5}\n', "report.md": "# old\n", "generations.jsonl": "{}\n",
            "alpha_per_position.png": "png"}
     for name, text in old.items():
         (out_dir / name).write_text(text)
-    (out_dir / "notes.txt").write_text("mine")  # not a report file: stays
+    (out_dir / "notes.txt").write_text("mine")  # not a report file (the user's, in eval's folder): stays
     (out_dir / "previous").mkdir()
     (out_dir / "previous" / "report.json").write_text('{"tau": 1.0}\n')  # an older run's: replaced
 
@@ -83,7 +85,7 @@ def test_a_failed_rerun_moves_the_previous_report_aside(tmp_path: Path, toy_tiny
     assert result.returncode == 2 and "drafter_path: /nope" in result.stderr, result.stderr[-2000:]
     assert f"moved the previous report (report.json, report.md, generations.jsonl, alpha_per_position.png) to " \
            f"{out_dir / 'previous'}" in result.stdout + result.stderr
-    assert sorted(p.name for p in out_dir.iterdir()) == ["notes.txt", "previous"]
+    assert sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")) == ["notes.txt", "previous"]
     assert {p.name: p.read_text() for p in (out_dir / "previous").iterdir()} == old
 
 

@@ -127,10 +127,11 @@ def test_help_lists_groups_and_keys(tmp_path: Path):
 
 def test_misspelled_override_names_the_key(tmp_path: Path):
     result = run_cli("prep", "data.max_lenght=5", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Key 'max_lenght' not in 'DataConfig'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: data.max_lenght: not a config key (did you mean data.max_length?); "
+                                     "`--help` lists the keys")
     result = run_cli("prep", "data.format=sharegtp", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "Invalid value 'sharegtp', expected one of [auto, sharegpt, messages, text]" in result.stderr
 
 

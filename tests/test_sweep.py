@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from specdistill.distill.errors import UserError
+from specdistill.distill.outputs import mark_stage
 from specdistill.train.sweep import MissingMetric, read_metric, search_distributions, write_summary
 
 from tests.conftest import run_cli
@@ -298,6 +299,7 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(toy_dataset, tmp_path: 
 
     out_dir = tmp_path / "sweep"
     out_dir.mkdir()
+    mark_stage(out_dir, "sweep")  # the study is the sweep's own, started ahead to queue these trials
     study = optuna.create_study(study_name="specdistill_sweep", storage=f"sqlite:///{out_dir / 'optuna.db'}",
                                 direction="maximize")
     study.enqueue_trial({"optim.warmup_ratio": 7.0})  # not a fraction: train refuses it

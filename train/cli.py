@@ -19,7 +19,8 @@ import importlib
 import os
 import sys
 
-from specdistill.distill.errors import exit_interrupted, run_hydra_app
+from specdistill.distill.errors import exit_interrupted
+from specdistill.distill.hydra_errors import run_hydra_app
 
 # sub-command → (module, description)
 STAGES: dict[str, tuple[str, str]] = {

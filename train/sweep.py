@@ -64,7 +64,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from specdistill.conf import CONFIG_DIR
-from specdistill.distill.errors import UserError, config_error_message, exit_on_user_error
+from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.hydra_errors import config_error_message
 from specdistill.distill.outputs import claim_out_dir, json_text, write_text_atomic  # + the run-folder resolver
 
 if TYPE_CHECKING:  # optuna is imported only by the `sweep` stage: train's multirun does not need it
