@@ -42,7 +42,7 @@ from specdistill.distill.feature_cache import (
     shard_problem,
     stored_positions,
 )
-from specdistill.distill.outputs import hold_out_dir, json_text, replace_file, write_text_atomic
+from specdistill.distill.outputs import json_text, replace_file, write_text_atomic
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget, check_feature_layers
 from specdistill.distill.targets import eagle3_layers, load_target_model, tokenizer_fingerprint
 
@@ -251,43 +251,43 @@ def write_feature_cache(cfg: Any, dataset_dir: Path, tokenizer: Any, folder: Pat
     }
     sizes = projected_sizes(dataset, plan)
     announce(plan, sizes)
-    with hold_out_dir(folder.parent):  # one prep at a time writes into this out_dir
-        start_or_continue(folder, plan)
-        complete = (folder / MANIFEST).is_file()
-        done = verified_shards(folder, plan)
-        if (folder / MANIFEST).is_file():  # every shard verified against it
-            print(f"features: {folder} is complete already (same target, dataset and settings; every shard's size "
-                  "and sha256 verified)")
-            return folder
-        total = sum(info["records"] for info in fingerprint.values())
-        finished = sum(end - start for start, end in (shard["records"] for shard in plan["shards"]
-                                                      if shard["file"] in done))
-        if done and not complete:
-            print(f"features: continuing in {folder}: {len(done)} of {len(plan['shards'])} shards already written")
-        started = time.perf_counter()
-        with tqdm(total=total, initial=finished, desc="features", unit="rec", mininterval=1.0) as progress:
-            for shard in plan["shards"]:
-                if shard["file"] in done:
-                    continue
-                start, end = shard["records"]
-                tensors = shard_tensors(target, dataset[shard["split"]][start:end], plan, features_cfg.batch_size,
-                                        device, progress)
-                # one metadata entry: safetensors writes several in no fixed order, and a shard's bytes (so its
-                # sha256) should depend on its contents only, as a resumed or repaired write then shows
-                description = json_text({"split": shard["split"], "records": [start, end]})
-                with replace_file(folder / shard["file"]) as partial:
-                    save_file(tensors, str(partial), metadata={FORMAT: description})
-                    # hashed as written, before the rename: a later change to the file no longer matches
-                    record = {"bytes": partial.stat().st_size, "sha256": file_sha256(partial)}
-                done[shard["file"]] = record
-                write_checksums(folder, done)
-        shards = [{**shard, **done[shard["file"]]} for shard in plan["shards"]]
-        file_bytes = sum(shard["bytes"] for shard in shards)
-        measured = file_bytes / max(sizes["tokens"], 1)
-        write_text_atomic(folder / MANIFEST, json_text({
-            **plan, "shards": shards, "tokens": sizes["tokens"], "file_bytes": file_bytes, "bytes_per_token": measured,
-            "tensor_bytes": sizes["tensor_bytes"], "naive_bf16_bytes_per_token": sizes["naive_bf16_bytes_per_token"],
-            "seconds": round(time.perf_counter() - started, 2)}, indent=1))
+    # prep holds its out_dir for the whole run (distill/outputs.py claim_out_dir): one prep at a time writes here
+    start_or_continue(folder, plan)
+    complete = (folder / MANIFEST).is_file()
+    done = verified_shards(folder, plan)
+    if (folder / MANIFEST).is_file():  # every shard verified against it
+        print(f"features: {folder} is complete already (same target, dataset and settings; every shard's size "
+              "and sha256 verified)")
+        return folder
+    total = sum(info["records"] for info in fingerprint.values())
+    finished = sum(end - start for start, end in (shard["records"] for shard in plan["shards"]
+                                                  if shard["file"] in done))
+    if done and not complete:
+        print(f"features: continuing in {folder}: {len(done)} of {len(plan['shards'])} shards already written")
+    started = time.perf_counter()
+    with tqdm(total=total, initial=finished, desc="features", unit="rec", mininterval=1.0) as progress:
+        for shard in plan["shards"]:
+            if shard["file"] in done:
+                continue
+            start, end = shard["records"]
+            tensors = shard_tensors(target, dataset[shard["split"]][start:end], plan, features_cfg.batch_size,
+                                    device, progress)
+            # one metadata entry: safetensors writes several in no fixed order, and a shard's bytes (so its
+            # sha256) should depend on its contents only, as a resumed or repaired write then shows
+            description = json_text({"split": shard["split"], "records": [start, end]})
+            with replace_file(folder / shard["file"]) as partial:
+                save_file(tensors, str(partial), metadata={FORMAT: description})
+                # hashed as written, before the rename: a later change to the file no longer matches
+                record = {"bytes": partial.stat().st_size, "sha256": file_sha256(partial)}
+            done[shard["file"]] = record
+            write_checksums(folder, done)
+    shards = [{**shard, **done[shard["file"]]} for shard in plan["shards"]]
+    file_bytes = sum(shard["bytes"] for shard in shards)
+    measured = file_bytes / max(sizes["tokens"], 1)
+    write_text_atomic(folder / MANIFEST, json_text({
+        **plan, "shards": shards, "tokens": sizes["tokens"], "file_bytes": file_bytes, "bytes_per_token": measured,
+        "tensor_bytes": sizes["tensor_bytes"], "naive_bf16_bytes_per_token": sizes["naive_bf16_bytes_per_token"],
+        "seconds": round(time.perf_counter() - started, 2)}, indent=1))
     print(f"features: wrote {folder}: {len(shards)} shards, {file_bytes / 1e6:.1f} MB, {measured:.1f} bytes/token "
           f"measured ({measured / sizes['naive_bf16_bytes_per_token']:.2f} × the naive bf16 cache's "
           f"{sizes['naive_bf16_bytes_per_token']:.1f})")

@@ -39,7 +39,7 @@ from specdistill.data_prep.readers import Conversation, MalformedRecord, PlainTe
 from specdistill.distill.targets import load_target_model, load_target_tokenizer, tokenizer_fingerprint
 from specdistill.distill.toy import toy_chat_conversations
 from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.outputs import claim_out_dir, hold_out_dir, replace_folder
+from specdistill.distill.outputs import claim_out_dir, replace_folder
 
 log = logging.getLogger("specdistill.prep")
 MAX_REPORTED_ERRORS = 20  # malformed records listed by index in stats.json and the log
@@ -155,7 +155,7 @@ def count_masked_tokens(examples: list[dict], vocab_size: int) -> torch.Tensor:
 
 def save_dataset(train: list[dict], validation: list[dict], counts: torch.Tensor, stats: dict, out_dir: Path) -> Path:
     """Write everything to a temporary folder and rename it into place, so a dataset folder is always complete and
-    the previous one stays until the new one is; a second prep writing into the same out_dir meanwhile is refused."""
+    the previous one stays until the new one is (prep holds out_dir, so a second prep there meanwhile is refused)."""
     import datasets
     from safetensors.torch import save_file
 
@@ -171,7 +171,7 @@ def save_dataset(train: list[dict], validation: list[dict], counts: torch.Tensor
     }
     # an empty split needs one (empty) shard file, or datasets cannot load it back; others: ~500 MB a shard
     shards = {name: max(1, math.ceil(split.data.nbytes / 500e6)) for name, split in splits.items()}
-    with hold_out_dir(out_dir), replace_folder(final) as staging:
+    with replace_folder(final) as staging:
         datasets.DatasetDict(splits).save_to_disk(str(staging), num_shards=shards)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         save_file({"counts": counts}, str(staging / "token_counts.safetensors"))

@@ -174,7 +174,8 @@ def check_out_dir(out_dir: Path, stage: str, overwrite: bool, replaces: bool = F
     marker; a stage that writes beside what is there also lets this run's own Hydra folder be."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"out_dir: {out_dir} is a file, not a folder; give out_dir a folder path (a new one is made)")
-    if not out_dir.exists() or folder_stage(out_dir) == stage:
+    writer = folder_stage(out_dir) if out_dir.exists() else None
+    if not out_dir.exists() or writer == stage:
         return
     own = {STAGE_MARKER} if replaces else {*stage_files(stage), this_runs_entry(out_dir)}
     foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in own)
@@ -184,7 +185,6 @@ def check_out_dir(out_dir: Path, stage: str, overwrite: bool, replaces: bool = F
         log.warning("out_dir: %s holds %d entries that `specdistill %s` did not write; writing there (overwrite=true)",
                     out_dir, len(foreign), stage)
         return
-    writer = folder_stage(out_dir)
     what = (f"the output of `specdistill {writer}`" if writer else
             f"files specdistill {stage} did not write ({', '.join(foreign[:4])}{', …' if len(foreign) > 4 else ''})")
     raise UserError(f"out_dir: {out_dir} holds {what}, and a stage never writes over what it did not write. Choose a "
@@ -223,34 +223,24 @@ def claim_out_dir(out_dir: Path | str, stage: str, overwrite: bool) -> Iterator[
         raise
 
 
-_held: set[Path] = set()  # out_dirs this process holds: a stage's parts may hold its out_dir again
-
-
 @contextmanager
 def hold_out_dir(out_dir: Path | str) -> Iterator[None]:
     """Hold `<out_dir>/.specdistill.lock` for the block, so two runs never write into one folder at once; a second
     run fails at once with a `UserError`. The lock is the operating system's (the file is only its handle): it ends
-    with the process that holds it, so a killed run never blocks the next one. Holding it again in the process that
-    holds it is a no-op."""
+    with the process that holds it, so a killed run never blocks the next one."""
     from filelock import FileLock, Timeout
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = out_dir.resolve()
-    if key in _held:
-        yield
-        return
     lock = FileLock(str(out_dir / LOCK_NAME), timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise UserError(f"out_dir: {out_dir} is in use by another run (it holds {out_dir / LOCK_NAME}); wait for that "
                         "run to finish or choose another out_dir") from None
-    _held.add(key)
     try:
         yield
     finally:
-        _held.discard(key)
         lock.release()
 
 
