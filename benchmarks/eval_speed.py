@@ -1,4 +1,4 @@
-"""Decoding speed: our decoder (eval/decoding.py) beside transformers' own speculative decoding, on one target.
+"""Decoding speed: our decoder (distill/decoding.py) beside transformers' own speculative decoding, on one target.
 
     python benchmarks/eval_speed.py --num-prompts 20                      # toy target, CPU (or the GPU if present)
     python benchmarks/eval_speed.py --num-prompts 20 --drafter-path /tmp/q/eagle1/drafter   # + an EAGLE head
@@ -50,7 +50,7 @@ from specdistill.distill.toy import END_OF_TURN, ToyTargetConfig, ensure_toy_tar
 from specdistill.distill.target import FrozenTarget
 from specdistill.eval.baselines import hf_generate
 from specdistill.eval.benches import BenchConfig, load_bench, render_prompt
-from specdistill.eval.decoding import Decoder, DecodingConfig, Generation
+from specdistill.distill.decoding import Decoder, DecodingConfig, Generation
 from specdistill.eval.metrics import predicted_speedup, predicted_tau
 from specdistill.distill.drafters import load_drafting
 from specdistill.distill.drafters.token_lm import LMDrafting

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 def specdistill(*args: str, log: Path) -> None:
     """Run one `specdistill` stage, its output in `log`; stop with the log's tail when it fails."""
     with log.open("w") as handle:
-        result = subprocess.run([sys.executable, "-m", "specdistill.train.cli", *args], stdout=handle,
+        result = subprocess.run([sys.executable, "-m", "specdistill.cli.main", *args], stdout=handle,
                                 stderr=subprocess.STDOUT, cwd=REPO)
     if result.returncode != 0:
         sys.exit(f"failed ({result.returncode}): specdistill {' '.join(args)}\n{log.read_text()[-3000:]}")

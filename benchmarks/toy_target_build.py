@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from specdistill.data_prep.config import register_configs
 from specdistill.distill.toy import ToyTargetConfig, ensure_toy_target
 

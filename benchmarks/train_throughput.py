@@ -36,7 +36,7 @@ def load_target(shape: str, device: torch.device):
     if shape == "toy":
         from hydra import compose, initialize_config_dir
 
-        from specdistill.conf import CONFIG_DIR
+        from specdistill.distill.config import CONFIG_DIR
         from specdistill.data_prep.config import register_configs
         from specdistill.distill.targets import eagle3_layers, load_target_model
 

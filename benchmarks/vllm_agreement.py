@@ -53,7 +53,7 @@ def toy_target_folder() -> str:
     """Where the toy target is built (drafters record its name, "toy", which only specdistill resolves)."""
     from hydra import compose, initialize_config_dir
 
-    from specdistill.conf import CONFIG_DIR
+    from specdistill.distill.config import CONFIG_DIR
     from specdistill.data_prep.config import register_configs
     from specdistill.distill.targets import resolve_target_path
 

@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from specdistill.data_prep.chat import TemplateMismatch, end_of_turn_ids, tokenize_conversation, tokenize_text
 from specdistill.data_prep.config import register_configs
 from specdistill.data_prep.readers import Conversation, MalformedRecord, PlainText, parse_record, read_records

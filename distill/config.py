@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import MISSING
 
 from specdistill.distill.toy import ToyTargetConfig
+
+# conf/ (YAML only) sits beside distill/ both in a checkout and in an installed copy (specdistill/conf)
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class DType(Enum):

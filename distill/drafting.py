@@ -1,4 +1,4 @@
-"""The drafting interface the speculative decoder (eval/decoding.py) drives for every drafter kind.
+"""The drafting interface the speculative decoder (distill/decoding.py) drives for every drafter kind.
 
 A `Drafting` keeps its own KV cache over the committed sequence and drafts on top of it:
 

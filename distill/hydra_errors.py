@@ -59,3 +59,11 @@ def run_hydra_app(main: Callable[[], Any]) -> Any:
             del os.environ[FULL_ERROR]
         else:
             os.environ[FULL_ERROR] = previous
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, when installed, warns on every import on a machine without a GPU; name the CPU for it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,4 +1,4 @@
-"""transformers' own decoding on our prompts, for comparison beside eval/decoding.py: plain greedy `generate`,
+"""transformers' own decoding on our prompts, for comparison beside distill/decoding.py: plain greedy `generate`,
 assisted generation with a draft model (`assistant_model=`), and prompt lookup (`prompt_lookup_num_tokens=`).
 
 transformers v5 notes (generation/utils.py, generation/candidate_generator.py):

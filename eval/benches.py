@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from specdistill.distill.errors import UserError
-from specdistill.eval.decoding import DecodingConfig
+from specdistill.distill.decoding import DecodingConfig
 
 SPEC_BENCH_URL = "https://github.com/hemingkx/Spec-Bench/blob/main/data/spec_bench/question.jsonl"
 # Benches that are not on the Hub: where their prompt file comes from.

@@ -10,7 +10,6 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from specdistill.data_prep.config import register_configs as register_data_configs
 from specdistill.distill.config import StageConfig
 from specdistill.distill.errors import UserError
 from specdistill.eval.benches import BenchConfig
@@ -77,5 +76,4 @@ def check_loop_ranges(loop: DictConfig | EvalLoopConfig) -> None:
 
 
 def register_configs() -> None:
-    register_data_configs()
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

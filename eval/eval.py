@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import claim_out_dir, replace_folder, write_text_atomic
 from specdistill.distill.drafters import load_drafting
@@ -41,7 +41,7 @@ from specdistill.distill.target import FrozenTarget
 from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
 from specdistill.eval.benches import fit_context_window, load_bench, render_prompt
 from specdistill.eval.config import LongPrompts, check_loop_ranges, register_configs
-from specdistill.eval.decoding import Decoder, DecodingConfig, Generation
+from specdistill.distill.decoding import Decoder, DecodingConfig, Generation
 from specdistill.eval.metrics import summarize, tokens_per_second
 from specdistill.eval.report import REPORT_FILES, format_table, write_report
 

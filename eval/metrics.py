@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from specdistill.eval.decoding import Generation
+from specdistill.distill.decoding import Generation
 
 
 def _sum(values) -> float:

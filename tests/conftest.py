@@ -30,7 +30,7 @@ def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from specdistill.conf import CONFIG_DIR
+    from specdistill.distill.config import CONFIG_DIR
     from specdistill.data_prep.config import register_configs
 
     register_configs()
@@ -69,7 +69,7 @@ def tiny(toy_tiny_path: Path, toy_tokenizer):
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `specdistill <args>` as a user would, in `cwd`, with the session's cache."""
-    command = [sys.executable, "-c", "from specdistill.train.cli import main; main()", *args]
+    command = [sys.executable, "-c", "from specdistill.cli.main import main; main()", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from specdistill.eval.baselines import hf_generate
-from specdistill.eval.decoding import Decoder, DecodingConfig
+from specdistill.distill.decoding import Decoder, DecodingConfig
 
 METHODS = {
     "plain": {},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.toy import ASSISTANT, toy_chat_conversations
 from specdistill.distill.errors import UserError
 from specdistill.eval.benches import BenchConfig, BenchPrompt, load_bench, render_prompt

@@ -12,7 +12,7 @@ import pytest
 
 from specdistill.distill.drafters import load_drafting
 from specdistill.eval.benches import decoding_positions
-from specdistill.eval.decoding import Decoder, DecodingConfig
+from specdistill.distill.decoding import Decoder, DecodingConfig
 from tests.conftest import run_cli
 
 WINDOW = 64

@@ -15,8 +15,8 @@ from specdistill.distill.drafters import drafter_kind, load_drafting
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.drafters.token_lm import LMDrafting
 from specdistill.distill.target import FrozenTarget
-from specdistill.eval import verification
-from specdistill.eval.decoding import Decoder, DecodingConfig
+from specdistill.distill import verification
+from specdistill.distill.decoding import Decoder, DecodingConfig
 
 CHAIN = DecodingConfig(method="chain", gamma=4, max_new_tokens=40)
 TREE = DecodingConfig(method="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=12, max_new_tokens=40)

@@ -137,7 +137,7 @@ def test_registry_lists_the_built_in_kinds_and_refuses_an_unknown_one():
 
 def run_with_plugin(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`specdistill <args>` from a user's script that first imports its own kind module (tests/kinds/copy_last.py)."""
-    script = "import tests.kinds.copy_last; from specdistill.train.cli import main; main()"
+    script = "import tests.kinds.copy_last; from specdistill.cli.main import main; main()"
     return subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from tests.conftest import compose, run_cli
 
 EXPERIMENTS = sorted(path.stem for path in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -27,7 +27,7 @@ def stage_configs(name: str, tmp: Path, common: list[str] | None = None) -> dict
 
     import specdistill.eval.eval  # noqa: F401  (each stage module registers its schema)
     import specdistill.train.train  # noqa: F401
-    from specdistill.train.run import compose_stage
+    from specdistill.cli.run import compose_stage
 
     init_from = [f"init_from={tmp}"] if "stage_b" in name else []
     run_cfg = compose("run", [f"experiment={name}", f"out_dir={tmp}", *init_from])

@@ -1,4 +1,4 @@
-"""`specdistill export` / `specdistill import` (train/export.py, train/import_drafter.py) and the kinds' engine layouts
+"""`specdistill export` / `specdistill import` (export/export.py, export/import_drafter.py) and the kinds' engine layouts
 (distill/drafters/eagle3.py, eagle1.py, fspad.py, engine_layouts.py). Pinned here:
 
 - export → files → import is exact: EAGLE-3 in vllm, speculators and sglang layouts (norm options on, taps given
@@ -34,8 +34,8 @@ from specdistill.distill.drafters.fspad import FspadDrafter
 from specdistill.distill.drafters.medusa import MedusaDrafter, MedusaOptions
 from specdistill.distill.drafters.modules import causal_bias
 from specdistill.distill.errors import UserError
-from specdistill.train.export import ExportConfig, ExportFormat, export, write_layout
-from specdistill.train.import_drafter import import_drafter, read_layout
+from specdistill.export.export import ExportConfig, ExportFormat, export, write_layout
+from specdistill.export.import_drafter import import_drafter, read_layout
 from tests.conftest import run_cli
 
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -18,7 +18,7 @@ from transformers import (
 
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget
-from specdistill.eval.decoding import Decoder, DecodingConfig
+from specdistill.distill.decoding import Decoder, DecodingConfig
 from specdistill.distill.drafters.token_lm import LMDrafting
 from specdistill.distill.lean import Linear, lean_causal_lm, unsupported_reason
 from specdistill.distill.masks import PrefixMask

@@ -18,7 +18,7 @@ from specdistill.distill.drafters.medusa import MedusaDrafter, MedusaDrafting, M
 from specdistill.distill.errors import UserError
 from specdistill.distill.objectives import MedusaObjective
 from specdistill.distill.target import FrozenTarget
-from specdistill.eval.decoding import Decoder, DecodingConfig
+from specdistill.distill.decoding import Decoder, DecodingConfig
 from tests.conftest import TRAIN_FAST, run_cli
 from tests.test_decoding import CHAIN, TREE, chi_square_test, exact_joint, plain_outputs, random_lm, sampled_joint_counts
 

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 from specdistill.distill.errors import UserError
-from specdistill.train.model_card import build_model_card, is_secret_key
+from specdistill.export.model_card import build_model_card, is_secret_key
 
 TARGET = "meta-llama/Llama-3.1-8B-Instruct"
 WANDB_SECRET = "wandb-secret-value-0123456789"

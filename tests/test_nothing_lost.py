@@ -178,7 +178,7 @@ def test_push_options_without_a_repo_and_push_without_a_network_are_one_line(dra
 def test_hf_export_hints_fit_the_drafter(tiny, tmp_path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from specdistill.train.export import serve_commands
+    from specdistill.export.export import serve_commands
 
     assert "AutoModelForCausalLM.from_pretrained('lm')" in serve_commands(None, "hf", "t", "lm", 3)["python"]
     LlamaForCausalLM(LlamaConfig(vocab_size=tiny.target.config.vocab_size, hidden_size=32, intermediate_size=64,

@@ -230,10 +230,10 @@ def test_install_puts_no_top_level_train_eval_or_conf_on_the_path(tmp_path: Path
     script = ("import importlib.util, json; "
               "print(json.dumps({name: importlib.util.find_spec(name) is not None "
               "for name in ['train', 'eval', 'conf', 'distill', 'data_prep', 'specdistill.train', 'specdistill.eval', "
-              "'specdistill.conf', 'specdistill.distill', 'specdistill.data_prep']}))")
+              "'specdistill.distill', 'specdistill.data_prep', 'specdistill.export', 'specdistill.cli']}))")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     import json
 
     found = json.loads(result.stdout)
     assert not any(found[name] for name in ["train", "eval", "conf", "distill", "data_prep"]), found
-    assert all(found[f"specdistill.{name}"] for name in ["train", "eval", "conf", "distill", "data_prep"]), found
+    assert all(found[f"specdistill.{name}"] for name in ["train", "eval", "distill", "data_prep", "export", "cli"]), found

@@ -14,8 +14,8 @@ from huggingface_hub.hf_api import CommitInfo
 from huggingface_hub.utils import hf_raise_for_status
 
 from specdistill.distill.errors import UserError
-from specdistill.train import hub
-from specdistill.train.hub import NO_TOKEN, PushConfig, drafter_identity, push_export
+from specdistill.export import hub
+from specdistill.export.hub import NO_TOKEN, PushConfig, drafter_identity, push_export
 
 TOKEN = "hf_testsecret123"
 REPO = "my-org/llama3-eagle3"

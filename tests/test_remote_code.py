@@ -19,7 +19,7 @@ from transformers.dynamic_module_utils import get_imports
 from specdistill.distill.drafters import drafter_kind
 from specdistill.distill.drafters.eagle1 import Eagle1Drafter
 from specdistill.distill.drafters.feature import BuildContext, FeatureDrafter
-from specdistill.train.remote_code import RemoteCodeError, bundle_remote_code, export_hf
+from specdistill.export.remote_code import RemoteCodeError, bundle_remote_code, export_hf
 
 # kind → how its `forward` takes the target features: a dict by layer id, or the one tapped layer's tensor
 KINDS = {"eagle3": "dict", "eagle1": "tensor"}

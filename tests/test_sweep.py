@@ -12,7 +12,8 @@ import pytest
 
 from specdistill.distill.errors import UserError
 from specdistill.distill.outputs import mark_stage
-from specdistill.train.sweep import MissingMetric, read_metric, search_distributions, write_summary
+from specdistill.cli.sweep import search_distributions
+from specdistill.distill.multirun import MissingMetric, read_metric, write_summary
 
 from tests.conftest import run_cli
 
@@ -160,7 +161,7 @@ def test_a_multirun_killed_mid_job_resumes_and_completes(toy_dataset, tmp_path: 
     sweep_dir = tmp_path / "sweep"
     args = grid_args(toy_dataset[0], sweep_dir)
     args[args.index("train.max_steps=3")] = "train.max_steps=8"  # long enough to be killed inside job 1
-    command = [sys.executable, "-c", "from specdistill.train.cli import main; main()", *args]
+    command = [sys.executable, "-c", "from specdistill.cli.main import main; main()", *args]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     first_done = sweep_dir / "0" / "drafter" / "summary.json"

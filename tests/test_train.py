@@ -68,7 +68,7 @@ def test_killed_run_resumes_to_the_same_final_loss(toy_dataset, tmp_path: Path, 
     # start the same run, kill it once its first checkpoint exists, then start it again: it must resume
     import os
 
-    command = [sys.executable, "-c", "from specdistill.train.cli import main; main()", "train", *args, f"out_dir={tmp_path}/killed"]
+    command = [sys.executable, "-c", "from specdistill.cli.main import main; main()", "train", *args, f"out_dir={tmp_path}/killed"]
     env = dict(os.environ)
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "step_10" / "trainer_state.json"

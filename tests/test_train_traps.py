@@ -67,7 +67,7 @@ def test_train_without_data_dir_names_the_key(tmp_path: Path, cache_dir: Path):
 
 def test_ctrl_c_ends_with_one_line_and_status_130(toy_dataset, tmp_path: Path):
     out_dir = tmp_path / "out"
-    command = [sys.executable, "-c", "from specdistill.train.cli import main; main()", "train", *SMALL,
+    command = [sys.executable, "-c", "from specdistill.cli.main import main; main()", "train", *SMALL,
                f"data_dir={toy_dataset[0]}", f"out_dir={out_dir}", "train.max_steps=1000"]
     # a shell starts background jobs with SIGINT ignored, and children inherit that: restore it, as a terminal has it
     restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Edge cases of lossless speculative sampling (eval/verification.py) that a statistical test cannot reach: a uniform
+"""Edge cases of lossless speculative sampling (distill/verification.py) that a statistical test cannot reach: a uniform
 draw of exactly 0, and a rejection whose residual norm(max(0, p − q)) is all zero. (The distribution of the emitted
 token is checked by the chi-square tests in tests/test_decoding.py.)"""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdistill.eval import verification
+from specdistill.distill import verification
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
-"""`python -m specdistill.train ...` is `specdistill train ...`."""
+"""`python -m specdistill.train ...` is `specdistill train ...` (also under torchrun or accelerate launch)."""
 
-import sys
+from specdistill.distill.hydra_errors import quiet_deepspeed_on_cpu, run_hydra_app
 
-from specdistill.train.cli import run_stage
+quiet_deepspeed_on_cpu()  # before DeepSpeed can be imported
 
-run_stage("train", sys.argv[1:])
+from specdistill.train.train import main  # noqa: E402
+
+run_hydra_app(main)

@@ -10,7 +10,6 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from specdistill.data_prep.config import register_configs as register_data_configs
 from specdistill.distill.config import StageConfig
 from specdistill.distill.errors import UserError
 from specdistill.train.distributed import DistributedConfig
@@ -132,7 +131,6 @@ def check_ranges(cfg: Any) -> None:
 def register_configs() -> None:
     import specdistill.distill.drafters  # noqa: F401  (each drafter kind stores its `<kind>_schema` in the drafter group)
 
-    register_data_configs()
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     for name, schema in OBJECTIVE_SCHEMAS.items():

@@ -1,4 +1,4 @@
-"""τ during training: the evaluator's own speculative decoder (eval/decoding.py, chain, greedy) run with the drafter's
+"""τ during training: the evaluator's own speculative decoder (distill/decoding.py, chain, greedy) run with the drafter's
 current weights on a few validation prompts, so every run logs the real τ and α beside the top-1 proxy.
 
 A prompt is a real prefix of a validation record, so τ is measured continuing real text: the tokens before its first
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from specdistill.distill.target import FrozenTarget
-from specdistill.eval.decoding import Decoder, DecodingConfig
+from specdistill.distill.decoding import Decoder, DecodingConfig
 
 
 # A prompt shorter than this is no real context: a text record's is 1 token, while a chat template's role markers and

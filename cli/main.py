@@ -16,21 +16,20 @@ naming the key, exit status 2 (`run_hydra_app`), as a stage's own `UserError` do
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 from specdistill.distill.errors import exit_interrupted
-from specdistill.distill.hydra_errors import run_hydra_app
+from specdistill.distill.hydra_errors import quiet_deepspeed_on_cpu, run_hydra_app
 
 # sub-command → (module, description)
 STAGES: dict[str, tuple[str, str]] = {
     "prep": ("specdistill.data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
     "train": ("specdistill.train.train", "distill a drafter from the frozen target → drafter checkpoint"),
     "eval": ("specdistill.eval.eval", "speculative decoding with a drafter → τ, α, speedup report"),
-    "export": ("specdistill.train.export", "write a drafter in vLLM / SGLang / speculators / Hub layout (+ push)"),
-    "import": ("specdistill.train.import_drafter", "read a vLLM / SGLang / speculators drafter folder back"),
-    "run": ("specdistill.train.run", "prep → train → eval end to end (experiment=quickstart)"),
-    "sweep": ("specdistill.train.sweep", "Optuna search over train settings, a train run per trial → sweep_summary.md"),
+    "export": ("specdistill.export.export", "write a drafter in vLLM / SGLang / speculators / Hub layout (+ push)"),
+    "import": ("specdistill.export.import_drafter", "read a vLLM / SGLang / speculators drafter folder back"),
+    "run": ("specdistill.cli.run", "prep → train → eval end to end (experiment=quickstart)"),
+    "sweep": ("specdistill.cli.sweep", "Optuna search over train settings, a train run per trial → sweep_summary.md"),
 }
 
 
@@ -42,14 +41,6 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _quiet_deepspeed_on_cpu() -> None:
-    """DeepSpeed, when installed, warns on every import on a machine without a GPU; name the CPU for it."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def run_stage(command: str, overrides: list[str]) -> None:
     """Run one stage's Hydra app with the given command-line arguments (exits non-zero on errors: 2 for what the
     user can fix)."""
@@ -59,7 +50,7 @@ def run_stage(command: str, overrides: list[str]) -> None:
     module, _ = STAGES[command]
     sys.argv = [f"specdistill {command}", *overrides]
     try:
-        _quiet_deepspeed_on_cpu()
+        quiet_deepspeed_on_cpu()
         run_hydra_app(importlib.import_module(module).main)
     except KeyboardInterrupt:  # Ctrl-C while torch & co. import, before the stage's own handler (exit_on_user_error)
         exit_interrupted()

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import specdistill.distill.outputs  # noqa: F401  (registers the run-folder resolver conf/hydra/output uses)
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.outputs import claim_out_dir
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.hydra_errors import config_error_message

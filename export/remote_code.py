@@ -233,7 +233,7 @@ def _rewrite(source: str, module: str, imports: list[BundledImport], flat: dict[
     tail = [
         "",
         "",
-        f"# Bundled from {module} by specdistill (train/remote_code.py): its specdistill imports made relative.",
+        f"# Bundled from {module} by specdistill (export/remote_code.py): its specdistill imports made relative.",
     ]
     if module_imports:
         tail += ["# transformers copies only the files named in `from .<module> import` lines; these name the ones",

@@ -24,12 +24,12 @@ from omegaconf import MISSING, DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.drafters import registry
 from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import check_not_inside, check_out_dir, json_text, mark_stage, replace_folder
-from specdistill.train.export import PROVENANCE_FILE, PROVENANCE_KEYS
+from specdistill.export.export import PROVENANCE_FILE, PROVENANCE_KEYS
 
 log = logging.getLogger("specdistill.import")
 

@@ -7,7 +7,7 @@ One decoding step, after `prefill`:
             keep the total_tokens − 1 best nodes, a connected subtree since a child never outscores its parent)
     verify  one target forward over [last token, drafted tokens] with a chain (causal) or tree (ancestor) mask and
             position ids n + depth
-    accept  eval/verification.py picks the accepted tokens and the target's own next token
+    accept  distill/verification.py picks the accepted tokens and the target's own next token
     commit  the target's cache keeps the accepted entries (chain: a truncation; tree: the accepted path is copied
             into place), the proposer drops its drafts and commits the accepted tokens with the target's features
 
@@ -24,7 +24,7 @@ import torch
 
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.target import FrozenTarget, TargetOutput
-from specdistill.eval import verification
+from specdistill.distill import verification
 from specdistill.distill.drafting import Drafting
 from specdistill.distill.errors import UserError
 from specdistill.distill.lean import lean_target

@@ -12,7 +12,7 @@ setup (read and check the drafter) → convert (the kind's `engine_layout`, dist
 
 Formats × kinds: EAGLE-3 → vllm, speculators, sglang, hf; EAGLE-1 (and FSPAD with both switches off) → vllm,
 sglang, hf; FSPAD, Medusa → hf; token_lm (a plain causal LM) → vllm (draft-model mode), hf. Any other pair says so
-in one line and exits 2. `specdistill import` reads an engine folder back (train/import_drafter.py).
+in one line and exits 2. `specdistill import` reads an engine folder back (export/import_drafter.py).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from specdistill.conf import CONFIG_DIR
+from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.drafters import registry
 from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import check_not_inside, check_out_dir, json_text, mark_stage, replace_folder
-from specdistill.train.hub import PushConfig, push_export
+from specdistill.export.hub import PushConfig, push_export
 
 log = logging.getLogger("specdistill.export")
 PROVENANCE_FILE = "specdistill_export.json"  # what we know that the engine does not read; import reads it back
@@ -188,7 +188,7 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
         location = cfg.push.repo_id or str(out_dir.resolve())
         target = config.get("target_name_or_path") or config.get("_name_or_path") or "<target>"
         commands = serve_commands(kind, format, target, location, cfg.speculative_tokens)
-        from specdistill.train.model_card import build_model_card
+        from specdistill.export.model_card import build_model_card
 
         card = build_model_card(drafter_path, format, engine_config, commands,
                                 drafter_reports(drafter_path, list(cfg.reports)), cfg.push.repo_id)
@@ -209,7 +209,7 @@ def export_hf_folder(kind: Optional[registry.DrafterKind], drafter_path: Path, f
     if kind is None:
         copy_causal_lm(drafter_path, folder)
         return
-    from specdistill.train.remote_code import export_hf
+    from specdistill.export.remote_code import export_hf
 
     export_hf(drafter_path, folder, kind.model_class)
 
