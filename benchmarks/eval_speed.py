@@ -3,6 +3,7 @@
     python benchmarks/eval_speed.py --num-prompts 20                      # toy target, CPU (or the GPU if present)
     python benchmarks/eval_speed.py --num-prompts 20 --drafter-path /tmp/q/eagle1/drafter   # + an EAGLE head
     python benchmarks/eval_speed.py --shape llama8b --num-prompts 20      # Llama-3-8B shape, random bf16, GPU only
+    python benchmarks/eval_speed.py --shape llama8b --tokenizer toy_tiny  # … prompts rendered with toy_tiny's tokenizer
     python benchmarks/eval_speed.py --num-prompts 3 --max-new-tokens 32   # a smoke run
 
 Methods, all greedy, on the same target and prompts (the toy bench, chat template, EOS `<|end|>`):
@@ -45,6 +46,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from specdistill.distill.config import CACHE_ENV, DEFAULT_CACHE_DIR
 from specdistill.distill.targets import tokenizer_fingerprint
 from specdistill.distill.toy import END_OF_TURN, ToyTargetConfig, ensure_toy_target
 from specdistill.distill.target import FrozenTarget
@@ -112,6 +114,27 @@ def toy_models(cache_dir: Path, device: torch.device):
     return target, drafter, tokenizer, f"toy target {target_path.name}, drafter LM {drafter_path.name}"
 
 
+def prompt_tokenizer_folder(name_or_path: str | None, cache_dir: Path) -> Path:
+    """--shape llama8b: the folder of the tokenizer that renders the toy-bench prompts: a folder given, or a toy
+    target preset of conf/target (toy, toy_tiny) built on first use; default the toy target's."""
+    if name_or_path is None:
+        return ensure_toy_target(ToyTargetConfig(), cache_dir)
+    if Path(name_or_path).expanduser().is_dir():
+        return Path(name_or_path).expanduser()
+    from hydra import compose, initialize_config_dir
+
+    from specdistill.data_prep.config import register_configs
+    from specdistill.distill.config import CONFIG_DIR
+    from specdistill.distill.targets import resolve_target_path
+
+    if not (Path(CONFIG_DIR) / "target" / f"{name_or_path}.yaml").is_file():
+        sys.exit(f"--tokenizer {name_or_path}: neither a folder nor a target preset in {CONFIG_DIR}/target")
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="prep", overrides=[f"target={name_or_path}", "out_dir=unused"])
+    return Path(resolve_target_path(cfg.target, str(cache_dir)))
+
+
 def llama8b_models(device: torch.device, shape: dict = LLAMA8B, drafter_layers: int = LLAMA8B_DRAFTER_LAYERS):
     """A random-weight bf16 target of Llama-3-8B's shape and a drafter made of its first `drafter_layers` layers
     (sharing its embeddings, final norm and LM head)."""
@@ -164,12 +187,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--drafter-path", help="an EAGLE drafter folder written by `specdistill train` (…/drafter)")
-    parser.add_argument("--cache-dir", default=os.environ.get("SPECDISTILL_CACHE", "~/.cache/specdistill"))
+    parser.add_argument("--cache-dir", default=os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads (default 1; 0 keeps torch's default). Decoding a toy model is one "
                              "tiny matmul chain per token: with 2 threads on a 2-core machine that is busy elsewhere "
                              "a forward was measured 17x slower than with 1 (OpenMP threads waiting on each other)")
+    parser.add_argument("--tokenizer", help="--shape llama8b: the tokenizer that renders the toy-bench prompts, a folder "
+                                            "or a toy target preset (toy_tiny builds in seconds; default: toy's)")
     parser.add_argument("--out", help="also write the results as JSON to this path")
     args = parser.parse_args()
     if args.num_prompts < 1 or args.max_new_tokens < 1 or args.gamma < 1:
@@ -184,7 +209,7 @@ def main() -> None:
         if device.type != "cuda":
             sys.exit("--shape llama8b needs a CUDA GPU (a random-weight Llama-3-8B-shaped target in bf16, about "
                      "16 GB); none is available here. Use --shape toy on CPU.")
-        tokenizer = AutoTokenizer.from_pretrained(ensure_toy_target(ToyTargetConfig(), cache_dir))
+        tokenizer = AutoTokenizer.from_pretrained(prompt_tokenizer_folder(args.tokenizer, cache_dir))
         model, drafter_model = llama8b_models(device)
         models_note = f"random Llama-3-8B shape bf16, drafter = its first {LLAMA8B_DRAFTER_LAYERS} layers"
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from stages import REPO, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
+from specdistill.distill.reports import read_report
 
 PRESET = OmegaConf.load(REPO / "conf" / "experiment" / "eagle3_toy.yaml")
 ROWS = {"online": None, "bf16 cache": "bf16", "fp8 cache": "fp8"}  # row → cache dtype (None: the target runs)
@@ -51,8 +52,7 @@ def run_row(name: str, dtype: str | None, out_dir: Path, target: str, preps: dic
     drafter = folder / "train" / "drafter"
     specdistill("eval", f"target={target}", *PRESET.eval, f"drafter_path={drafter}", "eval.temperature=0",
                 "eval.hf_baselines=false", f"out_dir={folder / 'eval'}", log=folder.with_suffix(".eval.log"))
-    report = json.loads((folder / "eval" / "report.json").read_text())
-    report = report[0] if isinstance(report, list) else report
+    [report] = read_report(folder / "eval", "eval out_dir")["rows"]
     summary = json.loads((drafter / "summary.json").read_text())
     result = {"row": name, "dtype": dtype, "tau_greedy": report["tau"], "lossless": report["lossless_check"],
               "val_top1": summary["final"].get("val_top1"), "final_loss": summary["final"].get("loss"),

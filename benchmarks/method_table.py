@@ -26,6 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from stages import REPO, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
+from specdistill.distill.reports import read_report
 
 EXPERIMENTS = REPO / "conf" / "experiment"
 
@@ -77,8 +78,7 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, target: str) -> dict:
         if not (eval_dir / "report.json").is_file():
             specdistill("eval", f"target={target}", *last.eval, f"drafter_path={drafter}", f"eval.temperature={temperature}",
                         "eval.hf_baselines=false", f"out_dir={eval_dir}", log=folder / f"{key}.log")
-        report = json.loads((eval_dir / "report.json").read_text())
-        report = report[0] if isinstance(report, list) else report
+        [report] = read_report(eval_dir, "eval out_dir")["rows"]
         result[key] = report["tau"]
         result[f"{key}_cost_ratio"] = report["cost_ratio"]
         result[f"{key}_lossless"] = report["lossless_check"]

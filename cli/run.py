@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import specdistill.distill.outputs  # noqa: F401  (registers the run-folder resolver conf/hydra/output uses)
-from specdistill.distill.config import CONFIG_DIR
+from specdistill.distill.config import CACHE_DIR, CONFIG_DIR
 from specdistill.distill.outputs import claim_out_dir
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.hydra_errors import config_error_message
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class RunConfig:
     out_dir: str = "${hydra:runtime.output_dir}"
     overwrite: bool = False  # write into an out_dir that holds files run did not write (distill/outputs.py)
-    cache_dir: str = "${oc.env:SPECDISTILL_CACHE,'~/.cache/specdistill'}"
+    cache_dir: str = CACHE_DIR
     seed: int = 0
     common: list[str] = field(default_factory=list)  # overrides for every stage, e.g. [target=toy]
     prep: list[str] = field(default_factory=list)
@@ -71,13 +71,17 @@ def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def run(cfg: DictConfig) -> Path:
-    """Compose and check every stage, then run the three; returns the eval folder."""
-    from specdistill.data_prep.prep import prep
+def compose_stages(cfg: DictConfig) -> dict[str, DictConfig]:
+    """{"prep", "train", "eval"} → the config each stage of `run cfg` starts with: `common` + the stage's own list,
+    each stage reading the previous one's output at a fixed place (<out_dir>/prep/dataset, <out_dir>/train/drafter);
+    train's and eval's value ranges checked, so a bad value fails here, before prep starts. Hydra must be initialised
+    on conf/ (run's `hydra.main` does it; elsewhere `hydra.initialize_config_dir(CONFIG_DIR)`)."""
+    # each stage's module registers its schema in Hydra's ConfigStore when imported
+    import specdistill.data_prep.prep  # noqa: F401
+    import specdistill.eval.eval  # noqa: F401
+    import specdistill.train.train  # noqa: F401
     from specdistill.eval.config import check_loop_ranges
-    from specdistill.eval.eval import evaluate
     from specdistill.train.config import check_ranges
-    from specdistill.train.train import train
 
     if not any((cfg.common, cfg.prep, cfg.train, cfg.eval)):
         raise UserError("run: nothing chosen; pick an experiment, e.g. `specdistill run experiment=quickstart` "
@@ -87,25 +91,36 @@ def run(cfg: DictConfig) -> Path:
                         "init_from=<that run's out_dir>/train/drafter")
     out_dir = Path(cfg.out_dir).expanduser()
     common = [*cfg.common, f"cache_dir={quoted(cfg.cache_dir)}", f"seed={cfg.seed}"]
-    stages = ("prep", "train", "eval")
-    # each stage's input is the previous stage's output, at a fixed place: <out_dir>/prep/dataset, <out_dir>/train/drafter
-    prep_cfg = compose_stage("prep", [*common, *cfg.prep, f"out_dir={quoted(out_dir / 'prep')}"])
     start_from = [] if cfg.init_from is None else [f"init_from={quoted(Path(cfg.init_from).expanduser().resolve())}"]
-    train_cfg = compose_stage("train", [*common, *cfg.train, *start_from,
-                                        f"data_dir={quoted(out_dir / 'prep' / 'dataset')}",
-                                        f"out_dir={quoted(out_dir / 'train')}"])
-    eval_cfg = compose_stage("eval", [*common, *cfg.eval, f"drafter_path={quoted(out_dir / 'train' / 'drafter')}",
-                                      f"out_dir={quoted(out_dir / 'eval')}"])
+    stages = {
+        "prep": compose_stage("prep", [*common, *cfg.prep, f"out_dir={quoted(out_dir / 'prep')}"]),
+        "train": compose_stage("train", [*common, *cfg.train, *start_from,
+                                         f"data_dir={quoted(out_dir / 'prep' / 'dataset')}",
+                                         f"out_dir={quoted(out_dir / 'train')}"]),
+        "eval": compose_stage("eval", [*common, *cfg.eval, f"drafter_path={quoted(out_dir / 'train' / 'drafter')}",
+                                       f"out_dir={quoted(out_dir / 'eval')}"]),
+    }
     # each stage checks its ranges again when it starts; here they fail before prep, not after prep and train
-    check_ranges(train_cfg)
-    check_loop_ranges(eval_cfg.eval)
+    check_ranges(stages["train"])
+    check_loop_ranges(stages["eval"].eval)
+    return stages
+
+
+def run(cfg: DictConfig) -> Path:
+    """Compose and check every stage (`compose_stages`), then run the three; returns the eval folder."""
+    from specdistill.data_prep.prep import prep
+    from specdistill.eval.eval import evaluate
+    from specdistill.train.train import train
+
+    stages = compose_stages(cfg)
+    out_dir = Path(cfg.out_dir).expanduser()
     with claim_out_dir(out_dir, "run", cfg.overwrite):  # the out_dir rule; each stage checks its own folder too
         log.info("[1/3] prep → %s", out_dir / "prep")
-        prep(prep_cfg)
+        prep(stages["prep"])
         log.info("[2/3] train → %s", out_dir / "train")
-        train(train_cfg)
+        train(stages["train"])
         log.info("[3/3] eval → %s", out_dir / "eval")
-        evaluate(eval_cfg)
+        evaluate(stages["eval"])
     log.info("done: %s", ", ".join(f"{stage}: {out_dir / stage}" for stage in stages))
     return out_dir / "eval"
 

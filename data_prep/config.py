@@ -63,13 +63,13 @@ class CacheDType(Enum):
 
 
 @dataclass
-class FeaturesConfig:
+class FeatureCacheConfig:
     """The offline feature cache (data_prep/features.py): the target runs once over the dataset, and
     `specdistill train features.source=cache` reads what the drafters' losses need instead of running it."""
 
     cache: bool = False  # write <out_dir>/features after the dataset
-    # target layer ids to cache (-1: the final normed state); None: every layer a feature drafter of this target reads
-    # (its EAGLE-3 taps, and -1 for EAGLE-1 / FSPAD / HASS / Medusa)
+    # target layer ids to cache (-1: the final normed state); None: every layer a registered drafter kind reads of this
+    # target with its default options (e.g. EAGLE-3's taps for the target's depth, and -1 for EAGLE-1 / FSPAD / Medusa)
     layers: Optional[list[int]] = None
     dtype: CacheDType = CacheDType.bf16
     shard_records: int = 64  # records per shard file (a re-run skips finished shards)
@@ -79,7 +79,7 @@ class FeaturesConfig:
 @dataclass
 class PrepConfig(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    features: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
 
 def register_configs() -> None:

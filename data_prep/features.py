@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from specdistill.distill.drafters.eagle3 import default_eagle3_layers
+from specdistill.distill.drafters import feature_layers_every_kind_reads
 from specdistill.distill.drafters.feature import target_fingerprint
 from specdistill.distill.errors import UserError
 from specdistill.distill.feature_cache import (
@@ -44,7 +44,7 @@ from specdistill.distill.feature_cache import (
 )
 from specdistill.distill.outputs import json_text, replace_file, write_text_atomic
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget, check_feature_layers
-from specdistill.distill.targets import eagle3_layers, load_target_model, tokenizer_fingerprint
+from specdistill.distill.targets import load_target_model, tokenizer_fingerprint
 
 log = logging.getLogger("specdistill.prep")
 
@@ -59,13 +59,12 @@ def check_features_config(features_cfg: Any) -> None:
                         "layer the feature drafters read")
 
 
-def cache_layers(features_cfg: Any, target_cfg: Any, num_layers: int) -> list[int]:
-    """`features.layers`, else every layer a registered feature drafter of this target reads: EAGLE-3's taps
-    (eagle3.py `build`: target.eagle3_layers, else `default_eagle3_layers`) and the final normed state, which EAGLE-1, FSPAD
-    and HASS (eagle1.py `build`) and Medusa (medusa.py `build`) read; token_lm reads none."""
+def cache_layers(features_cfg: Any, num_layers: int) -> list[int]:
+    """`features.layers`, else every layer a registered drafter kind reads of this target with its default options
+    (each kind's `default_feature_layers`), so one cache serves every kind."""
     layers = features_cfg.layers
     if layers is None:
-        layers = [*(eagle3_layers(target_cfg) or default_eagle3_layers(num_layers)), FINAL_NORMED]
+        layers = feature_layers_every_kind_reads(num_layers)
     layers = list(dict.fromkeys(int(layer) for layer in layers))
     check_feature_layers(layers, num_layers, "features.layers")
     return layers
@@ -234,7 +233,7 @@ def write_feature_cache(cfg: Any, dataset_dir: Path, tokenizer: Any, folder: Pat
     dataset = datasets.load_from_disk(str(dataset_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     target = FrozenTarget(load_target_model(cfg.target, cfg.cache_dir, device=device))
-    layers = cache_layers(features_cfg, cfg.target, target.num_layers)
+    layers = cache_layers(features_cfg, target.num_layers)
     embedding = 0 in layers and layer_zero_is_embedding(target, dataset["train"][0]["input_ids"], device)
     stored = [{"layer": layer, "rule": EMBEDDING if layer == 0 and embedding else CONTEXT} for layer in layers]
     if FINAL_NORMED not in layers:  # the LM head's input, for the logits (never stored themselves)

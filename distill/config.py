@@ -18,6 +18,9 @@ from specdistill.distill.toy import ToyTargetConfig
 
 # conf/ (YAML only) sits beside distill/ both in a checkout and in an installed copy (specdistill/conf)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# where built artefacts (the toy target, …) are cached: $SPECDISTILL_CACHE, else DEFAULT_CACHE_DIR
+CACHE_ENV, DEFAULT_CACHE_DIR = "SPECDISTILL_CACHE", "~/.cache/specdistill"
+CACHE_DIR = f"${{oc.env:{CACHE_ENV},'{DEFAULT_CACHE_DIR}'}}"  # the same, as every schema's `cache_dir` default
 
 
 class DType(Enum):
@@ -32,12 +35,12 @@ class ToyTarget(ToyTargetConfig):
     """The built-in toy target (`target=toy`, `target=toy_tiny`): its build settings and the values it loads with.
 
     It is the target only while `target.name_or_path` is `name`: a user's own `target.name_or_path` drops this whole
-    block, so none of the toy's values (its dtype, its tapped layers, its build) reach the user's model.
+    block, so none of the toy's values (its dtype, its build) reach the user's model. (Which layers a drafter taps is
+    the drafter kind's option, its default derived from the target's depth: distill/drafters/<kind>.py.)
     """
 
     name: str = "toy"  # the target.name_or_path that selects this toy
     dtype: DType = DType.float32  # what target.dtype=auto means for the toy
-    eagle3_layers: list[int] = field(default_factory=lambda: [1, 3, 5])  # what target.eagle3_layers=null means
 
 
 @dataclass
@@ -50,8 +53,6 @@ class TargetConfig:
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' default)
     trust_remote_code: bool = False  # only turn on for repositories you trust
     chat_template: Optional[str] = None  # a Jinja template string that replaces the tokenizer's own
-    # layers EAGLE-3 taps (low, middle, high); None: the toy's own, any other target eagle3.py default_eagle3_layers
-    eagle3_layers: Optional[list[int]] = None
     toy: Optional[ToyTarget] = None  # set by target=toy / target=toy_tiny; used only while name_or_path is toy.name
 
 
@@ -63,5 +64,5 @@ class StageConfig:
     out_dir: str = "${hydra:runtime.output_dir}"  # where this stage writes
     # write into an out_dir that holds files this stage did not write (distill/outputs.py: check_out_dir)
     overwrite: bool = False
-    cache_dir: str = "${oc.env:SPECDISTILL_CACHE,'~/.cache/specdistill'}"  # toy target and other built artefacts
+    cache_dir: str = CACHE_DIR  # toy target and other built artefacts
     seed: int = 0

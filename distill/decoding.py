@@ -17,8 +17,11 @@ EOS and max_new_tokens cut the committed tokens exactly where plain decoding wou
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
 
 import torch
 
@@ -31,21 +34,67 @@ from specdistill.distill.lean import lean_target
 from specdistill.distill.masks import PrefixMask, as_model_mask, causal_block, check_attention_implementation
 
 
+class Method(str, Enum):  # a str, so code and tests may also write the plain name ("chain")
+    chain = "chain"
+    tree = "tree"
+
+
 @dataclass
 class DecodingConfig:
-    method: str = "chain"  # chain | tree
+    """The decoding settings, one schema for every user: `eval.*` (extended by eval/config.py), τ during training
+    (`train.tau.*`) and export's speculative-token count (its `gamma`). Ranges: `check_decoding`."""
+
+    method: Method = Method.chain
     gamma: int = 5  # chain: drafted tokens per step
-    tree_depth: int = 6  # tree: draft levels
+    tree_depth: int = 6  # tree (EAGLE-2): draft levels
     tree_top_k: int = 10  # tree: children per expanded node and nodes expanded per level
     tree_total_tokens: int = 60  # tree: verified tokens per step (root included)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     max_new_tokens: int = 256
 
+    def __post_init__(self) -> None:
+        self.method = Method(self.method)
+
+    @property
+    def draft_depth_key(self) -> str:
+        """The field that sets how deep a step drafts: gamma for a chain, tree_depth for a tree."""
+        return "gamma" if self.method == Method.chain else "tree_depth"
+
     @property
     def draft_depth(self) -> int:
-        """Draft positions a step can reach: gamma for a chain, tree_depth for a tree."""
-        return self.gamma if self.method == "chain" else self.tree_depth
+        """Draft positions a step can reach."""
+        return getattr(self, self.draft_depth_key)
+
+
+# DecodingConfig field → (the test a valid value passes, the valid range in words). Out-of-range values otherwise end
+# deep in decoding (an empty reshape, a division by zero, NaN probabilities) or, for a negative temperature, silently
+# decode greedily.
+DECODING_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "gamma": (lambda v: v >= 1, "an integer ≥ 1"),
+    "tree_depth": (lambda v: v >= 1, "an integer ≥ 1"),
+    "tree_top_k": (lambda v: v >= 1, "an integer ≥ 1"),
+    "tree_total_tokens": (lambda v: v >= 2, "an integer ≥ 2 (the root and at least one drafted token)"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer ≥ 1"),
+}
+
+
+def config_key(group: str, key: str) -> str:
+    """The user's name of a decoding setting: `eval.gamma`, `train.tau.gamma`, or `gamma` at the top level."""
+    return f"{group}.{key}" if group else key
+
+
+def check_decoding(config: Any, group: str, keys: tuple[str, ...] = tuple(DECODING_RANGES)) -> None:
+    """The one range check of the decoding settings: a UserError naming the first of `keys` outside its range, as
+    the user writes it (`group`: the config group holding the settings, e.g. `eval` or `train.tau`; a DictConfig or a
+    DecodingConfig). Run it before anything loads."""
+    for key in keys:
+        valid, valid_range = DECODING_RANGES[key]
+        value = getattr(config, key)
+        if not valid(value):
+            raise UserError(f"{config_key(group, key)}={value} is out of range: it must be {valid_range}")
 
 
 @dataclass
@@ -69,15 +118,14 @@ class Tree:
     ancestors: torch.Tensor  # [N, N] bool: node j is node i or one of its ancestors
 
 
-def check_draft_depth(proposer: Drafting | None, config: DecodingConfig) -> None:
-    """Refuse a chain or tree deeper than the drafter can draft (a Medusa drafter: one token per head), before any
-    decoding, with one line naming the key to lower."""
-    limit = proposer.max_depth if proposer is not None else None
-    key, depth, unit = ("gamma", config.gamma, "tokens") if config.method == "chain" else (
-        "tree_depth", config.tree_depth, "levels")
-    if limit is not None and depth > limit:
-        raise UserError(f"eval.{key}={depth}: this drafter ({type(proposer).__name__}) drafts at most {limit} {unit} "
-                        f"per step; set eval.{key} ≤ {limit}")
+def check_draft_depth(limit: int | None, config: DecodingConfig, group: str, drafter: str) -> None:
+    """The one policy for a chain or tree deeper than the drafter can draft (`limit`, e.g. a Medusa drafter's heads;
+    None: no limit): refuse it, before any decoding, with one line naming the key to lower."""
+    unit = "tokens" if config.method == Method.chain else "levels"
+    if limit is not None and config.draft_depth > limit:
+        name = config_key(group, config.draft_depth_key)
+        raise UserError(f"{name}={config.draft_depth}: this drafter ({drafter}) drafts at most {limit} {unit} per "
+                        f"step; set {name} ≤ {limit}")
 
 
 def _sync(device: torch.device) -> None:
@@ -89,7 +137,8 @@ class Decoder:
     """Speculative decoding of `target` with `proposer`; with `proposer=None`, plain autoregressive decoding.
 
     The target runs through distill/lean.py's forward when it supports the model (`lean=False`: always through
-    transformers' modules, as `FrozenTarget` does)."""
+    transformers' modules, as `FrozenTarget` does). `group` is the config group holding `config`, named when the
+    drafter cannot draft that deep."""
 
     def __init__(
         self,
@@ -98,9 +147,11 @@ class Decoder:
         config: DecodingConfig,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         lean: bool = True,
+        group: str = "eval",
     ):
         self.target, self.proposer, self.config = target, proposer, config
-        check_draft_depth(proposer, config)
+        if proposer is not None:
+            check_draft_depth(proposer.max_depth, config, group, type(proposer).__name__)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(target.parameters()).device
         self.mask = PrefixMask(self.device)
@@ -259,7 +310,7 @@ class Decoder:
                 done = self._commit(result, [self._choose(logits, generator)])
                 continue
             draft_started = time.perf_counter()
-            if config.method == "chain":
+            if config.method == Method.chain:
                 drafted, draft_probs = self.draft_chain(draft_logits, generator)
                 result.drafter_calls += config.gamma - 1
                 _sync(self.device)

@@ -30,7 +30,8 @@ from specdistill.distill.masks import PrefixMask, causal_block
 
 class Drafting(ABC):
     feature_layers: tuple[int, ...] = ()  # target layer ids whose features the drafter reads
-    causal_lm: Any = None  # the Hugging Face model when the drafter is a plain causal LM (transformers' baselines)
+    # a Hugging Face model transformers' assisted generation can run as the assistant (its baselines); None: none
+    assistant_model: Any = None
     max_depth: int | None = None  # the deepest draft it can make (Medusa: its number of heads); None: unbounded
 
     def __init__(self, device: torch.device | str):

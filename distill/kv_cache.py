@@ -6,13 +6,16 @@ buffer that grows by doubling and a `length`; `update` writes new keys/values in
 filled part (no per-step concatenation), `truncate(n)` is a length change, and `keep_path` copies the accepted nodes
 down into place.
 
-`KVCache` is a transformers `Cache`, so a Hugging Face target fills it through its usual `past_key_values`
-argument; the drafters use the same layers directly.
+`KVCache` is a transformers `Cache`, so a Hugging Face target fills it through its forward's cache argument
+(`cache_argument`: `cache`, or `past_key_values` before transformers renamed it); the drafters use the same layers
+directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -109,3 +112,33 @@ class KVCache(Cache):
         for layer in self.layers:
             layer.keep_path(start, node_offsets)
 
+
+# The keyword a Hugging Face model's forward takes its KV cache by. transformers renamed it from `past_key_values` to
+# `cache` (the old name is a deprecated alias that 5.40 removes, and outputs carry the cache as `.cache`); passing the
+# new name to a forward that predates it would vanish into its **kwargs and decode without the cache, so the name is
+# read from each model class's forward signature (decorators keep it through functools.wraps).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """`cache` or `past_key_values`, whichever `model_class.forward` names; a forward naming neither (remote code
+    taking **kwargs) gets the installed transformers' own name, as its Llama has it."""
+    parameters = inspect.signature(model_class.forward).parameters
+    named = next((name for name in CACHE_KEYWORDS if name in parameters), None)
+    if named is None:
+        from transformers import LlamaModel
+
+        named = cache_keyword(LlamaModel) if model_class is not LlamaModel else "past_key_values"
+    return named
+
+
+def cache_argument(model: torch.nn.Module, cache: Cache | None) -> dict[str, Cache | None]:
+    """`{keyword: cache}` for `model(...)` / `model.get_decoder()(...)`, under the name its forward takes."""
+    return {cache_keyword(type(model)): cache}
+
+
+def returned_cache(output: object) -> Cache | None:
+    """The cache a model output carries: `.cache`, or `.past_key_values` before the rename (no deprecation notice)."""
+    names = {field.name for field in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
+    return getattr(output, "cache" if "cache" in names else "past_key_values", None)

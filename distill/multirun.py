@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from specdistill.distill.errors import UserError
+from specdistill.distill.json_files import read_json
 from specdistill.distill.outputs import json_text, write_text_atomic
 
 log = logging.getLogger("specdistill.sweep")
@@ -59,10 +60,9 @@ def read_metric(drafter: Path, metric: str) -> float:
     """`final[metric]` of a finished train run's <drafter>/summary.json; a `MissingMetric` naming the available
     metrics when it has no such number, a `UserError` when the file cannot be read."""
     path = drafter / "summary.json"
-    try:
-        final = json.loads(path.read_text())["final"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"sweep: cannot read the final metrics in {path} ({type(error).__name__}: {error})") from None
+    final = read_json(path, "sweep").get("final")
+    if not isinstance(final, dict):
+        raise UserError(f"sweep: {path} holds no final metrics (no `final` object)")
     value = final.get(metric)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         available = sorted(key for key, item in final.items()

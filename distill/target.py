@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from specdistill.distill.errors import UserError
+from specdistill.distill.kv_cache import cache_argument, returned_cache
 
 FINAL_NORMED = -1
 
@@ -80,16 +81,16 @@ class FrozenTarget(nn.Module):
 
             return hook
 
-        layers = self.model.get_decoder().layers
-        hooks = [layers[layer_id].register_forward_pre_hook(capture(layer_id), with_kwargs=True)
+        decoder = self.model.get_decoder()
+        hooks = [decoder.layers[layer_id].register_forward_pre_hook(capture(layer_id), with_kwargs=True)
                  for layer_id in feature_layers if layer_id != FINAL_NORMED]
         try:
             with torch.inference_mode():
-                hidden = self.model.get_decoder()(
+                hidden = decoder(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=past_key_values,
+                    **cache_argument(decoder, past_key_values),  # `cache`, or `past_key_values` before the rename
                     use_cache=past_key_values is not None,
                 )
                 last = hidden.last_hidden_state
@@ -102,4 +103,4 @@ class FrozenTarget(nn.Module):
         if for_training:
             features = {layer_id: feature.clone() for layer_id, feature in features.items()}
             logits = logits.clone() if logits is not None else None
-        return TargetOutput(logits=logits, features=features, past_key_values=hidden.past_key_values)
+        return TargetOutput(logits=logits, features=features, past_key_values=returned_cache(hidden))

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -46,17 +46,6 @@ def resolve_target_path(target_cfg: Any, cache_dir: str) -> str:
     path = str(ensure_toy_target(toy_cfg, Path(cache_dir).expanduser()))
     _announce(f"target: the built-in toy target '{target_cfg.name_or_path}', built in {path}")
     return path
-
-
-def eagle3_layers(target_cfg: Any) -> Optional[list[int]]:
-    """The target layers EAGLE-3 taps as configured: `target.eagle3_layers`, else the toy's own when the toy is the
-    target, else None (the EAGLE-3 drafter then takes its default for the target's depth, eagle3.py
-    `default_eagle3_layers`: three distinct layers, [2, L/2, L−3] where those are)."""
-    if target_cfg.eagle3_layers is not None:
-        return list(target_cfg.eagle3_layers)
-    if uses_toy(target_cfg):
-        return list(target_cfg.toy.eagle3_layers)
-    return None
 
 
 def _load_error(what: str, path: str, error: Exception) -> UserError:

@@ -21,12 +21,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -37,6 +34,10 @@ from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from specdistill.distill.errors import UserError
+from specdistill.distill.outputs import replace_folder
+from specdistill.distill.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,10 @@ def _draw_rows(pool: torch.Tensor, count: int, generator: torch.Generator) -> to
     if count == 0:
         return pool[:0]
     if len(pool) == 0:
-        raise ValueError("no training rows: raise max_corpus_chars or lower seq_len")
+        raise UserError(
+            "target.toy: the toy target's corpus gives no training row of target.toy.seq_len tokens; raise "
+            "target.toy.max_corpus_chars or lower target.toy.seq_len (target=toy's own values work)"
+        )
     passes = math.ceil(count / len(pool))
     order = torch.cat([torch.randperm(len(pool), generator=generator) for _ in range(passes)])
     return pool[order[:count]]
@@ -322,14 +326,6 @@ def _build_model(cfg: ToyTargetConfig, tokenizer: Tokenizer) -> LlamaForCausalLM
     return model
 
 
-def _lr_factor(step: int, cfg: ToyTargetConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _train(model: LlamaForCausalLM, rows: torch.Tensor, cfg: ToyTargetConfig) -> None:
     # No weight decay on norms (1-d parameters), as usual for transformers.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -341,7 +337,9 @@ def _train(model: LlamaForCausalLM, rows: torch.Tensor, cfg: ToyTargetConfig) ->
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
+    # linear warm-up, then cosine decay to 10% of the peak learning rate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps, "cosine", floor=0.1))
     model.train()
     progress = tqdm(range(cfg.steps), desc="toy target", unit="step")
     for step in progress:
@@ -396,8 +394,11 @@ def build_toy_target(cfg: ToyTargetConfig, out_dir: str | Path) -> dict:
     started = time.perf_counter()
     sources = _split_sources(["target"], cfg.seed, max_chars=cfg.max_corpus_chars)
     tokenizer = train_toy_tokenizer([text for _, text in sources], cfg.vocab_size)
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than vocab_size={cfg.vocab_size}")
+    if tokenizer.get_vocab_size() > cfg.vocab_size:  # its 256 byte tokens and special tokens are always there
+        raise UserError(
+            f"target.toy.vocab_size: {cfg.vocab_size} is below the {tokenizer.get_vocab_size()} tokens the toy's "
+            f"byte-level tokenizer always has; set target.toy.vocab_size to at least {tokenizer.get_vocab_size()}"
+        )
     train_rows = _training_rows(cfg, tokenizer, sources)
     eval_rows = _heldout_rows(cfg, tokenizer)
 
@@ -430,9 +431,9 @@ def build_toy_target(cfg: ToyTargetConfig, out_dir: str | Path) -> dict:
 def ensure_toy_target(cfg: ToyTargetConfig, cache_dir: str | Path) -> Path:
     """Folder <cache_dir>/toy_target/<key>/ holding the built toy target; built on first use only.
 
-    The build goes into a temporary sibling folder that is renamed into place, so a
-    folder at the final path is always complete; a file lock keeps concurrent
-    processes from building the same key twice (the second waits, then reuses).
+    The build goes into a staging folder that is renamed into place (distill/outputs.py
+    `replace_folder`), so a folder at the final path is always complete; a file lock keeps
+    concurrent processes from building the same key twice (the second waits, then reuses).
     """
     root = Path(cache_dir) / "toy_target"
     key = toy_target_cache_key(cfg)
@@ -443,15 +444,7 @@ def ensure_toy_target(cfg: ToyTargetConfig, cache_dir: str | Path) -> Path:
     with FileLock(str(root / f"{key}.lock")):
         if final.is_dir():
             return final
-        # Holding the lock, any temporary folder of this key is left over from a killed build.
-        for stale in root.glob(f".{key}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            build_toy_target(cfg, tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # holding the lock, a staging folder of this key is left over from a killed build: replace_folder clears it
+        with replace_folder(final) as staging:
+            build_toy_target(cfg, staging)
     return final

@@ -97,7 +97,6 @@ def fit_context_window(prompts: list[BenchPrompt], prompt_ids: list[list[int]], 
     without a word, so such a prompt is refused with one line naming it, or left out when `skip`."""
     if window is None:
         return list(range(len(prompts)))
-    depth_key = "gamma" if decoding.method == "chain" else "tree_depth"
     kept = []
     for index, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
         needed = decoding_positions(len(ids), decoding)
@@ -108,8 +107,8 @@ def fit_context_window(prompts: list[BenchPrompt], prompt_ids: list[list[int]], 
             fix = f"lower eval.max_new_tokens to {room}" if room >= 1 else "shorten the prompt"
             raise UserError(
                 f"{bench}: prompt {index} (id '{prompt.id}') is {len(ids)} tokens, and decoding it with "
-                f"eval.max_new_tokens={decoding.max_new_tokens} and eval.{depth_key}={decoding.draft_depth} reads "
-                f"{needed} positions, past the target's context window of {window} (config.max_position_embeddings): "
+                f"eval.max_new_tokens={decoding.max_new_tokens} and eval.{decoding.draft_depth_key}="
+                f"{decoding.draft_depth} reads {needed} positions, past the target's context window of {window} (config.max_position_embeddings): "
                 f"{fix}, or set eval.long_prompts=skip to leave such prompts out")
     if not kept:
         raise UserError(f"{bench}: all {len(prompts)} prompts are too long to decode within the target's context "

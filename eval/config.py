@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from specdistill.distill.config import StageConfig
+from specdistill.distill.decoding import DecodingConfig, check_decoding
 from specdistill.distill.errors import UserError
 from specdistill.eval.benches import BenchConfig
-
-
-class Method(Enum):
-    chain = "chain"
-    tree = "tree"
 
 
 class LongPrompts(Enum):
@@ -26,15 +21,10 @@ class LongPrompts(Enum):
 
 
 @dataclass
-class EvalLoopConfig:
-    method: Method = Method.chain
-    gamma: int = 5  # chain: drafted tokens per step
-    tree_depth: int = 6  # tree (EAGLE-2): draft levels
-    tree_top_k: int = 10  # tree: children per expanded node, nodes expanded per level
-    tree_total_tokens: int = 60  # tree: verified tokens per step, root included
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 256
+class EvalLoopConfig(DecodingConfig):
+    """`eval.*`: the decoding settings (distill/decoding.py's DecodingConfig, the decoder takes this whole) and what
+    eval adds: which prompts, warm-up, the lossless check, the transformers baselines."""
+
     num_prompts: Optional[int] = 80  # the first N prompts of the bench (null: all)
     warmup_prompts: int = 2  # decoded untimed before measuring
     verify_lossless: Optional[bool] = None  # re-decode greedily without the drafter and compare; null: on for bench=toy
@@ -51,28 +41,15 @@ class EvalConfig(StageConfig):
     eval: EvalLoopConfig = field(default_factory=EvalLoopConfig)
 
 
-# key under `eval.` → (the test a valid value passes, the valid range in words). Out-of-range values otherwise end
-# deep in decoding (an empty reshape, a division by zero, NaN probabilities) or, for a negative temperature, silently
-# decode greedily.
-LOOP_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "gamma": (lambda v: v >= 1, "an integer ≥ 1"),
-    "tree_depth": (lambda v: v >= 1, "an integer ≥ 1"),
-    "tree_top_k": (lambda v: v >= 1, "an integer ≥ 1"),
-    "tree_total_tokens": (lambda v: v >= 2, "an integer ≥ 2 (the root and at least one drafted token)"),
-    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0 (0: greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer ≥ 1"),
-    "num_prompts": (lambda v: v is None or v >= 1, "an integer ≥ 1, or null for the whole bench"),
-    "warmup_prompts": (lambda v: v >= 0, "an integer ≥ 0"),
-}
-
-
 def check_loop_ranges(loop: DictConfig | EvalLoopConfig) -> None:
-    """Raise a UserError naming the first `eval.*` key outside its valid range (checked before anything loads)."""
-    for key, (valid, valid_range) in LOOP_RANGES.items():
-        value = getattr(loop, key)
-        if not valid(value):
-            raise UserError(f"eval.{key}={value} is out of range: it must be {valid_range}")
+    """Raise a UserError naming the first `eval.*` key outside its valid range (checked before anything loads): the
+    decoding settings by distill's one check, then eval's own."""
+    check_decoding(loop, "eval")
+    if loop.num_prompts is not None and loop.num_prompts < 1:
+        raise UserError(f"eval.num_prompts={loop.num_prompts} is out of range: it must be an integer ≥ 1, or null for "
+                        "the whole bench")
+    if loop.warmup_prompts < 0:
+        raise UserError(f"eval.warmup_prompts={loop.warmup_prompts} is out of range: it must be an integer ≥ 0")
 
 
 def register_configs() -> None:

@@ -9,7 +9,7 @@
 setup (target, prompts, drafters) → evaluate (warm-up, then prompt by prompt: plain decoding, then each drafter,
 interleaved so machine noise hits all alike) → save:
 
-    <out_dir>/report.json   DESIGN.md's schema (a list when several drafters are compared)
+    <out_dir>/report.json   one object, a row per drafter (distill/reports.py, README.md "report.json")
     <out_dir>/report.md     the table, per-category numbers, α per position, plots (*.png)
     <out_dir>/generations.jsonl   per prompt and drafter: prompt, prompt_ids, output_ids, accept_lengths
 
@@ -36,12 +36,13 @@ from tqdm.auto import tqdm
 from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import claim_out_dir, replace_folder, write_text_atomic
+from specdistill.distill.reports import report_document, report_rows
 from specdistill.distill.drafters import load_drafting
 from specdistill.distill.target import FrozenTarget
 from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
 from specdistill.eval.benches import fit_context_window, load_bench, render_prompt
-from specdistill.eval.config import LongPrompts, check_loop_ranges, register_configs
-from specdistill.distill.decoding import Decoder, DecodingConfig, Generation
+from specdistill.eval.config import EvalLoopConfig, LongPrompts, check_loop_ranges, register_configs
+from specdistill.distill.decoding import Decoder, Generation
 from specdistill.eval.metrics import summarize, tokens_per_second
 from specdistill.eval.report import REPORT_FILES, format_table, write_report
 
@@ -113,11 +114,7 @@ class EvalRecipe:
             raise UserError(f"eval.tree_top_k={loop.tree_top_k} is out of range: it must be at most the target's "
                             f"vocabulary size, {vocab_size}")
         self.prompt_ids = [render_prompt(self.tokenizer, prompt, cfg.bench.chat_template) for prompt in self.prompts]
-        self.decoding = DecodingConfig(
-            method=loop.method.value, gamma=loop.gamma, tree_depth=loop.tree_depth, tree_top_k=loop.tree_top_k,
-            tree_total_tokens=loop.tree_total_tokens, temperature=loop.temperature, top_p=loop.top_p,
-            max_new_tokens=loop.max_new_tokens,
-        )
+        self.decoding: EvalLoopConfig = OmegaConf.to_object(loop)  # a DecodingConfig: the decoder takes it whole
         self._fit_context_window()
         self.drafters = {
             path: load_drafting(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths
@@ -149,7 +146,8 @@ class EvalRecipe:
             config = dataclasses.replace(config, temperature=0.0)
         return Decoder(self.target, self.drafters[path] if path else None, config, self.eos)
 
-    def evaluate(self) -> list[dict]:
+    def evaluate(self) -> dict:
+        """Decode every prompt (module doc) → the report.json object (distill/reports.py)."""
         cfg = self.cfg
         plain = self._decoder(None)
         speculative = {path: self._decoder(path) for path in self.drafters}
@@ -167,10 +165,10 @@ class EvalRecipe:
                 results[path].append(decoder.generate(prompt, generator))
             self._hf_baselines(prompt, hf_runs)
         checks = {path: self._lossless_check(path, baseline, results[path]) for path in self.drafters}
-        reports = [self._report(path, baseline, results[path], checks[path]) for path in self.drafters]
-        reports += [self._hf_report(name, runs, baseline) for name, runs in hf_runs.items()]
+        rows = [self._row(path, baseline, results[path], checks[path]) for path in self.drafters]
+        rows += [self._hf_row(name, runs, baseline) for name, runs in hf_runs.items()]
         self._write_generations(baseline, results)
-        return reports
+        return report_document(self._run_fields(), rows)
 
     def _hf_baselines(self, prompt: list[int], runs: dict[str, list[tuple[list[int], float]]]) -> None:
         """transformers' own assisted generation and prompt lookup with each token-level drafter (greedy only)."""
@@ -180,10 +178,11 @@ class EvalRecipe:
 
         gamma, new = self.decoding.gamma, self.decoding.max_new_tokens
         for path, proposer in self.drafters.items():
-            if proposer.causal_lm is not None:
+            if proposer.assistant_model is not None:
                 runs.setdefault(f"transformers assisted: {path}", []).append(
-                    hf_generate(self.model, prompt, new, self.eos, assistant_model=proposer.causal_lm, num_assistant_tokens=gamma))
-        if any(proposer.causal_lm is not None for proposer in self.drafters.values()):
+                    hf_generate(self.model, prompt, new, self.eos, assistant_model=proposer.assistant_model,
+                                num_assistant_tokens=gamma))
+        if any(proposer.assistant_model is not None for proposer in self.drafters.values()):
             runs.setdefault("transformers prompt lookup", []).append(
                 hf_generate(self.model, prompt, new, self.eos, prompt_lookup_num_tokens=gamma))
 
@@ -207,23 +206,25 @@ class EvalRecipe:
             return LOSSLESS_SKIPPED
         return LOSSLESS_RE_DECODE if self.decoding.temperature > 0 else LOSSLESS_GREEDY
 
-    def _common(self, drafter: str) -> dict:
-        loop = self.cfg.eval
-        return {"target": str(self.cfg.target.name_or_path), "drafter": drafter, "bench": str(self.cfg.bench.name),
-                "temperature": float(loop.temperature), "method": loop.method.value, "hardware": hardware(self.device),
-                "skipped_prompts": self.skipped_prompts,
+    def _run_fields(self) -> dict:
+        """What every row of the report shares (distill/reports.py RUN_KEYS)."""
+        return {"target": str(self.cfg.target.name_or_path), "bench": str(self.cfg.bench.name),
+                "temperature": float(self.decoding.temperature), "hardware": hardware(self.device),
                 "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)}
 
-    def _report(self, path: str, baseline: list[Generation], generations: list[Generation], check: str) -> dict:
+    def _row_fields(self, drafter: str) -> dict:
+        return {"drafter": drafter, "method": self.decoding.method.value, "skipped_prompts": self.skipped_prompts}
+
+    def _row(self, path: str, baseline: list[Generation], generations: list[Generation], check: str) -> dict:
         categories = [prompt.category for prompt in self.prompts]
-        return {**self._common(path), **summarize(generations, baseline, categories, self.decoding.draft_depth),
+        return {**self._row_fields(path), **summarize(generations, baseline, categories, self.decoding.draft_depth),
                 "lossless_check": check, "lossless_check_method": self._lossless_check_method()}
 
-    def _hf_report(self, name: str, runs: list[tuple[list[int], float]], baseline: list[Generation]) -> dict:
+    def _hf_row(self, name: str, runs: list[tuple[list[int], float]], baseline: list[Generation]) -> dict:
         speed = sum(len(ids) for ids, _ in runs) / max(sum(seconds for _, seconds in runs), 1e-12)
         baseline_speed = tokens_per_second(baseline)
         same = all(ids == b.output_ids for (ids, _), b in zip(runs, baseline))
-        return {**self._common(name), "tau": None, "alpha_per_position": [], "speedup": speed / baseline_speed,
+        return {**self._row_fields(name), "tau": None, "alpha_per_position": [], "speedup": speed / baseline_speed,
                 "predicted_speedup": None, "tokens_per_s": speed, "baseline_tokens_per_s": baseline_speed,
                 "cost_ratio": None, "num_prompts": len(runs), "new_tokens": sum(len(ids) for ids, _ in runs),
                 "lossless_check": "passed" if same else "failed", "lossless_check_method": LOSSLESS_GREEDY}
@@ -239,11 +240,9 @@ class EvalRecipe:
                                          "accept_lengths": generation.accept_lengths}) + "\n")
         write_text_atomic(self.out_dir / "generations.jsonl", "".join(lines))
 
-    def save(self, reports: list[dict]) -> dict[str, Path]:
-        written = write_report(self.out_dir, reports)
-        for report in reports:
-            record_in_drafter(report, self.decoding.draft_depth)
-        print("\n" + format_table(reports))
+    def save(self, report: dict) -> dict[str, Path]:
+        written = write_report(self.out_dir, report)  # nothing else: an evaluation never writes into its inputs
+        print("\n" + format_table(report_rows(report)))
         print(f"\nreport: {self.out_dir / 'report.md'}  (report.json, generations.jsonl, plots beside it)")
         return written
 
@@ -255,29 +254,14 @@ def hardware(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
-def record_in_drafter(report: dict, depth: int) -> None:
-    """Keep the drafter's latest report per (bench, method, temperature, depth) in <drafter>/eval_reports.json, which
-    `specdistill export` puts in the model card. Best effort: a read-only drafter folder only loses the record."""
-    folder = Path(str(report["drafter"])).expanduser()
-    if not (folder / "config.json").is_file():  # a transformers baseline row, not a folder
-        return
-    key = f"{report['bench']}|{report['method']}|depth={depth}|T={report['temperature']}"
-    path = folder / "eval_reports.json"
-    try:
-        recorded = json.loads(path.read_text()) if path.is_file() else {}
-        recorded[key] = {name: value for name, value in report.items() if name != "config"}
-        write_text_atomic(path, json.dumps(recorded, indent=1))
-    except (OSError, json.JSONDecodeError) as error:
-        log.warning("could not record the report in %s (%s)", path, error)
-
-
-def evaluate(cfg: DictConfig) -> list[dict]:
+def evaluate(cfg: DictConfig) -> dict:
+    """One eval run → its report.json object (distill/reports.py)."""
     recipe = EvalRecipe(cfg)
     with claim_out_dir(recipe.out_dir, "eval", cfg.overwrite):  # the out_dir rule (distill/outputs.py)
         recipe.setup()
-        reports = recipe.evaluate()
-        recipe.save(reports)
-    return reports
+        report = recipe.evaluate()
+        recipe.save(report)
+    return report
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")

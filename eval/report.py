@@ -1,15 +1,10 @@
-"""The eval report: `report.json`, `report.md` and PNG plots, from one result dict per drafter.
+"""The eval report: `report.json`, `report.md` and PNG plots, from one report object (distill/reports.py: the run's
+shared fields and one row per drafter).
 
-A result has the DESIGN.md report.json keys (`SCHEMA_KEYS`) and may add `accept_length_histogram` (list[int]: how
-many decoding steps committed 1, 2, 3, ... tokens; index 0 is 1 token) and `per_category` (category →
-{"tau", "speedup", "num_prompts"}); those two are kept in report.json too and feed the plots. A result may also add
-`lossless_check_method` (str: what `lossless_check` compared), shown under the table in report.md.
-
-`report.json` holds the result object itself when there is one result, and a JSON list of result objects (in the
-order given) when several drafters were evaluated; a reader should accept both (wrap an object in a list).
-Non-finite numbers are written as null (NaN is not JSON). Every file is written under a temporary name and
-renamed when complete, so a file with its final name is always whole; report.json is written last, so when it is
-there the whole report is.
+A row's `accept_length_histogram` (index 0: steps that committed 1 token) and `per_category` feed the plots; its
+`lossless_check_method` is shown under the table in report.md. Non-finite numbers are written as null (NaN is not
+JSON). Every file is written under a temporary name and renamed when complete, so a file with its final name is
+always whole; report.json is written last, so when it is there the whole report is.
 """
 
 from __future__ import annotations
@@ -22,12 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from specdistill.distill.outputs import json_text, replace_file, write_text_atomic
-
-SCHEMA_KEYS = (
-    "target", "drafter", "bench", "temperature", "method", "tau", "alpha_per_position", "speedup",
-    "predicted_speedup", "tokens_per_s", "baseline_tokens_per_s", "cost_ratio", "num_prompts", "new_tokens",
-    "lossless_check", "config",
-)
+from specdistill.distill.reports import report_rows
 TABLE_COLUMNS = (
     "drafter", "method", "τ", "speedup", "predicted speedup", "tokens/s", "baseline tokens/s", "c", "lossless check",
 )
@@ -40,20 +30,14 @@ PLOTS = {
 REPORT_FILES = ("report.json", "report.md", "generations.jsonl", *PLOTS)
 
 
-def write_report(out_dir: Path, results: list[dict]) -> dict[str, Path]:
-    """Write report.json, report.md and the plots into `out_dir`; returns {file name: path} of what was written."""
-    if not results:
-        raise ValueError("write_report needs at least one result")
-    for result in results:
-        missing = [key for key in SCHEMA_KEYS if key not in result]
-        if missing:
-            raise ValueError(f"result for drafter {result.get('drafter')!r} lacks report.json keys {missing}")
+def write_report(out_dir: Path, report: dict) -> dict[str, Path]:
+    """Write report.json (`report`, made by distill/reports.py's `report_document`), report.md and the plots into
+    `out_dir`; returns {file name: path} of what was written."""
+    results = report_rows(report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ordered = [{**{key: r[key] for key in SCHEMA_KEYS}, **r} for r in results]
-    document = ordered[0] if len(ordered) == 1 else ordered
     # default=str: configs may hold enums or paths; the report must not fail at the very end of a long eval.
-    report_json = json_text(document, indent=2, default=str) + "\n"  # non-finite numbers become null
+    report_json = json_text(report, indent=2, default=str) + "\n"  # non-finite numbers become null
 
     plots = {name: figure for name, figure in _figures(results).items() if figure is not None}
     written = {name: _write_png(out_dir / name, figure) for name, figure in plots.items()}
@@ -64,7 +48,7 @@ def write_report(out_dir: Path, results: list[dict]) -> dict[str, Path]:
 
 
 def format_table(results: list[dict]) -> str:
-    """The main markdown table: one row per drafter."""
+    """The main markdown table: one line per report row (`report_rows`)."""
     rows = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for label, r in zip(_labels(results), results):
         cells = [

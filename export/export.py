@@ -5,6 +5,7 @@ the Hugging Face Hub.
     specdistill export drafter_path=... format=speculators          # `vllm serve <out_dir>` with no flags
     specdistill export drafter_path=... format=sglang
     specdistill export drafter_path=... format=hf                   # our folder + code (trust_remote_code)
+    specdistill export drafter_path=... 'reports=[<eval out_dir>]'  # the eval's numbers in the model card
     specdistill export drafter_path=... format=vllm push.repo_id=org/name [push.private=true] [push.dry_run=true]
 
 setup (read and check the drafter) → convert (the kind's `engine_layout`, distill/drafters/<kind>.py) → save
@@ -32,10 +33,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from specdistill.distill.config import CONFIG_DIR
+from specdistill.distill.decoding import DecodingConfig, check_decoding
 from specdistill.distill.drafters import registry
 from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import check_not_inside, check_out_dir, json_text, mark_stage, replace_folder
+from specdistill.distill.reports import read_report, report_rows
 from specdistill.export.hub import PushConfig, push_export
 
 log = logging.getLogger("specdistill.export")
@@ -57,11 +60,14 @@ class ExportConfig:
     format: ExportFormat = ExportFormat.vllm
     out_dir: str = "${hydra:runtime.output_dir}/export"
     dtype: str = "auto"  # auto (as trained) | bfloat16 | float16 | float32; d2t stays int64
-    speculative_tokens: int = 3  # written into the speculators config and the serve commands
+    # drafted tokens per step (eval.gamma's default and range: distill/decoding.py), written into the speculators
+    # config and the serve commands
+    gamma: int = DecodingConfig.gamma
     # the target as servers should load it (speculators' verifier.name_or_path, the serve commands); null: the name
     # the drafter recorded (a Hub name, or a folder; the toy target records "toy", which only specdistill resolves)
     verifier: Optional[str] = None
-    reports: list[str] = field(default_factory=list)  # extra report.json files for the model card
+    # `specdistill eval` report.json files (or eval out_dirs) whose rows for this drafter the model card shows
+    reports: list[str] = field(default_factory=list)
     push: PushConfig = field(default_factory=PushConfig)
     overwrite: bool = False  # replace an out_dir that holds files export did not write (distill/outputs.py)
 
@@ -72,19 +78,16 @@ def register_configs() -> None:
 
 # ---- setup ------------------------------------------------------------------------------------------------------
 
-def formats_of(kind: Optional[registry.DrafterKind], config: dict) -> tuple[str, ...]:
+def formats_of(kind: registry.DrafterKind, config: dict) -> tuple[str, ...]:
     """The formats a drafter exports to: its kind's engine layouts for its config, plus `hf` (our folder) always."""
-    if kind is None:
-        return ("vllm", "hf")
     return (*kind.model_class.formats_for(config), "hf")
 
 
-def check_format(kind: Optional[registry.DrafterKind], config: dict, format: str, path: Path) -> None:
+def check_format(kind: registry.DrafterKind, config: dict, format: str, path: Path) -> None:
     formats = formats_of(kind, config)
     if format not in formats:
-        name = kind.name if kind else "token_lm (a causal LM)"
-        raise ExportUnsupported(f"format={format}: this {name} drafter exports to {', '.join(formats)}; no serving "
-                                f"engine loads it as {format} ({path})")
+        raise ExportUnsupported(f"format={format}: this {kind.name} drafter exports to {', '.join(formats)}; no "
+                                f"serving engine loads it as {format} ({path})")
 
 
 # ---- convert ----------------------------------------------------------------------------------------------------
@@ -103,10 +106,10 @@ def cast(layout: EngineLayout, dtype: str) -> EngineLayout:
     return EngineLayout(layout.format, config, tensors, layout.provenance)
 
 
-def serve_commands(kind: Optional[registry.DrafterKind], format: str, target: str, drafter: str, tokens: int) -> dict:
-    """How to serve this export, per engine (what the model card shows)."""
-    kind_name = kind.name if kind else "token_lm"
-    if format == "hf" and kind is None:  # a plain causal LM: transformers' own classes, no remote code
+def serve_commands(kind: registry.DrafterKind, format: str, target: str, drafter: str, gamma: int) -> dict:
+    """How to serve this export, per engine (what the model card shows); the engines' names for the kind's method are
+    the kind's `speculative_methods`."""
+    if format == "hf" and kind.saves_plain_causal_lm:  # transformers' own classes, no remote code
         return {"python": f"from transformers import AutoModelForCausalLM\n"
                           f"drafter = AutoModelForCausalLM.from_pretrained({drafter!r})"}
     if format == "hf":
@@ -115,13 +118,12 @@ def serve_commands(kind: Optional[registry.DrafterKind], format: str, target: st
                           f"drafter = AutoModel.from_pretrained({drafter!r}, trust_remote_code=True)"}
     if format == "speculators":
         return {"vllm": f"vllm serve {drafter}"}
+    method = kind.model_class.speculative_methods[format]
     if format == "sglang":
-        algorithm = "EAGLE3" if kind_name == "eagle3" else "EAGLE"
-        return {"sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm {algorithm} "
-                          f"--speculative-draft-model-path {drafter} --speculative-num-steps {tokens} "
-                          f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {tokens + 1}"}
-    method = {"eagle3": "eagle3", "token_lm": "draft_model"}.get(kind_name, "eagle")
-    spec = json.dumps({"method": method, "model": drafter, "num_speculative_tokens": tokens})
+        return {"sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm {method} "
+                          f"--speculative-draft-model-path {drafter} --speculative-num-steps {gamma} "
+                          f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {gamma + 1}"}
+    spec = json.dumps({"method": method, "model": drafter, "num_speculative_tokens": gamma})
     return {"vllm": f"vllm serve {target} --speculative-config '{spec}'"}
 
 
@@ -135,28 +137,30 @@ def write_layout(layout: EngineLayout, folder: Path) -> None:
     (folder / PROVENANCE_FILE).write_text(json_text(layout.provenance, indent=2) + "\n")
 
 
-def drafter_reports(drafter_path: Path, extra: list[str]) -> list[dict]:
-    """The eval reports recorded for this drafter (eval writes <drafter>/eval_reports.json) and any given ones."""
+def drafter_reports(drafter_path: Path, given: list[str]) -> list[dict]:
+    """The model card's eval rows: the `reports=` given, each a report.json `specdistill eval` wrote or the eval
+    out_dir holding it (eval never writes into the drafter folder it scores). A report comparing several drafters
+    gives only the rows of this one, when it has any (else all: a drafter folder moved since it was evaluated)."""
     reports: list[dict] = []
-    recorded = drafter_path / "eval_reports.json"
-    if recorded.is_file():
-        reports += list(json.loads(recorded.read_text()).values())
-    for path in extra:
-        try:
-            loaded = json.loads(Path(path).expanduser().read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"reports: cannot read {path} ({error}); pass report.json files written by "
-                            "`specdistill eval`") from None
-        reports += loaded if isinstance(loaded, list) else [loaded]
+    for given_path in given:
+        rows = report_rows(read_report(given_path, "reports"))
+        own = [row for row in rows if _names_folder(row.get("drafter"), drafter_path)]
+        reports += own or rows
     return reports
+
+
+def _names_folder(name: object, folder: Path) -> bool:
+    try:
+        return Path(str(name)).expanduser().resolve() == folder.expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def export(cfg: ExportConfig | DictConfig) -> Path:
     """Export (module doc) → the export folder."""
     format = cfg.format.value if isinstance(cfg.format, ExportFormat) else str(cfg.format)
     drafter_path, out_dir = Path(cfg.drafter_path).expanduser(), Path(cfg.out_dir).expanduser()
-    if cfg.speculative_tokens < 1:
-        raise UserError(f"speculative_tokens={cfg.speculative_tokens}: it must be an integer ≥ 1")
+    check_decoding(cfg, "", keys=("gamma",))
     unused_push = [option.name for option in fields(PushConfig)
                    if getattr(cfg.push, option.name) != getattr(PushConfig(), option.name)]
     if unused_push and not cfg.push.repo_id:
@@ -165,19 +169,20 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
     check_not_inside(out_dir, drafter_path, "drafter_path")
     check_out_dir(out_dir, "export", cfg.overwrite, replaces=True)
     config = registry.read_drafter_config(drafter_path)
-    kind = registry.kind_of_model_type(config["model_type"])  # None: a plain causal LM (token_lm), exported as is
+    kind = registry.kind_of_folder(config, drafter_path)
     check_format(kind, config, format, drafter_path)  # before loading any weights
-    drafter = None if kind is None else registry.load_weights_checked(kind.model_class, drafter_path)
+    # a plain causal LM is exported as it is: its folder is already what the engines load
+    drafter = None if kind.saves_plain_causal_lm else registry.load_weights_checked(kind.model_class, drafter_path)
     if cfg.verifier:
         config["target_name_or_path"] = cfg.verifier
         if drafter is not None:
             drafter.config.target_name_or_path = cfg.verifier
-    provenance = {"specdistill_kind": kind.name if kind else "token_lm", "format": format,
+    provenance = {"drafter_kind": kind.name, "format": format,
                   "source": str(drafter_path.resolve()), "feature_layers": config.get("feature_layers"),
                   **{key: config.get(key) for key in PROVENANCE_KEYS}}
     with replace_folder(out_dir) as staging:
         if drafter is not None and format != "hf":
-            layout = cast(drafter.engine_layout(format, cfg.speculative_tokens), cfg.dtype)
+            layout = cast(drafter.engine_layout(format, cfg.gamma), cfg.dtype)
             layout.provenance.update(provenance)
             write_layout(layout, staging)  # (provenance included)
             engine_config = layout.config
@@ -187,7 +192,7 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
             (staging / PROVENANCE_FILE).write_text(json_text(provenance, indent=2) + "\n")
         location = cfg.push.repo_id or str(out_dir.resolve())
         target = config.get("target_name_or_path") or config.get("_name_or_path") or "<target>"
-        commands = serve_commands(kind, format, target, location, cfg.speculative_tokens)
+        commands = serve_commands(kind, format, target, location, cfg.gamma)
         from specdistill.export.model_card import build_model_card
 
         card = build_model_card(drafter_path, format, engine_config, commands,
@@ -199,14 +204,14 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
         print(f"{engine}:  {command}")
     if cfg.push.repo_id:
         identity = {"architectures": engine_config.get("architectures"), "base_model": config.get("target_name_or_path"),
-                    "draft_kind": provenance["specdistill_kind"]}
+                    "drafter_kind": kind.name}
         print(push_export(out_dir, cfg.push, identity))
     return out_dir
 
 
-def export_hf_folder(kind: Optional[registry.DrafterKind], drafter_path: Path, folder: Path) -> None:
+def export_hf_folder(kind: registry.DrafterKind, drafter_path: Path, folder: Path) -> None:
     """Our own folder, with the modelling code for `trust_remote_code` (a causal LM is copied as it is)."""
-    if kind is None:
+    if kind.saves_plain_causal_lm:
         copy_causal_lm(drafter_path, folder)
         return
     from specdistill.export.remote_code import export_hf

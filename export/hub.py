@@ -28,6 +28,7 @@ from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, Remote
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 
+from specdistill.distill.drafters.registry import MODEL_TYPE_PREFIX
 from specdistill.distill.errors import UserError
 from specdistill.distill.outputs import STAGE_MARKER
 
@@ -35,7 +36,7 @@ log = logging.getLogger("specdistill.export")
 
 NO_TOKEN = "push: no Hugging Face token; run `hf auth login` or set HF_TOKEN"
 # the fields that tell one drafter from another (see drafter_identity)
-IDENTITY_KEYS = ("architectures", "base_model", "draft_kind")
+IDENTITY_KEYS = ("architectures", "base_model", "drafter_kind")
 # files small and textual enough to search for a leaked token before uploading (weights are never searched)
 TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".toml"}
 MAX_SEARCHED_BYTES = 16 * 2**20
@@ -51,7 +52,7 @@ class PushConfig:
     revision: Optional[str] = None  # branch to upload to (created from main if missing); None: main
     create_pr: bool = False  # open a pull request against main instead of committing to it
     dry_run: bool = False  # list the files and sizes that would be uploaded; no network, no token needed
-    commit_message: Optional[str] = None  # None: "specdistill export: <kind> drafter for <base model>"
+    commit_message: Optional[str] = None  # None: "specdistill export: <drafter kind> drafter for <base model>"
 
 
 def push_export(folder: Path, push: PushConfig, identity: dict, api: HfApi | None = None) -> str:
@@ -87,13 +88,14 @@ def push_export(folder: Path, push: PushConfig, identity: dict, api: HfApi | Non
 
 
 def drafter_identity(config: dict) -> dict:
-    """What a config.json says about its drafter, as {"architectures", "base_model", "draft_kind"} (absent keys
+    """What a config.json says about its drafter, as {"architectures", "base_model", "drafter_kind"} (absent keys
     left out). Read from, in order of preference:
 
     - architectures: `architectures`
     - base_model: a `specdistill.base_model` block, `speculators_config.verifier.name_or_path` (speculators
       format), `target_name_or_path` (specdistill's own layout)
-    - draft_kind: `specdistill.draft_kind`, `speculators_model_type`, a `model_type` of `specdistill_<kind>`
+    - drafter_kind: `specdistill.drafter_kind` (`specdistill.draft_kind` in repos pushed by older versions),
+      `speculators_model_type`, a `model_type` of `specdistill_<kind>`
 
     A layout with none of these (e.g. vLLM's plain Llama EAGLE-3 config) is compared by `architectures` alone,
     unless the exporter writes the `specdistill` block."""
@@ -103,8 +105,9 @@ def drafter_identity(config: dict) -> dict:
     candidates = {
         "architectures": [config.get("architectures")],
         "base_model": [own.get("base_model"), verifier.get("name_or_path"), config.get("target_name_or_path")],
-        "draft_kind": [own.get("draft_kind"), config.get("speculators_model_type"),
-                       model_type.removeprefix("specdistill_") if model_type.startswith("specdistill_") else None],
+        "drafter_kind": [own.get("drafter_kind"), own.get("draft_kind"), config.get("speculators_model_type"),
+                         model_type.removeprefix(MODEL_TYPE_PREFIX) if model_type.startswith(MODEL_TYPE_PREFIX)
+                         else None],
     }
     return {key: next(value for value in values if value) for key, values in candidates.items() if any(values)}
 
@@ -123,7 +126,7 @@ def checked_repo_id(push: PushConfig) -> str:
     except HFValidationError as error:
         raise UserError(f"push.repo_id: {repo_id!r} is not a valid Hub repo id ({error})") from None
     if repo_id.count("/") != 1:  # the Hub accepts bare names only for legacy repos; a new one needs its owner
-        raise UserError(f"push.repo_id: {repo_id!r} must be <org or user>/<name>, e.g. my-org/llama3-8b-eagle3")
+        raise UserError(f"push.repo_id: {repo_id!r} must be <org or user>/<name>, e.g. my-org/llama3-8b-drafter")
     if push.create_pr and push.revision:
         raise UserError("push.create_pr: a pull request is always opened against main, so it cannot go to "
                         f"push.revision={push.revision!r}; set one of the two")
@@ -180,8 +183,9 @@ def remote_config(api: HfApi, repo_id: str, revision: str | None) -> dict | None
     except RemoteEntryNotFoundError:
         provenance = None
     if isinstance(provenance, dict) and "specdistill" not in config:  # engine configs (vLLM's Llama one) name neither
+        # older exports recorded the kind as specdistill_kind
         config["specdistill"] = {"base_model": provenance.get("target_name_or_path"),
-                                 "draft_kind": provenance.get("specdistill_kind")}
+                                 "drafter_kind": provenance.get("drafter_kind") or provenance.get("specdistill_kind")}
     return config
 
 
@@ -261,7 +265,7 @@ def commit_link(commit: Any) -> str:
 
 
 def default_commit_message(identity: dict) -> str:
-    kind = identity.get("draft_kind") or "speculative-decoding"
+    kind = identity.get("drafter_kind") or "speculative-decoding"
     base = f" for {identity['base_model']}" if identity.get("base_model") else ""
     return f"specdistill export: {kind} drafter{base}"
 

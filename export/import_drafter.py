@@ -12,7 +12,6 @@ The format is detected from config.json unless `format=` names it.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.drafters import registry
 from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported
 from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.json_files import read_json
 from specdistill.distill.outputs import check_not_inside, check_out_dir, json_text, mark_stage, replace_folder
 from specdistill.export.export import PROVENANCE_FILE, PROVENANCE_KEYS
 
@@ -60,7 +60,7 @@ def read_layout(source: Path, format: Optional[str]) -> EngineLayout:
     except (SafetensorError, OSError) as error:
         raise UserError(f"source: cannot read {weights} ({error}); the file is damaged or truncated") from None
     provenance_path = source / PROVENANCE_FILE
-    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+    provenance = read_json(provenance_path, "source", "export the drafter again") if provenance_path.is_file() else {}
     detected = "speculators" if "speculators_model_type" in config else (
         "sglang" if any(name.startswith("midlayer.") for name in tensors) or
         config.get("architectures") == ["LlamaForCausalLMEagle"] else "vllm")
@@ -81,14 +81,15 @@ def import_drafter(source: Path, out_dir: Path, format: Optional[str] = None, ov
     architecture = (["Eagle3Speculator"] if layout.format == "speculators" else layout.config.get("architectures") or [""])[0]
     kind = registry.kind_of_engine_architecture(architecture)
     if kind is None:
+        importable = "; ".join(f"{name}: {', '.join(architectures)}"
+                               for name, architectures in registry.importable_architectures().items())
         raise ExportUnsupported(f"source: {source / 'config.json'} has architectures {architecture!r}, which no "
-                                "drafter kind imports (EAGLE: EagleLlamaForCausalLM, LlamaForCausalLMEagle; "
-                                "EAGLE-3: LlamaForCausalLMEagle3, Eagle3LlamaForCausalLM, speculators eagle3)")
+                                f"drafter kind imports ({importable})")
     drafter = kind.model_class.from_engine_layout(layout, f"source ({source})")
     with replace_folder(out_dir) as staging:
         drafter.save_pretrained(staging, safe_serialization=True)
-        (staging / "imported_from.json").write_text(json_text({"source": str(source.resolve()),
-                                                               "format": layout.format, "kind": kind.name}, indent=2))
+        record = {"source": str(source.resolve()), "format": layout.format, "drafter_kind": kind.name}
+        (staging / "imported_from.json").write_text(json_text(record, indent=2))
         mark_stage(staging, "import")
     log.info("imported %s (%s, %s) → %s", source, layout.format, kind.name, out_dir)
     print(f"drafter: {out_dir}  (specdistill eval drafter_path={out_dir} ...; train init_from={out_dir} ...)")

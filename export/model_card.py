@@ -3,7 +3,7 @@ drafts (the eval reports), and the exact commands that serve it.
 
 Everything comes from files the earlier stages wrote: the drafter folder's config.json (kind, target, revision),
 its weights (parameter count), resolved_config.yaml (the recipe) and summary.json (steps, final validation top-1),
-the prep output's stats.json (the training data), and the `specdistill eval` report.json dicts.
+the prep output's stats.json (the training data), and the rows of `specdistill eval` report.json files.
 
 Secrets: keys of the resolved config that name a secret are dropped (`is_secret_key`), and a card whose text
 contains the value of a token or API key from the environment (or the Hugging Face login) is refused.
@@ -23,7 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
-from specdistill.distill.drafters.registry import kind_of_model_type, read_drafter_config
+from specdistill.distill.drafters.registry import kind_of_folder, read_drafter_config
 from specdistill.distill.errors import UserError
 
 DEFAULT_LICENSE = "apache-2.0"
@@ -49,12 +49,12 @@ def build_model_card(drafter_dir: Path, export_format: str, engine_config: dict,
     """The card of the drafter in `drafter_dir` (a `specdistill train` output) exported as `export_format`.
 
     `engine_config` is the exported config.json, `serve_commands` maps an engine name to its exact command line,
-    `reports` are `specdistill eval` report.json dicts (may be empty), `repo_id` names the card (default: the
-    drafter kind and target). Save it with `card.save(<export>/README.md)`."""
+    `reports` are rows of `specdistill eval` report.json files (distill/reports.py `report_rows`; may be empty),
+    `repo_id` names the card (default: the drafter kind and target). Save it with `card.save(<export>/README.md)`."""
     drafter_dir = Path(drafter_dir)
     config = read_drafter_config(drafter_dir)
     resolved = read_resolved_config(drafter_dir)
-    kind = drafter_kind_name(config)
+    kind = kind_of_folder(config, drafter_dir).name
     target, revision = target_reference(config, resolved)
     hub_target = target if target and is_hub_repo_id(target) else None
     data = ModelCardData(
@@ -108,12 +108,6 @@ def drop_secret_keys(value: Any) -> Any:
     if isinstance(value, list):
         return [drop_secret_keys(item) for item in value]
     return value
-
-
-def drafter_kind_name(config: dict) -> str:
-    """The registered kind of the folder's model_type; a plain causal LM is the token-level drafter."""
-    kind = kind_of_model_type(config.get("model_type"))
-    return kind.name if kind is not None else "token_lm"
 
 
 def target_reference(config: dict, resolved: dict) -> tuple[str | None, str | None]:
@@ -226,7 +220,8 @@ def read_final_metrics(drafter_dir: Path) -> dict:
 def evaluation_section(reports: list[dict]) -> str:
     if not reports:
         return ("## Evaluation\n\nNo evaluation recorded; run "
-                "`specdistill eval drafter_path=<this drafter> bench=<bench>`.")
+                "`specdistill eval drafter_path=<this drafter> bench=<bench>`, then export with "
+                "`'reports=[<eval out_dir>]'`.")
     columns = [column for column in REPORT_COLUMNS if any(report.get(column[0]) is not None for report in reports)]
     lines = ["## Evaluation", "", "| " + " | ".join(title for _, title, _, _ in columns) + " |",
              "|" + "---|" * len(columns)]

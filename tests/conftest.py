@@ -67,6 +67,41 @@ def tiny(toy_tiny_path: Path, toy_tokenizer):
     return SimpleNamespace(model=model, target=FrozenTarget(model), prompts=prompts)
 
 
+@pytest.fixture(scope="module")
+def target(toy_tiny_path: Path):
+    """A FrozenTarget of the tiny toy target of its own, per test module (`tiny.target` is shared by the session)."""
+    from transformers import AutoModelForCausalLM
+
+    from specdistill.distill.target import FrozenTarget
+
+    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path))
+
+
+def random_drafter(kind: str, target, *, token_counts=None, target_name_or_path: str | None = None,
+                   perturb: float = 0.0, **options):
+    """An untrained drafter of a registered `kind` for `target`, in eval mode, with every norm weight drawn from
+    0.5..1.5 (a dropped or misplaced norm shows) and, when `perturb` > 0, every other weight moved by perturb · N(0, 1)
+    (EAGLE-1's zero fc bias and Medusa's zero blocks become nonzero). `token_counts`: the draft vocabulary's token
+    frequencies (EAGLE-3; pass counts that do not favour the first ids so d2t/t2d matter); EAGLE-3 taps the default
+    for the target's depth ([0, 1, -1] on the tiny toy). Seeded: the same call gives the same weights."""
+    import torch
+
+    from specdistill.distill.drafters import drafter_kind
+    from specdistill.distill.drafters.feature import BuildContext
+
+    torch.manual_seed(0)
+    unit = drafter_kind(kind)
+    context = BuildContext(target, token_counts=token_counts, target_name_or_path=target_name_or_path)
+    drafter = unit.model_class.build(unit.options(**options), context).eval()
+    with torch.no_grad():
+        for name, parameter in drafter.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+            elif perturb:
+                parameter.add_(perturb * torch.randn_like(parameter))
+    return drafter
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `specdistill <args>` as a user would, in `cwd`, with the session's cache."""
     command = [sys.executable, "-c", "from specdistill.cli.main import main; main()", *args]

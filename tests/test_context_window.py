@@ -52,7 +52,7 @@ def test_a_prompt_past_the_context_window_is_refused_by_default(small_window_mod
 def test_long_prompts_skip_leaves_them_out_and_counts_them(small_window_model: Path, tmp_path: Path):
     _, result = run_eval(small_window_model, tmp_path, "eval.long_prompts=skip")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    [report] = json.loads((tmp_path / "out" / "report.json").read_text())["rows"]
     assert report["num_prompts"] == 2 and report["skipped_prompts"] == 1
     assert "left out 1 prompt(s)" in result.stdout and "long-one" in result.stdout  # the log says which
     lines = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]

@@ -84,3 +84,11 @@ def test_a_drafter_for_a_same_shaped_but_different_target_is_refused(tiny, saved
     other = FrozenTarget(LlamaForCausalLM(tiny.model.config))  # same shapes, other weights
     with pytest.raises(UserError, match=r"trained on another target of the same shape \(toy_tiny"):
         load_drafting(str(saved_drafter), other, "cpu")
+
+
+def test_a_folder_no_kind_saved_and_transformers_does_not_know_is_refused(tiny, saved_drafter, tmp_path):
+    """The token-level kind recognises every folder no other kind saved, and says why this one cannot draft."""
+    path = damaged_copy(saved_drafter, tmp_path, lambda path: (path / "config.json").write_text(
+        json.dumps({**json.loads((path / "config.json").read_text()), "model_type": "specdistill_eagle9"})))
+    with pytest.raises(UserError, match=r"model_type 'specdistill_eagle9' is neither a specdistill drafter nor a"):
+        load_drafting(str(path), tiny.target, "cpu")

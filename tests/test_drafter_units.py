@@ -13,28 +13,20 @@ import pytest
 import torch
 
 from specdistill.distill import lean
-from specdistill.distill.drafters import drafter_kind, registered_kinds
-from specdistill.distill.drafters.feature import BuildContext, FeatureDrafter
+from specdistill.distill.drafters import drafter_kind, kind_of_folder, registered_kinds
+from specdistill.distill.drafters.feature import FeatureDrafter
 from specdistill.distill.drafters.modules import causal_bias
-from specdistill.distill.kv_cache import KVCache
-from specdistill.distill.masks import PrefixMask
-from tests.conftest import REPO_ROOT, TRAIN_FAST
+from tests.conftest import REPO_ROOT, TRAIN_FAST, random_drafter
 
 KINDS_DIR = Path(__file__).parent / "kinds"
-FEATURE_KINDS = [kind.name for kind in registered_kinds()  # Medusa (no training_step): tests/test_medusa.py
-                 if issubclass(kind.model_class, FeatureDrafter) and hasattr(kind.model_class, "training_step")]
+KINDS = [kind.name for kind in registered_kinds()]  # every kind, through the registry: none is left out
+PROMPT = 8  # positions the target has run when drafting starts
 
 
-def build(kind: str, target, **options) -> FeatureDrafter:
-    """An untrained drafter of `kind` with every weight (norms included) randomised, so a dropped op shows."""
-    torch.manual_seed(0)
-    unit = drafter_kind(kind)
-    drafter = unit.model_class.build(unit.options(**options), BuildContext(target, eagle3_layers=[0, 1, -1])).eval()
-    with torch.no_grad():
-        for name, parameter in drafter.named_parameters():
-            if "norm" in name:
-                parameter.uniform_(0.5, 1.5)
-    return drafter
+def build(kind: str, target, **options):
+    """An untrained drafter of `kind` with every weight randomised (norms in 0.5..1.5; zero-initialised weights, e.g.
+    Medusa's blocks, made nonzero so its heads differ), so a dropped or misplaced op shows."""
+    return random_drafter(kind, target, perturb=0.02, **options)
 
 
 def training_logits(drafter: FeatureDrafter, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -44,33 +36,46 @@ def training_logits(drafter: FeatureDrafter, tokens: torch.Tensor, hidden: torch
     return drafter.training_step(tokens, hidden, positions, bias, with_logits=True)[1][0]
 
 
-def check_parity(drafter: FeatureDrafter, target) -> None:
-    """Decoding forward == training forward: prefill, a chain step, a tree-masked step (siblings and a child)."""
+def check_parity(drafter, target) -> None:
+    """The decoding forward (the kind's `drafting`, driven as the evaluator's decoder drives it) equals the training
+    forward (the kind's `training_draft_logits`) on the prefill; on a round (a tree level of two siblings, then a
+    child of the first); and, after a partial accept (the first sibling and the target's bonus token committed, the
+    other drafts rolled back), on the next round (a chain of two)."""
     generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(3, target.config.vocab_size, (1, 14), generator=generator)
+    tokens = torch.randint(3, target.config.vocab_size, (1, PROMPT + 6), generator=generator)[0]
+    sibling, stray = (tokens[PROMPT + 1 : PROMPT + 3] + 1) % target.config.vocab_size  # drafts the target rejects
     with torch.no_grad():
-        hidden = drafter.hidden_input(target(tokens, feature_layers=drafter.feature_layers).features)
-        head, cache, masks = drafter.head(), KVCache(), PrefixMask()
-        # decoding reads token t_{i+1} at position i: the pairs are (tokens[:, 1:], hidden[:, :-1])
-        pairs, states, prefix = tokens[:, 1:], hidden[:, :-1], 8
-        expected = training_logits(drafter, pairs, states)
-        _, prefill = head(pairs[:, :prefix], states[:, :prefix], torch.arange(prefix)[None], cache, None)
-        torch.testing.assert_close(prefill[0], expected[:prefix], atol=1e-4, rtol=1e-4)
-        _, chain = head(pairs[:, prefix : prefix + 1], states[:, prefix : prefix + 1], torch.tensor([[prefix]]), cache, None)
-        torch.testing.assert_close(chain[0, 0], expected[prefix], atol=1e-4, rtol=1e-4)
-        # a tree level after prefix + 1 committed pairs: two siblings at position p, a child of the first at p + 1
-        p, sibling = prefix + 1, torch.tensor([[7]])
-        tree_tokens = torch.cat([pairs[:, p : p + 1], sibling, pairs[:, p + 1 : p + 2]], dim=1)
-        tree_states = torch.cat([states[:, p : p + 1], states[:, p : p + 1], states[:, p + 1 : p + 2]], dim=1)
-        block = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
-        _, tree = head(tree_tokens, tree_states, torch.tensor([[p, p, p + 1]]), cache, masks(cache.length, block))
-        torch.testing.assert_close(tree[0, 0], expected[p], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(tree[0, 2], expected[p + 1], atol=1e-4, rtol=1e-4)
-        with_sibling = training_logits(drafter, torch.cat([pairs[:, :p], sibling], 1), states[:, : p + 1])
-        torch.testing.assert_close(tree[0, 1], with_sibling[p], atol=1e-4, rtol=1e-4)
+        features = target(tokens[None], feature_layers=drafter.feature_layers).features
+        drafting = drafter.drafting("cpu")
+
+        def expected(committed: int, *drafts: torch.Tensor) -> torch.Tensor:
+            """The training forward's logits after tokens[: committed + 1] (the target ran `committed` positions),
+            then each of `drafts`."""
+            sequence = torch.cat([tokens[: committed + 1], torch.stack(drafts)]) if drafts else tokens[: committed + 1]
+            ran = {layer: feature[:, :committed] for layer, feature in features.items()}
+            return drafter.training_draft_logits(sequence[None], ran, committed)
+
+        def close(actual: torch.Tensor, wanted: torch.Tensor) -> None:
+            torch.testing.assert_close(actual, wanted, atol=1e-4, rtol=1e-4)
+
+        p, first = PROMPT, tokens[PROMPT + 1]
+        prompt_features = {layer: feature[:, :p] for layer, feature in features.items()}
+        close(drafting.begin(tokens[None, :p], prompt_features, tokens[None, p : p + 1]), expected(p)[0])
+        level = drafting.step(torch.stack([first, sibling]), torch.tensor([-1, -1]), depth=1,
+                              block=torch.eye(2, dtype=torch.bool))
+        close(level[0], expected(p, first)[1])
+        close(level[1], expected(p, sibling)[1])
+        child = drafting.step(stray[None], torch.tensor([0]), depth=2, block=torch.tensor([[True, False, True]]))
+        close(child[0], expected(p, first, stray)[2])
+        # the target accepts `first` and adds its own token p + 2, having run positions p and p + 1
+        ran = {layer: feature[:, p : p + 2] for layer, feature in features.items()}
+        close(drafting.extend(tokens[None, p + 1 : p + 3], ran), expected(p + 2)[0])
+        for depth in (1, 2):
+            chained = drafting.step(tokens[p + 2 + depth][None], torch.tensor([-1]), depth=depth, block=None)
+            close(chained[0], expected(p + 2, *tokens[p + 3 : p + 3 + depth])[depth])
 
 
-@pytest.mark.parametrize("kind", FEATURE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_training_and_decoding_forwards_agree(tiny, kind):
     check_parity(build(kind, tiny.target), tiny.target)
 
@@ -117,20 +122,41 @@ def test_fspad_with_both_switches_off_is_eagle1(tiny):
         != expected.loss_sum  # and the default FSPAD is a different model
 
 
-@pytest.mark.parametrize("kind", FEATURE_KINDS)
-def test_parity_check_fails_when_the_decoding_side_drops_its_norms(tiny, kind, monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity_check_fails_when_the_decoding_side_is_off(tiny, kind, monkeypatch):
+    """Every kind's decoding forward runs on distill/lean.py's `Linear`: 0.1 % off there must fail the check."""
     drafter = build(kind, tiny.target)
-    for module in {sys.modules[drafter.head().__class__.__module__], lean}:
-        if hasattr(module, "rms_norm"):
-            monkeypatch.setattr(module, "rms_norm", lambda x, weight, eps: x * weight)
+    exact = lean.Linear.__call__
+    monkeypatch.setattr(lean.Linear, "__call__", lambda linear, x: exact(linear, x) * 1.001)
     with pytest.raises(AssertionError):
         check_parity(drafter, tiny.target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_recognises_its_own_folders_only(tiny, kind, tmp_path):
+    build(kind, tiny.target).save_pretrained(tmp_path)
+    assert kind_of_folder(json.loads((tmp_path / "config.json").read_text()), tmp_path).name == kind
+
+
+def test_register_kind_refuses_a_second_name_for_a_kind():
+    from specdistill.distill.drafters import register_kind
+    from specdistill.distill.drafters.eagle1 import Eagle1Config, Eagle1Drafter
+
+    class OtherConfig(Eagle1Config):
+        model_type = "specdistill_other"
+
+    class Other(Eagle1Drafter):
+        config_class = OtherConfig
+
+    with pytest.raises(ValueError, match="Eagle1Options.kind defaults to 'eagle1'; set it to 'other'"):
+        register_kind("other", Other)
+    assert "other" not in KINDS and all(kind.name != "other" for kind in registered_kinds())
 
 
 def test_registry_lists_the_built_in_kinds_and_refuses_an_unknown_one():
     from specdistill.distill.errors import UserError
 
-    assert {"eagle1", "eagle3"} <= set(FEATURE_KINDS)
+    assert {"eagle1", "eagle3", "fspad", "medusa", "token_lm"} <= set(KINDS)
     with pytest.raises(UserError, match="drafter.kind: unknown drafter kind 'eagle9'; known kinds: .*eagle1"):
         drafter_kind("eagle9")
 
@@ -152,14 +178,13 @@ def test_a_new_kind_is_one_module_and_one_config_file(tiny, toy_dataset, tmp_pat
     summary = json.loads((tmp_path / "train" / "drafter" / "summary.json").read_text())
     assert summary["history"][-1]["val_top1"] > summary["history"][0]["val_top1"]  # it learned
     config = json.loads((tmp_path / "train" / "drafter" / "config.json").read_text())
-    assert config["model_type"] == "test_copy_last" and config["feature_layers"] == [1]
+    assert config["model_type"] == "specdistill_copy_last" and config["feature_layers"] == [1]
     evaluated = run_with_plugin("eval", "target=toy_tiny", "bench=toy", "eval.num_prompts=3", "eval.max_new_tokens=24",
                                 "eval.warmup_prompts=0", "eval.verify_lossless=true", "eval.hf_baselines=false",
                                 f"drafter_path={tmp_path / 'train' / 'drafter'}", f"out_dir={tmp_path / 'eval'}",
                                 cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    report = report[0] if isinstance(report, list) else report
+    [report] = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
     assert report["lossless_check"] == "passed" and report["method"] == "chain"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel
 
 from specdistill.distill.drafters.eagle1 import Eagle1Config, Eagle1Drafter
 from specdistill.distill.drafters.eagle3 import Eagle3Config, Eagle3Drafter, select_draft_vocab
@@ -52,11 +52,6 @@ def test_ttt_attention_equals_attention_under_the_explicit_mask():
         weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         expected = attention.o_proj((weights @ values).transpose(1, 2).reshape(batch, seq, -1))
         assert torch.allclose(outputs[step], expected, atol=1e-5), step
-
-
-@pytest.fixture(scope="module")
-def target(toy_tiny_path):
-    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path))
 
 
 TAPS = (0, 1, FINAL_NORMED)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from specdistill.distill.outputs import mark_stage
+from specdistill.distill.reports import ROW_KEYS, RUN_KEYS, read_report
 from tests.conftest import run_cli
 
 EVAL = ["target=toy_tiny", "bench=toy", "eval.num_prompts=4", "eval.max_new_tokens=24", "eval.warmup_prompts=1"]
@@ -21,11 +22,10 @@ def test_eval_writes_the_report_of_a_trained_drafter(trained_drafter, tmp_path: 
     eval_run = run_cli("eval", *EVAL, f"drafter_path={eagle3}", f"out_dir={tmp_path}", cwd=tmp_path)
     assert eval_run.returncode == 0, eval_run.stderr[-3000:]
     assert (tmp_path / "previous" / "report.json").read_text() == '{"tau": 9.9}'
-    report = json.loads((tmp_path / "report.json").read_text())
-    schema = {"target", "drafter", "bench", "temperature", "method", "tau", "alpha_per_position", "speedup",
-              "predicted_speedup", "tokens_per_s", "baseline_tokens_per_s", "cost_ratio", "num_prompts",
-              "new_tokens", "lossless_check", "config"}
-    assert schema <= set(report)
+    document = read_report(tmp_path, "out_dir")
+    assert set(RUN_KEYS) <= set(document) and document["temperature"] == 0.0 and document["bench"] == "toy"
+    [report] = document["rows"]  # one drafter, one row (the transformers baselines are for token-level drafters)
+    assert set(ROW_KEYS) <= set(report) and report["drafter"] == str(eagle3) and report["skipped_prompts"] == 0
     assert report["lossless_check"] == "passed" and report["num_prompts"] == 4 and report["method"] == "chain"
     assert report["lossless_check_method"] == "greedy output equals plain decoding"
     # τ is the mean of the accept lengths written beside it (and a trained drafter is accepted: τ well above 1)
@@ -45,9 +45,15 @@ def test_eval_compares_drafters_side_by_side_with_tree_decoding_and_sampling(tra
                        "eval.temperature=0.8", "eval.tree_depth=3", "eval.tree_top_k=3", "eval.tree_total_tokens=10",
                        f"out_dir={tmp_path}", cwd=tmp_path)
     assert eval_run.returncode == 0, eval_run.stderr[-3000:]
-    reports = json.loads((tmp_path / "report.json").read_text())
-    assert [r["drafter"] for r in reports] == [str(path) for path in paths]
-    assert all(r["method"] == "tree" and r["temperature"] == 0.8 for r in reports)
+    document = read_report(tmp_path, "out_dir")
+    reports = document["rows"]
+    assert [r["drafter"] for r in reports] == [str(path) for path in paths] and document["temperature"] == 0.8
+    # a tree of depth 3: an α per depth, and a step commits at most 3 drafted tokens + the target's own one
+    assert all(len(r["alpha_per_position"]) == 3 and 1 <= r["tau"] <= 4 for r in reports)
+    lines = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 * 3  # 4 prompts × (plain, 2 drafters)
+    for line in lines:
+        assert all(1 <= length <= (1 if line["drafter"] == "plain" else 4) for length in line["accept_lengths"]), line
     assert all(r["lossless_check"] == "passed" for r in reports)  # re-decoded greedily with and without the drafter
     assert all(r["lossless_check_method"].startswith("greedy re-decode with and without the drafter; the sampled "
                                                      "outputs are not compared") for r in reports)

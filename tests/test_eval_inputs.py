@@ -10,6 +10,7 @@ import pytest
 
 from specdistill.distill.errors import UserError
 from specdistill.distill.outputs import mark_stage
+from specdistill.distill.reports import report_rows
 from specdistill.eval.eval import EvalRecipe, drafter_paths, move_previous_report
 from tests.conftest import compose, run_cli
 
@@ -107,3 +108,40 @@ def test_unusable_drafter_path_values_are_named(value: str, expected: str, tmp_p
     cfg = compose("eval", [*FAST, f"drafter_path={value}", f"out_dir={tmp_path}"])
     with pytest.raises(UserError, match=rf"^{expected}"):
         drafter_paths(cfg)
+
+
+def folder_snapshot(folder: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every entry under `folder`, dot-names included: its mode and, for a file, its bytes."""
+    return {path.relative_to(folder).as_posix(): (path.stat().st_mode, path.read_bytes() if path.is_file() else None)
+            for path in sorted(folder.rglob("*"))}
+
+
+def test_eval_never_writes_into_the_drafter_folder(toy_tiny_path: Path, tmp_path: Path) -> None:
+    """The drafter folder (and the folder holding it) is byte for byte as before; the model card still gets the
+    eval's numbers, from the eval's own out_dir (`specdistill export reports=[<eval out_dir>]`)."""
+    import shutil
+
+    from specdistill.eval.eval import evaluate
+    from specdistill.export.export import ExportConfig, ExportFormat, drafter_reports, export
+
+    drafter = tmp_path / "run" / "drafter"  # a plain causal LM sharing the target's tokenizer: a token-level drafter
+    shutil.copytree(toy_tiny_path, drafter)
+    (drafter.parent / "notes.txt").write_text("the user's")
+    before, beside = folder_snapshot(drafter), folder_snapshot(drafter.parent)
+    cfg = compose("eval", [*FAST, f"drafter_path={drafter}", "eval.hf_baselines=false", f"out_dir={tmp_path / 'eval'}"])
+    evaluate(cfg)
+    assert folder_snapshot(drafter) == before and folder_snapshot(drafter.parent) == beside
+    document = json.loads((tmp_path / "eval" / "report.json").read_text())
+    [report] = document["rows"]
+    assert report["drafter"] == str(drafter)
+
+    export(ExportConfig(drafter_path=str(drafter), format=ExportFormat.hf, out_dir=str(tmp_path / "export"),
+                        reports=[str(tmp_path / "eval")]))
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "## Evaluation" in card and "No evaluation recorded" not in card
+    assert folder_snapshot(drafter) == before
+
+    # a report comparing several drafters gives the card this drafter's rows only
+    compared = tmp_path / "compared.json"
+    compared.write_text(json.dumps({**document, "rows": [{**report, "drafter": str(tmp_path / "other")}, report]}))
+    assert drafter_reports(drafter, [str(compared)]) == report_rows(document)

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from specdistill.distill.config import CONFIG_DIR
+from specdistill.distill.errors import UserError
 from tests.conftest import compose, run_cli
 
 EXPERIMENTS = sorted(path.stem for path in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -21,24 +22,16 @@ def preset(name: str):
     return OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{name}.yaml")
 
 
-def stage_configs(name: str, tmp: Path, common: list[str] | None = None) -> dict:
-    """Each stage's config as `specdistill run experiment=<name>` composes it (run.py's compose_stage)."""
+def stage_configs(name: str, tmp: Path, *extra: str) -> dict:
+    """Each stage's config as `specdistill run experiment=<name> out_dir=<tmp> <extra>` starts it: run.py's own
+    `compose_stages` on the run config."""
     from hydra import initialize_config_dir
 
-    import specdistill.eval.eval  # noqa: F401  (each stage module registers its schema)
-    import specdistill.train.train  # noqa: F401
-    from specdistill.cli.run import compose_stage
+    from specdistill.cli.run import compose_stages
 
-    init_from = [f"init_from={tmp}"] if "stage_b" in name else []
-    run_cfg = compose("run", [f"experiment={name}", f"out_dir={tmp}", *init_from])
-    stage_common = [*(common or run_cfg.common), f"cache_dir={tmp / 'cache'}"]
+    run_cfg = compose("run", [f"experiment={name}", f"out_dir={tmp}", f"cache_dir={tmp / 'cache'}", *extra])
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return {
-            "prep": compose_stage("prep", [*stage_common, *run_cfg.prep, f"out_dir={tmp / 'prep'}"]),
-            "train": compose_stage("train", [*stage_common, *run_cfg.train, *init_from,
-                                             f"data_dir={tmp}", f"out_dir={tmp / 'train'}"]),
-            "eval": compose_stage("eval", [*stage_common, *run_cfg.eval, f"drafter_path={tmp}", f"out_dir={tmp / 'e'}"]),
-        }
+        return compose_stages(run_cfg)
 
 
 def test_there_is_a_preset_and_a_toy_variant_per_method():
@@ -49,14 +42,23 @@ def test_there_is_a_preset_and_a_toy_variant_per_method():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_preset_composes_into_its_three_stages(name, tmp_path):
-    stages = stage_configs(name, tmp_path)
-    train = stages["train"]
+    stage_a = tmp_path / "stage_a" / "train" / "drafter"
+    stages = stage_configs(name, tmp_path / "run", *([f"init_from={stage_a}"] if "stage_b" in name else []))
+    prep, train, evaluate = stages["prep"], stages["train"], stages["eval"]
     kind = preset(name).train[0].split("=", 1)[1]  # each preset's train list starts with drafter=<kind>
     assert train.drafter.kind == kind
-    if "stage_b" in name:
-        assert train.init_from == str(tmp_path)
+    # the stages are chained: train reads what prep writes, eval the drafter train writes
+    assert Path(train.data_dir) == Path(prep.out_dir) / "dataset" == tmp_path / "run" / "prep" / "dataset"
+    assert Path(evaluate.drafter_path) == Path(train.out_dir) / "drafter" == tmp_path / "run" / "train" / "drafter"
+    assert prep.target.name_or_path == train.target.name_or_path == evaluate.target.name_or_path
+    if "stage_b" in name:  # stage B starts from stage A's drafter, and cannot start without one
+        assert Path(train.init_from) == stage_a.resolve()
+        with pytest.raises(UserError, match="init_from=<that run's out_dir>/train/drafter"):
+            stage_configs(name, tmp_path / "alone")
+    else:
+        assert train.init_from is None
     if not name.endswith("_toy") and name != "quickstart":  # real targets: the published knobs, not the toy's
-        assert not stages["prep"].target.name_or_path.startswith("toy")
+        assert not prep.target.name_or_path.startswith("toy")
 
 
 def test_stage_b_without_its_stage_a_drafter_is_one_clear_error(tmp_path):
@@ -80,22 +82,28 @@ def test_run_checks_every_stage_before_the_first_starts(stage_list, message, cac
 
 
 def test_every_toy_preset_trains_and_decodes_losslessly(toy_dataset, tmp_path):
-    """Each `_toy` preset's own train and eval lists on the tiny target, a few steps each; HASS stage B starts from
-    stage A's drafter."""
+    """Each `_toy` preset's stages as `specdistill run` composes them (run.py's `compose_stages`), on the tiny target
+    (common=[target=toy_tiny]) with a few steps each, from the session's prep output; HASS stage B starts from stage
+    A's drafter."""
+    from hydra import initialize_config_dir
+
+    from specdistill.cli.run import compose_stages
     from specdistill.eval.eval import evaluate
     from specdistill.train.train import train
 
     drafters: dict[str, Path] = {}
     for name in sorted(TOY, key=lambda n: n.replace("stage_b", "stage_z")):  # stage A before stage B
-        run_cfg = preset(name)
+        # the session's dataset is what this preset's prep stage would write for the tiny target
+        assert list(preset(name).common) == ["target=toy"] and list(preset(name).prep) == ["data=toy_chat"], name
         out_dir = tmp_path / name
-        init_from = []
-        if "stage_b" in name:
-            init_from = [f"init_from={drafters[name.replace('stage_b', 'stage_a')]}"]
-        train_cfg = compose("train", ["target=toy_tiny", *run_cfg.train, *SHORT_TRAIN, *init_from,
-                                      f"data_dir={toy_dataset[0]}", f"out_dir={out_dir / 'train'}"])
-        drafters[name] = train(train_cfg)
-        eval_cfg = compose("eval", ["target=toy_tiny", *run_cfg.eval, *SHORT_EVAL, f"drafter_path={drafters[name]}",
-                                    f"out_dir={out_dir / 'eval'}"])
-        [report] = evaluate(eval_cfg)
+        init_from = [f"init_from={drafters[name.replace('stage_b', 'stage_a')]}"] if "stage_b" in name else []
+        run_cfg = compose("run", [f"experiment={name}", 'common=["target=toy_tiny"]', f"out_dir={out_dir}", *init_from])
+        run_cfg.train, run_cfg.eval = [*run_cfg.train, *SHORT_TRAIN], [*run_cfg.eval, *SHORT_EVAL]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            stages = compose_stages(run_cfg)
+        (out_dir / "prep").mkdir(parents=True)
+        (out_dir / "prep" / "dataset").symlink_to(toy_dataset[0], target_is_directory=True)
+        drafters[name] = train(stages["train"])
+        assert drafters[name].resolve() == Path(stages["eval"].drafter_path).resolve()  # eval reads what train wrote
+        [report] = evaluate(stages["eval"])["rows"]
         assert report["lossless_check"] == "passed", name

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from specdistill.distill.drafters import drafter_kind, registry
+from specdistill.distill.drafters import registry
 from specdistill.distill.drafters.eagle1 import Eagle1Drafter
 from specdistill.distill.drafters.eagle3 import Eagle3Drafter
 from specdistill.distill.drafters.engine_layouts import ExportUnsupported
@@ -36,7 +36,7 @@ from specdistill.distill.drafters.modules import causal_bias
 from specdistill.distill.errors import UserError
 from specdistill.export.export import ExportConfig, ExportFormat, export, write_layout
 from specdistill.export.import_drafter import import_drafter, read_layout
-from tests.conftest import run_cli
+from tests.conftest import random_drafter, run_cli
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,18 +51,8 @@ SGLANG_EAGLE3 = {"feature_layers": [1], "draft_vocab_size": 300}  # SGLang outpu
 def build(kind: str, target, **options):
     """An untrained drafter of `kind` with every weight randomised (norms in 0.5..1.5, EAGLE-1's fc bias nonzero) and a
     draft vocabulary that is not a prefix of the target's, so a dropped op or a misplaced column shows."""
-    torch.manual_seed(0)
-    unit = drafter_kind(kind)
-    counts = torch.randint(0, 100, (target.config.vocab_size,))
-    context = BuildContext(target, token_counts=counts, target_name_or_path=TARGET_NAME)
-    drafter = unit.model_class.build(unit.options(**options), context).eval()
-    with torch.no_grad():
-        for name, parameter in drafter.named_parameters():
-            if "norm" in name:
-                parameter.uniform_(0.5, 1.5)
-            else:
-                parameter.add_(0.02 * torch.randn_like(parameter))
-    return drafter
+    counts = torch.randint(0, 100, (target.config.vocab_size,), generator=torch.Generator().manual_seed(0))
+    return random_drafter(kind, target, token_counts=counts, target_name_or_path=TARGET_NAME, perturb=0.02, **options)
 
 
 def round_trip(drafter, format: str, folder: Path, cls=None):

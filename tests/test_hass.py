@@ -9,7 +9,7 @@ import torch
 from specdistill.distill import objectives
 from specdistill.distill.drafters.modules import causal_bias
 from specdistill.distill.objectives import HassObjective
-from tests.test_drafter_units import build
+from tests.conftest import random_drafter as build
 
 PASSES = 3
 

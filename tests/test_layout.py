@@ -72,5 +72,24 @@ def test_no_stage_imports_another_stage_and_nothing_imports_cli():
     assert not wrong, "wrong-way imports (DESIGN.md: Layout):\n" + "\n".join(sorted(wrong))
 
 
+def test_no_import_cycles():
+    graph = package_graph()
+    cycles, state = [], {}
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                cycles.append(" → ".join(stack[stack.index(imported):] + [imported]))
+            elif imported not in state:
+                visit(imported, stack + [imported])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
 def test_conf_holds_no_python():
     assert not list((ROOT / "conf").rglob("*.py"))

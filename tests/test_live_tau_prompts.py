@@ -4,8 +4,11 @@ record's own opening (issue 18: a text record gave a 1-token prompt, so val_tau 
 
 from __future__ import annotations
 
+import torch
+
 from specdistill.data_prep.chat import tokenize_conversation, tokenize_text
-from specdistill.train.live_tau import validation_prompts
+from specdistill.distill.decoding import DecodingConfig
+from specdistill.train.live_tau import tau_counts_size, tau_metrics, validation_prompts
 
 CODE = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
 
@@ -47,3 +50,12 @@ def test_records_too_short_for_a_real_prefix_are_left_out(toy_tokenizer):
     short = text_record(toy_tokenizer, "x = 1")
     chat = chat_record(toy_tokenizer, "hi", "ok")
     assert validation_prompts([short, chat, chat], 2) == [chat["input_ids"][: chat["loss_mask"].index(1)]] * 2
+
+
+def test_tau_counts_are_laid_out_by_the_configured_draft_depth():
+    """[committed, steps, reached_1..D, accepted_1..D] with D from train.tau (here a tree of depth 2), not recovered
+    from the tensor's length."""
+    tree = DecodingConfig(method="tree", tree_depth=2)
+    assert tau_counts_size(tree) == 6 and tau_counts_size(DecodingConfig(gamma=3)) == 8
+    counts = torch.tensor([9.0, 4.0, 4.0, 2.0, 3.0, 1.0], dtype=torch.float64)
+    assert tau_metrics(counts, tree) == {"val_tau": 2.25, "val_alpha_pos1": 0.75, "val_alpha_pos2": 0.5}

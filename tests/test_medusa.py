@@ -162,6 +162,16 @@ def test_a_draft_deeper_than_the_heads_is_refused(tiny, method, key):
         Decoder(tiny.target, build(tiny.target, num_heads=3).drafting("cpu"), config)
 
 
+def test_tau_during_training_refuses_a_draft_deeper_than_the_heads_as_eval_does(tiny):
+    """One policy: train.tau's decoding is refused (never capped) past the heads, naming the train.tau key."""
+    from specdistill.train.live_tau import decode_counts
+
+    drafter = build(tiny.target, num_heads=3)
+    assert drafter.max_depth == 3 and drafter.drafting("cpu").max_depth == 3
+    with pytest.raises(UserError, match=r"^train\.tau\.gamma=5: .* at most 3 tokens .* set train\.tau\.gamma ≤ 3$"):
+        decode_counts(drafter.drafting("cpu"), tiny.target, tiny.prompts[:1], DecodingConfig(), set(), seed=0)
+
+
 @pytest.mark.parametrize(
     "config",
     [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
@@ -199,7 +209,7 @@ def test_medusa_trains_and_decodes_losslessly_through_the_cli(toy_dataset, tmp_p
         evaluated = run_cli("eval", *EVAL, f"drafter_path={drafter}", *method, f"out_dir={tmp_path / name}",
                             cwd=tmp_path)
         assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-        report = json.loads((tmp_path / name / "report.json").read_text())
+        [report] = json.loads((tmp_path / name / "report.json").read_text())["rows"]
         print(name, "medusa tau", round(report["tau"], 3), "alpha", report["alpha_per_position"])
         assert report["method"] == name and report["lossless_check"] == "passed" and report["tau"] > 1.1
         assert report["lossless_check_method"] == "greedy output equals plain decoding"

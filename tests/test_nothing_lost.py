@@ -17,7 +17,7 @@ from tests.conftest import run_cli
 # a small EAGLE-3 head on the tiny toy target; a constant schedule, so a run's learning rates do not depend on
 # train.max_steps and a grown run can equal an uninterrupted one
 GROWABLE = ["target=toy_tiny", "drafter=eagle3", "drafter.draft_vocab_size=512", "objective.ttt_steps=1",
-            "train.batch_size=2", "train.eval_batches=1", "train.tau_prompts=1", "train.tau_max_new_tokens=8",
+            "train.batch_size=2", "train.eval_batches=1", "train.tau_prompts=1", "train.tau.max_new_tokens=8",
             "optim.lr=2e-3", "optim.schedule=constant", "optim.warmup_steps=2", "train.log_every=1"]
 
 
@@ -178,9 +178,11 @@ def test_push_options_without_a_repo_and_push_without_a_network_are_one_line(dra
 def test_hf_export_hints_fit_the_drafter(tiny, tmp_path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from specdistill.distill.drafters import drafter_kind
     from specdistill.export.export import serve_commands
 
-    assert "AutoModelForCausalLM.from_pretrained('lm')" in serve_commands(None, "hf", "t", "lm", 3)["python"]
+    token_level = drafter_kind("token_lm")
+    assert "AutoModelForCausalLM.from_pretrained('lm')" in serve_commands(token_level, "hf", "t", "lm", 3)["python"]
     LlamaForCausalLM(LlamaConfig(vocab_size=tiny.target.config.vocab_size, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "lm")
     line = assert_one_line_error(run_cli("export", f"drafter_path={tmp_path / 'lm'}", "format=sglang",

@@ -20,9 +20,9 @@ from specdistill.export.hub import NO_TOKEN, PushConfig, drafter_identity, push_
 TOKEN = "hf_testsecret123"
 REPO = "my-org/llama3-eagle3"
 IDENTITY = {"architectures": ["LlamaForCausalLMEagle3"], "base_model": "meta-llama/Llama-3.1-8B-Instruct",
-            "draft_kind": "eagle3"}
+            "drafter_kind": "eagle3"}
 EXPORT_CONFIG = {"architectures": ["LlamaForCausalLMEagle3"],
-                 "specdistill": {"base_model": "meta-llama/Llama-3.1-8B-Instruct", "draft_kind": "eagle3"}}
+                 "specdistill": {"base_model": "meta-llama/Llama-3.1-8B-Instruct", "drafter_kind": "eagle3"}}
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +174,7 @@ def test_the_same_drafter_gets_a_new_commit(export_dir: Path) -> None:
     ({"architectures": ["LlamaForCausalLMEagle3"],
       "speculators_config": {"verifier": {"name_or_path": "Qwen/Qwen3-8B"}}}, "base_model"),
     ({"architectures": ["Eagle3Speculator"]}, "architectures"),
-    ({"model_type": "specdistill_medusa"}, "draft_kind"),
+    ({"model_type": "specdistill_medusa"}, "drafter_kind"),
 ])
 def test_another_drafter_in_the_repo_is_refused_naming_the_field(export_dir: Path, remote: dict, field: str) -> None:
     api = RecordingHub(repo_with_config(remote))
@@ -185,13 +185,14 @@ def test_another_drafter_in_the_repo_is_refused_naming_the_field(export_dir: Pat
     assert "upload_folder" not in api.methods()
 
 
-def test_a_vllm_layout_repo_is_compared_through_its_specdistill_export_json(export_dir: Path) -> None:
+@pytest.mark.parametrize("kind_key", ["drafter_kind", "specdistill_kind"])  # ours, and what older versions wrote
+def test_a_vllm_layout_repo_is_compared_through_its_specdistill_export_json(export_dir: Path, kind_key: str) -> None:
     """vLLM's EAGLE-3 config names neither base model nor kind; the export's specdistill_export.json does."""
     repos = repo_with_config({"architectures": ["LlamaForCausalLMEagle3"]})
     repos[REPO]["main"]["specdistill_export.json"] = json.dumps(
-        {"target_name_or_path": "Qwen/Qwen3-8B", "specdistill_kind": "eagle3"}).encode()
+        {"target_name_or_path": "Qwen/Qwen3-8B", kind_key: "eagle1"}).encode()
     api = RecordingHub(repos)
-    with pytest.raises(UserError, match="base_model 'Qwen/Qwen3-8B' there"):
+    with pytest.raises(UserError, match="base_model 'Qwen/Qwen3-8B' there.*drafter_kind 'eagle1' there"):
         push_export(export_dir, PushConfig(repo_id=REPO), IDENTITY, api=api)
     assert "upload_folder" not in api.methods()
 
@@ -291,7 +292,9 @@ def test_drafter_identity_reads_each_layout() -> None:
     speculators = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
                    "speculators_config": {"verifier": {"name_or_path": "Qwen/Qwen3-8B"}}}
     assert drafter_identity(speculators) == {"architectures": ["Eagle3Speculator"], "base_model": "Qwen/Qwen3-8B",
-                                             "draft_kind": "eagle3"}
+                                             "drafter_kind": "eagle3"}
     own = {"model_type": "specdistill_eagle1", "target_name_or_path": "lmsys/vicuna-7b-v1.3"}
-    assert drafter_identity(own) == {"base_model": "lmsys/vicuna-7b-v1.3", "draft_kind": "eagle1"}
+    assert drafter_identity(own) == {"base_model": "lmsys/vicuna-7b-v1.3", "drafter_kind": "eagle1"}
+    older = {"architectures": ["LlamaForCausalLMEagle3"], "specdistill": {"draft_kind": "eagle3"}}  # an older push
+    assert drafter_identity(older) == {"architectures": ["LlamaForCausalLMEagle3"], "drafter_kind": "eagle3"}
     assert drafter_identity({"model_type": "llama"}) == {}

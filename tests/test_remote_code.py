@@ -18,8 +18,9 @@ from transformers.dynamic_module_utils import get_imports
 
 from specdistill.distill.drafters import drafter_kind
 from specdistill.distill.drafters.eagle1 import Eagle1Drafter
-from specdistill.distill.drafters.feature import BuildContext, FeatureDrafter
+from specdistill.distill.drafters.feature import FeatureDrafter
 from specdistill.export.remote_code import RemoteCodeError, bundle_remote_code, export_hf
+from tests.conftest import random_drafter
 
 # kind → how its `forward` takes the target features: a dict by layer id, or the one tapped layer's tensor
 KINDS = {"eagle3": "dict", "eagle1": "tensor"}
@@ -91,16 +92,8 @@ print(json.dumps(report))
 def build(kind: str, target) -> FeatureDrafter:
     """An untrained drafter with its norms randomised (so a dropped op shows) and, for EAGLE-3, a draft vocabulary
     that is not the first ids (so d2t/t2d matter)."""
-    torch.manual_seed(0)
-    unit = drafter_kind(kind)
-    options = unit.options(draft_vocab_size=300) if kind == "eagle3" else unit.options()
     counts = torch.randint(0, 1000, (target.config.vocab_size,), generator=torch.Generator().manual_seed(2))
-    drafter = unit.model_class.build(options, BuildContext(target, token_counts=counts, eagle3_layers=[0, 1, -1]))
-    with torch.no_grad():
-        for name, parameter in drafter.named_parameters():
-            if "norm" in name:
-                parameter.uniform_(0.5, 1.5)
-    return drafter.eval()
+    return random_drafter(kind, target, token_counts=counts, **({"draft_vocab_size": 300} if kind == "eagle3" else {}))
 
 
 def forward_here(drafter: FeatureDrafter, target, features_as: str) -> dict[str, torch.Tensor]:
@@ -235,7 +228,7 @@ def test_module_imports_are_made_relative_and_named_where_transformers_looks(tmp
     assert source[14:17] == ["        from .target import (",  # line numbers and layout kept
                              "            FINAL_NORMED,  # a comment inside the import", "        )"]
     assert {Path(path).name for path in get_relative_import_files(bundle / "mini_remote_kind.py")} == {
-        "errors.py", "masks.py", "target.py"}
+        "errors.py", "kv_cache.py", "masks.py", "target.py"}
     # the bundled files run as a package of their own, as in transformers' module cache
     (tmp_path / "remote_code_package" / "__init__.py").touch()
     (bundle / "__init__.py").touch()

@@ -1,4 +1,5 @@
-"""The eval report writer: report.json shape, report.md tables, PNG plots, and no temporary files left."""
+"""The eval report writer: report.json shape (distill/reports.py), report.md tables, PNG plots, and no temporary files
+left."""
 
 from __future__ import annotations
 
@@ -6,18 +7,26 @@ import json
 import math
 from pathlib import Path
 
-from specdistill.eval.report import SCHEMA_KEYS, format_table, write_report
+import pytest
+
+from specdistill.distill.errors import UserError
+from specdistill.distill.reports import ROW_KEYS, RUN_KEYS, read_report, report_document, report_rows
+from specdistill.eval.report import format_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOT_NAMES = {"alpha_per_position.png", "per_category.png", "accept_lengths.png"}
+RUN = {"target": "toy_tiny", "bench": "toy", "temperature": 0.0, "hardware": "CPU (2 cores)",
+       "config": {"eval": {"gamma": 4}, "bench": {"name": "toy"}}}
+
+
+def fake_report(*rows: dict) -> dict:
+    return report_document(RUN, list(rows))
 
 
 def fake_result(drafter: str, tau: float, speedup: float) -> dict:
+    """One row of a report."""
     return {
-        "target": "toy_tiny",
         "drafter": drafter,
-        "bench": "toy",
-        "temperature": 0.0,
         "method": "chain",
         "tau": tau,
         "alpha_per_position": [0.8, 0.6, 0.45, 0.3],
@@ -29,7 +38,8 @@ def fake_result(drafter: str, tau: float, speedup: float) -> dict:
         "num_prompts": 20,
         "new_tokens": 2560,
         "lossless_check": "passed",
-        "config": {"gamma": 4, "bench": {"name": "toy"}},
+        "lossless_check_method": None,
+        "skipped_prompts": 0,
         "accept_length_histogram": [40, 30, 20, 10, 5],
         "per_category": {
             "toy-code": {"tau": tau, "speedup": speedup, "num_prompts": 15},
@@ -38,16 +48,17 @@ def fake_result(drafter: str, tau: float, speedup: float) -> dict:
     }
 
 
-def test_two_drafters_write_a_list_tables_and_plots(tmp_path: Path) -> None:
+def test_two_drafters_write_one_object_with_two_rows_tables_and_plots(tmp_path: Path) -> None:
     results = [fake_result("eagle1-toy", 2.4, 1.9), fake_result("eagle3-toy", 2.9, 2.3)]
-    paths = write_report(tmp_path, results)
+    paths = write_report(tmp_path, fake_report(*results))
 
     assert set(paths) == {"report.json", "report.md"} | PLOT_NAMES
     assert {p.name for p in tmp_path.iterdir()} == set(paths)  # nothing temporary left behind
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert isinstance(report, list) and len(report) == 2
-    assert all(set(SCHEMA_KEYS) <= set(entry) for entry in report)
-    assert [entry["drafter"] for entry in report] == ["eagle1-toy", "eagle3-toy"]
+    report = read_report(tmp_path, "reports")
+    assert report["schema_version"] == 2 and set(RUN_KEYS) <= set(report) and len(report["rows"]) == 2
+    assert all(set(ROW_KEYS) <= set(row) for row in report["rows"])
+    assert [row["drafter"] for row in report["rows"]] == ["eagle1-toy", "eagle3-toy"]
+    assert report_rows(report)[1] == {**{key: RUN[key] for key in RUN_KEYS if key != "config"}, **results[1]}
 
     markdown = (tmp_path / "report.md").read_text()
     table = format_table(results)
@@ -63,25 +74,27 @@ def test_two_drafters_write_a_list_tables_and_plots(tmp_path: Path) -> None:
         assert len(data) > 1000 and data.startswith(PNG_SIGNATURE)
 
 
-def test_one_result_is_an_object_and_nan_becomes_null(tmp_path: Path) -> None:
+def test_one_drafter_is_the_same_object_with_one_row_and_nan_becomes_null(tmp_path: Path) -> None:
     result = fake_result("eagle3-toy", 2.9, 2.3)
     result["cost_ratio"] = math.nan
-    write_report(tmp_path, [result])
+    write_report(tmp_path, fake_report(result))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert isinstance(report, dict) and set(SCHEMA_KEYS) <= set(report)
-    assert report["cost_ratio"] is None and report["tau"] == 2.9
-    assert "| — |" in (tmp_path / "report.md").read_text()  # a missing number shows as a dash
+    assert isinstance(report, dict) and len(report["rows"]) == 1 and set(ROW_KEYS) <= set(report["rows"][0])
+    assert report["rows"][0]["cost_ratio"] is None
+    # the table row, formatted: τ and speedups to 2 decimals, tokens/s to 1, the missing c as a dash
+    row = "| eagle3-toy | chain | 2.90 | 2.30× | 2.53× | 276.0 | 120.0 | — | passed |"
+    assert row in (tmp_path / "report.md").read_text()
 
 
 def test_results_without_extras_skip_their_plots(tmp_path: Path) -> None:
-    result = {key: value for key, value in fake_result("d", 2.0, 1.5).items() if key in SCHEMA_KEYS}
-    paths = write_report(tmp_path, [result])
+    result = {key: value for key, value in fake_result("d", 2.0, 1.5).items() if key in ROW_KEYS}
+    paths = write_report(tmp_path, fake_report(result))
     assert set(paths) == {"report.json", "report.md", "alpha_per_position.png"}
     assert {p.name for p in tmp_path.iterdir()} == set(paths)
 
 
 def test_repeated_drafter_names_get_method_and_temperature(tmp_path: Path) -> None:
-    greedy, sampled = fake_result("eagle3", 2.9, 2.3), fake_result("eagle3", 2.5, 2.0)
+    greedy, sampled = (report_rows(fake_report(fake_result("eagle3", tau, 2.0)))[0] for tau in (2.9, 2.5))
     sampled["temperature"] = 1.0
     table = format_table([greedy, sampled])
     assert "eagle3 (chain, T=0.0)" in table and "eagle3 (chain, T=1.0)" in table
@@ -92,10 +105,25 @@ def test_report_json_never_holds_bare_nan_and_md_says_what_the_lossless_check_co
     result["alpha_per_position"] = [0.8, math.nan]
     result["per_category"]["other"]["speedup"] = math.inf
     result["lossless_check_method"] = "greedy output equals plain decoding"
-    write_report(tmp_path, [result])
+    write_report(tmp_path, fake_report(result))
     text = (tmp_path / "report.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
-    report = json.loads(text)
+    [report] = json.loads(text)["rows"]
     assert report["alpha_per_position"] == [0.8, None] and report["per_category"]["other"]["speedup"] is None
-    assert report["lossless_check_method"] == "greedy output equals plain decoding"
-    assert "Lossless check: greedy output equals plain decoding." in (tmp_path / "report.md").read_text()
+    # the method is said once, right under the main table
+    markdown = (tmp_path / "report.md").read_text()
+    after_table = markdown.split(format_table([result]) + "\n", 1)[1]
+    assert after_table.startswith("\nLossless check: greedy output equals plain decoding.\n")
+    assert markdown.count("Lossless check:") == 1
+
+
+def test_a_report_missing_a_key_or_of_another_schema_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"row of drafter 'd' lacks the keys \['skipped_prompts'\]"):
+        report_document(RUN, [{key: value for key, value in fake_result("d", 2.0, 1.5).items()
+                               if key != "skipped_prompts"}])
+    (tmp_path / "report.json").write_text(json.dumps([{**RUN, **fake_result("d", 2.0, 1.5)}]))  # schema 1: a list
+    with pytest.raises(UserError, match=r"^reports: .*report.json does not hold a JSON object; pass a report.json"):
+        read_report(tmp_path / "report.json", "reports")
+    (tmp_path / "report.json").write_text(json.dumps({**RUN, **fake_result("d", 2.0, 1.5)}))  # schema 1: one object
+    with pytest.raises(UserError, match=r"^reports: .*report.json is not a report.json of schema version 2"):
+        read_report(tmp_path, "reports")

@@ -20,7 +20,7 @@ from tests.conftest import run_cli
 METRIC = "val_tau"  # τ of the real speculative decoder on validation prompts, in each drafter's summary.json
 # a few steps of EAGLE-3 on the tiny toy target, τ decoded on 2 short prompts
 TRAIN = ["target=toy_tiny", "drafter.draft_vocab_size=512", "train.max_steps=3", "train.eval_every=3",
-         "train.eval_batches=1", "train.batch_size=4", "train.tau_prompts=2", "train.tau_max_new_tokens=16",
+         "train.eval_batches=1", "train.batch_size=4", "train.tau_prompts=2", "train.tau.max_new_tokens=16",
          "train.checkpoint_every=1000", "optim.warmup_steps=0"]
 LR_SPACE = "search_space={optim.lr:{type:float,low:1e-3,high:1e-2,log:true}}"
 

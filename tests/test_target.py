@@ -10,11 +10,6 @@ from specdistill.distill.errors import UserError
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget
 
 
-@pytest.fixture(scope="module")
-def target(toy_tiny_path):
-    return FrozenTarget(AutoModelForCausalLM.from_pretrained(toy_tiny_path))
-
-
 TAPS = (0, 1, FINAL_NORMED)
 
 
@@ -53,3 +48,30 @@ def test_two_drafters_tap_different_layers_of_one_target_in_any_order(target):
     assert set(only_final) == {FINAL_NORMED}
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert all(not hooks for hooks in (layer._forward_pre_hooks for layer in target.model.get_decoder().layers))
+
+
+def test_the_cache_goes_by_the_keyword_the_forward_takes(target):
+    """transformers renamed a forward's `past_key_values` to `cache` (5.40 removes the old name); passing `cache` to
+    a forward without it would vanish into **kwargs and decode without the cache, so the name comes from the
+    signature: the installed one, an older one, and a **kwargs-only forward (the installed Llama's name)."""
+    import warnings
+
+    from specdistill.distill.kv_cache import KVCache, cache_keyword
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class KwargsOnly(torch.nn.Module):
+        def forward(self, *args, **kwargs): ...
+
+    installed = cache_keyword(type(target.model))
+    assert installed in ("cache", "past_key_values") and cache_keyword(type(target.model.get_decoder())) == installed
+    assert cache_keyword(Before) == "past_key_values" and cache_keyword(KwargsOnly) == installed
+    ids = torch.randint(0, 1000, (1, 7))
+    cache = KVCache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated keyword on the way
+        first = target(ids[:, :4], past_key_values=cache, position_ids=torch.arange(4)[None])
+        second = target(ids[:, 4:], past_key_values=cache, position_ids=torch.arange(4, 7)[None])
+    assert first.past_key_values is cache and cache.length == 7  # filled in place, handed back
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), target(ids).logits, atol=1e-5, rtol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from specdistill.distill.targets import eagle3_layers, load_target_model, target_dtype, tokenizer_fingerprint, uses_toy
+from specdistill.distill.targets import load_target_model, target_dtype, tokenizer_fingerprint, uses_toy
 from tests.conftest import compose, run_cli
 
 # A template unlike the toy's, so a dataset shows which tokenizer rendered it.
@@ -66,25 +66,23 @@ def test_prep_with_a_model_path_uses_that_model_and_builds_no_toy(tmp_path: Path
 def test_the_toy_presets_values_do_not_reach_a_users_model(user_model: Path):
     user = compose("prep", [f"target.name_or_path={user_model}", "out_dir=unused"]).target
     assert not uses_toy(user)
-    assert eagle3_layers(user) is None  # the EAGLE-3 drafter's own default for its layer count, not the toy's [1, 3, 5]
     assert target_dtype(user, torch.device("cuda")) == torch.bfloat16  # auto, not the toy's float32
     model = load_target_model(user, cache_dir="unused")  # loads the folder: nothing is built
     assert model.config.hidden_size == 32 and model.dtype == torch.float32
 
-    overridden = compose("prep", [f"target.name_or_path={user_model}", "target.eagle3_layers=[0,2,3]",
-                                  "target.dtype=float16", "out_dir=unused"]).target
-    assert eagle3_layers(overridden) == [0, 2, 3] and target_dtype(overridden, torch.device("cpu")) == torch.float16
+    overridden = compose("prep", [f"target.name_or_path={user_model}", "target.dtype=float16", "out_dir=unused"]).target
+    assert target_dtype(overridden, torch.device("cpu")) == torch.float16
 
 
-@pytest.mark.parametrize(
-    "preset, layers", [("toy", [1, 3, 5]), ("toy_tiny", [0, 1, -1])]
-)
-def test_the_toy_presets_keep_their_own_values(preset: str, layers: list[int]):
+@pytest.mark.parametrize("preset", ["toy", "toy_tiny"])
+def test_the_toy_presets_keep_their_own_values(preset: str):
+    """(Their drafters' taps are no value of theirs: the drafter kind's default for the target's depth,
+    tests/test_eagle3_taps.py.)"""
     toy = compose("prep", [f"target={preset}", "out_dir=unused"]).target
     assert uses_toy(toy) and toy.name_or_path == preset
-    assert eagle3_layers(toy) == layers and target_dtype(toy, torch.device("cuda")) == torch.float32
-    overridden = compose("prep", [f"target={preset}", "target.eagle3_layers=[0]", "out_dir=unused"]).target
-    assert eagle3_layers(overridden) == [0]  # a user's override beats the preset's taps
+    assert target_dtype(toy, torch.device("cuda")) == torch.float32
+    overridden = compose("prep", [f"target={preset}", "target.dtype=bfloat16", "out_dir=unused"]).target
+    assert target_dtype(overridden, torch.device("cuda")) == torch.bfloat16  # a user's override beats the preset's
 
 
 def test_a_sharegpt_file_on_the_default_data_group_is_read(tmp_path: Path, cache_dir: Path):

@@ -305,7 +305,7 @@ def test_trained_token_lms_are_plain_causal_lms_that_eval_decodes_losslessly(tok
                      "eval.max_new_tokens=16", "eval.warmup_prompts=0", "eval.hf_baselines=false",
                      f"out_dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = json.loads((tmp_path / "report.json").read_text())
+    reports = json.loads((tmp_path / "report.json").read_text())["rows"]
     assert [report["drafter"] for report in reports] == paths
     assert all(report["lossless_check"] == "passed" for report in reports)
     assert all(report["lossless_check_method"] == "greedy output equals plain decoding" for report in reports)

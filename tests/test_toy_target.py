@@ -1,6 +1,7 @@
 """Tests of the toy target builder (distill/toy.py): data splits, conversations, build and cache."""
 
 import json
+import re
 import threading
 import time
 from dataclasses import replace
@@ -101,15 +102,15 @@ def test_toy_chat_conversations_cap_and_seed():
 def test_cache_key_depends_on_every_setting():
     key = toy_target_cache_key(TINY)
     assert key == toy_target_cache_key(replace(TINY))
-    assert int(key, 16) >= 0 and len(key) <= 16
+    assert re.fullmatch(r"[0-9a-f]{16}", key), key  # 16 hex digits: the folder name under toy_target/
     assert toy_target_cache_key(replace(TINY, seed=1)) != key
     assert toy_target_cache_key(replace(TINY, lr=TINY.lr * 2)) != key
     assert toy_target_cache_key(ToyTargetConfig()) != key
 
 
 def test_cache_key_ignores_the_presets_loading_values():
-    # name, dtype and eagle3_layers say how the built toy is used, not how it is built: no rebuild when they change
-    loading_changed = replace(TINY, name="other", dtype=DType.bfloat16, eagle3_layers=[0])
+    # name and dtype say how the built toy is used, not how it is built: no rebuild when they change
+    loading_changed = replace(TINY, name="other", dtype=DType.bfloat16)
     assert toy_target_cache_key(loading_changed) == toy_target_cache_key(TINY)
     assert set(build_settings(TINY)) == set(vars(ToyTargetConfig()))
 
@@ -200,12 +201,15 @@ def test_loads_with_auto_classes_and_chat_template(tiny_target):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_second_ensure_reuses_cached_build(tiny_target, cache_dir):
+def test_second_ensure_reuses_cached_build(tiny_target, cache_dir, monkeypatch):
     info_file = tiny_target / "build_info.json"
     mtime = info_file.stat().st_mtime_ns
-    started = time.perf_counter()
+
+    def no_build(cfg, out_dir):
+        raise AssertionError("ensure_toy_target rebuilt a target that is in the cache")
+
+    monkeypatch.setattr(toy, "build_toy_target", no_build)
     assert ensure_toy_target(TINY, cache_dir) == tiny_target
-    assert time.perf_counter() - started < 2.0
     assert info_file.stat().st_mtime_ns == mtime
 
 
@@ -217,3 +221,27 @@ def test_build_is_deterministic(tiny_target, tmp_path):
     assert first.keys() == second.keys()
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name
+
+
+def test_lr_schedule_is_the_one_train_uses_warm_up_then_cosine_to_its_floor():
+    """distill/schedule.py's `lr_factor`, shared by the toy build (floor 0.1) and `specdistill train`."""
+    from specdistill.distill.schedule import lr_factor
+
+    factors = [lr_factor(step, 2, 10, "cosine", floor=0.1) for step in (0, 1, 2, 6, 10, 12)]
+    assert factors == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
+    assert [lr_factor(step, 0, 4, "linear") for step in (0, 2, 4)] == [1.0, 0.5, 0.0]
+    assert lr_factor(7, 2, 4, "constant") == 1.0
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(vocab_size=100), r"^target\.toy\.vocab_size: 100 is below the \d+ tokens .* at least \d+$"),
+    (dict(seq_len=1_000_000), r"^target\.toy: .* raise target\.toy\.max_corpus_chars or lower target\.toy\.seq_len"),
+])
+def test_unbuildable_toy_settings_name_the_key(change, key, tmp_path):
+    """A build setting the toy cannot be built with is the user's to fix: a UserError naming the key, before training,
+    and nothing left in the cache."""
+    from specdistill.distill.errors import UserError
+
+    with pytest.raises(UserError, match=key):
+        ensure_toy_target(replace(TINY, max_corpus_chars=20_000, **change), tmp_path)
+    assert [p.name for p in (tmp_path / "toy_target").iterdir() if not p.name.endswith(".lock")] == []

@@ -24,10 +24,14 @@ def summary(out_dir: Path) -> list[dict]:
 
 
 def assert_same_history(expected: list[dict], actual: list[dict], keys: tuple[str, ...], rel: float, abs: float):
-    """Two runs logged the same steps, and the same values of `keys` at each within the tolerance."""
+    """Two runs logged the same steps, each of `keys` at the same steps (and at one step at least: a renamed metric
+    fails), and the same values of them within the tolerance."""
     assert [r["step"] for r in actual] == [r["step"] for r in expected]
-    for original, again in zip(expected, actual):
+    for key in keys:
+        assert any(key in record for record in expected), f"no record of the reference run has {key!r}"
+    for original, again in zip(expected, actual, strict=True):
         for key in keys:
+            assert (key in again) == (key in original), (original["step"], key)
             if key in original:
                 assert again[key] == pytest.approx(original[key], rel=rel, abs=abs), (original["step"], key)
 
@@ -47,7 +51,7 @@ def test_drafter_learns_to_agree_with_the_target(kind, trained_drafter):
     # τ by the real decoder on validation prompts, beside the proxy: the untrained drafter is almost never accepted
     print(kind, "decoded tau", untrained["val_tau"], "→", trained["val_tau"], "proxy", trained["val_tau_proxy"])
     assert untrained["val_tau"] < 1.1 and trained["val_tau"] > untrained["val_tau"] + 0.15
-    # α per draft position the decoding reached, of tau_gamma=5
+    # α per draft position the decoding reached, of train.tau.gamma=5
     alphas = {key: value for key, value in trained.items() if key.startswith("val_alpha_pos")}
     assert set(alphas) <= {f"val_alpha_pos{k}" for k in range(1, 6)} and trained["val_alpha_pos1"] > 0.2
     assert all(0 <= alpha <= 1 for alpha in alphas.values())
@@ -100,6 +104,10 @@ def test_bad_inputs_are_refused_before_training(toy_dataset, tmp_path: Path):
     assert "error: data_dir: /nope does not exist" in train("data_dir=/nope").stderr
     result = train(f"data_dir={dataset_dir}", "drafter=eagle3", "drafter.feature_layers=[0,7]")
     assert "feature_layers: layer id 7 is out of range for a target with 2 layers" in result.stderr
+    result = train(f"data_dir={dataset_dir}", "drafter=medusa", "drafter.num_heads=3")  # τ's γ = 5 is refused, not capped
+    assert result.stderr.strip().splitlines()[-1] == ("error: train.tau.gamma=5: this drafter (MedusaDrafter) drafts "
+                                                      "at most 3 tokens per step; set train.tau.gamma ≤ 3")
+    assert "train.tau.top_p=0.0 is out of range" in train(f"data_dir={dataset_dir}", "train.tau.top_p=0").stderr
 
     other = tmp_path / "other_tokenizer"
     shutil.copytree(dataset_dir, other)

@@ -11,9 +11,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from specdistill.distill.config import StageConfig
+from specdistill.distill.decoding import DecodingConfig, check_decoding
 from specdistill.distill.errors import UserError
 from specdistill.train.distributed import DistributedConfig
-from specdistill.distill.objectives import FeatureObjective, HassObjective, MedusaObjective, TokenObjective
 
 
 class Schedule(Enum):
@@ -57,11 +57,11 @@ class LoopConfig:
     mixed_precision: MixedPrecision = MixedPrecision.auto
     eval_every: int = 200
     eval_batches: int = 20  # validation micro-batches per evaluation
-    # τ by the real decoder (chain, greedy) at every evaluation, on the prompts of this many validation records (the
-    # tokens before their first trained token); 0: only the top-1 proxy
+    # τ by the real decoder at every evaluation, on the prompts of this many validation records (the tokens before
+    # their first trained token); 0: only the top-1 proxy
     tau_prompts: int = 8
-    tau_gamma: int = 5  # drafted tokens per step (capped at what the drafter can draft, e.g. Medusa's heads)
-    tau_max_new_tokens: int = 64
+    # how it decodes them: eval's decoding settings (chain, γ = 5, greedy), with fewer new tokens per prompt
+    tau: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=64))
     checkpoint_every: int = 500
     keep_last: int = 2  # newest checkpoints kept (at least one)
     log_every: int = 10
@@ -73,7 +73,7 @@ class FeatureSource(Enum):
 
 
 @dataclass
-class FeaturesConfig:
+class FeatureSourceConfig:
     """Where the target's features and logits come from while training."""
 
     source: FeatureSource = FeatureSource.online
@@ -94,7 +94,7 @@ class TrainConfig(StageConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    features: FeatureSourceConfig = field(default_factory=FeatureSourceConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # distributed=ddp|zero2|zero3|fsdp
     # auto: continue the run in out_dir (same settings) from its newest checkpoint; never: start a new run, refused
     # when out_dir already holds one
@@ -103,7 +103,7 @@ class TrainConfig(StageConfig):
 
 # train.* keys that count something the run cannot do zero times of (the schema's int admits 0 and negatives)
 POSITIVE_LOOP_KEYS = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "eval_batches",
-                      "checkpoint_every", "log_every", "tau_gamma", "tau_max_new_tokens")
+                      "checkpoint_every", "log_every")
 
 
 def check_ranges(cfg: Any) -> None:
@@ -112,10 +112,10 @@ def check_ranges(cfg: Any) -> None:
     loop, optim = cfg.train, cfg.optim
     for key in POSITIVE_LOOP_KEYS:
         if loop[key] < 1:
-            hint = " (train.tau_prompts=0 turns the decoded τ off)" if key.startswith("tau_") else ""
-            raise UserError(f"train.{key}={loop[key]} must be at least 1{hint}")
+            raise UserError(f"train.{key}={loop[key]} must be at least 1")
     if loop.tau_prompts < 0:
         raise UserError(f"train.tau_prompts={loop.tau_prompts} is negative; 0 turns the decoded τ off")
+    check_decoding(loop.tau, "train.tau")
     if not 0 < optim.lr < math.inf:
         raise UserError(f"optim.lr={optim.lr} must be a positive learning rate, e.g. optim.lr=3e-4")
     if not 0 < optim.grad_clip_norm < math.inf:
@@ -129,14 +129,8 @@ def check_ranges(cfg: Any) -> None:
 
 
 def register_configs() -> None:
-    import specdistill.distill.drafters  # noqa: F401  (each drafter kind stores its `<kind>_schema` in the drafter group)
+    # each drafter kind stores its options schema (`schema/drafter/<kind>`, which conf/drafter/<kind>.yaml starts
+    # from) and the objective schemas it trains with (`schema/objective/<name>`, which conf/objective/*.yaml start from)
+    import specdistill.distill.drafters  # noqa: F401
 
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    for name, schema in OBJECTIVE_SCHEMAS.items():
-        store.store(group="schema/objective", name=name, node=schema)
-
-
-# conf/objective/<name>.yaml starts from one of these (defaults: [/schema/objective/<schema>@_here_, _self_])
-OBJECTIVE_SCHEMAS = {"feature": FeatureObjective, "hass": HassObjective, "token": TokenObjective,
-                     "medusa": MedusaObjective}
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

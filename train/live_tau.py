@@ -1,5 +1,6 @@
-"""τ during training: the evaluator's own speculative decoder (distill/decoding.py, chain, greedy) run with the drafter's
-current weights on a few validation prompts, so every run logs the real τ and α beside the top-1 proxy.
+"""τ during training: the evaluator's own speculative decoder (distill/decoding.py, with `train.tau`'s decoding settings,
+by default a greedy chain of γ = 5) run with the drafter's current weights on a few validation prompts, so every run
+logs the real τ and α beside the top-1 proxy.
 
 A prompt is a real prefix of a validation record, so τ is measured continuing real text: the tokens before its first
 trained token (the conversation up to the first assistant turn), or, where those are too few to be a context (a text
@@ -47,32 +48,33 @@ def validation_prompts(rows: Any, count: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def decode_counts(drafting: Any, target: FrozenTarget, prompts: Sequence[list[int]], gamma: int,
-                  max_new_tokens: int, eos_token_ids: set[int]) -> torch.Tensor:
-    """[committed tokens, decoding steps, reached_1..γ, accepted_1..γ] summed over `prompts` (float64, so the
-    processes' counts can be summed with one reduce; `tau_counts_size(gamma)` long). The drafted depth is capped at
-    what the drafter can draft (Medusa: its heads); the positions beyond it stay unreached."""
-    depth = gamma if drafting.max_depth is None else min(gamma, drafting.max_depth)
-    config = DecodingConfig(method="chain", gamma=depth, temperature=0.0, max_new_tokens=max_new_tokens)
-    decoder = Decoder(target, drafting, config, eos_token_ids)
-    counts = torch.zeros(tau_counts_size(gamma), dtype=torch.float64)
+def decode_counts(drafting: Any, target: FrozenTarget, prompts: Sequence[list[int]], config: DecodingConfig,
+                  eos_token_ids: set[int], seed: int) -> torch.Tensor:
+    """[committed tokens, decoding steps, reached_1..D, accepted_1..D] summed over `prompts`, D the draft depth
+    (float64, so the processes' counts can be summed with one reduce; `tau_counts_size(config)` long). A draft deeper
+    than the drafter can make is refused, as in eval (distill/decoding.py: check_draft_depth)."""
+    decoder = Decoder(target, drafting, config, eos_token_ids, group="train.tau")
+    # sampling (train.tau.temperature > 0) draws from its own seeded generator, never from training's random state
+    generator = torch.Generator(decoder.device).manual_seed(seed)
+    depth = config.draft_depth
+    counts = torch.zeros(tau_counts_size(config), dtype=torch.float64)
     for prompt in prompts:
-        generation = decoder.generate(prompt)
+        generation = decoder.generate(prompt, generator)
         counts[0] += sum(generation.accept_lengths)
         counts[1] += len(generation.accept_lengths)
         counts[2 : 2 + depth] += torch.tensor(generation.reached, dtype=torch.float64)
-        counts[2 + gamma : 2 + gamma + depth] += torch.tensor(generation.accepted, dtype=torch.float64)
+        counts[2 + depth :] += torch.tensor(generation.accepted, dtype=torch.float64)
     return counts
 
 
-def tau_counts_size(gamma: int) -> int:
-    return 2 + 2 * gamma
+def tau_counts_size(config: DecodingConfig) -> int:
+    return 2 + 2 * config.draft_depth
 
 
-def tau_metrics(counts: torch.Tensor) -> dict[str, float]:
+def tau_metrics(counts: torch.Tensor, config: DecodingConfig) -> dict[str, float]:
     """`val_tau` and `val_alpha_pos{k}` (k from 1, for the positions decoding reached) from summed `decode_counts`."""
-    gamma = (len(counts) - 2) // 2
-    reached, accepted = counts[2 : 2 + gamma], counts[2 + gamma :]
+    depth = config.draft_depth
+    reached, accepted = counts[2 : 2 + depth], counts[2 + depth :]
     metrics = {"val_tau": float(counts[0] / counts[1].clamp(min=1))}
-    metrics.update({f"val_alpha_pos{k + 1}": float(accepted[k] / reached[k]) for k in range(gamma) if reached[k] > 0})
+    metrics.update({f"val_alpha_pos{k + 1}": float(accepted[k] / reached[k]) for k in range(depth) if reached[k] > 0})
     return metrics

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import hydra
 import torch
@@ -48,11 +48,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from specdistill.distill.config import CONFIG_DIR
-from specdistill.distill.targets import (eagle3_layers, eos_token_ids, load_target_model, load_target_tokenizer,
+from specdistill.distill.targets import (eos_token_ids, load_target_model, load_target_tokenizer,
                                         tokenizer_fingerprint)
 from specdistill.distill.drafters import drafter_kind, load_drafting, resolve_objective
+from specdistill.distill.decoding import check_draft_depth
+from specdistill.distill.schedule import lr_factor
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.errors import UserError, exit_on_user_error
+from specdistill.distill.json_files import read_json
 from specdistill.distill.outputs import (claim_out_dir, json_text, recover_folder, replace_folder, staging_folder,
                                          write_text_atomic)
 from specdistill.distill.objectives import Objective, expected_accept_length
@@ -69,7 +72,7 @@ TRAINER_STATE = "trainer_state.json"
 # (train.max_steps may grow; checked on its own)
 RESUMABLE_CHANGES = ("out_dir", "cache_dir", "resume", "logger.", "train.max_steps", "train.log_every",
                      "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_last",
-                     "train.tau_", "features.path")
+                     "train.tau_prompts", "train.tau.", "features.path")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,10 +92,7 @@ def load_prepared_dataset(data_dir: Path, tokenizer: Any) -> tuple[Any, torch.Te
                         "run `specdistill prep` again") from None
     stats_path = data_dir / "stats.json"
     if stats_path.exists():
-        try:
-            stats = json.loads(stats_path.read_text())
-        except ValueError as error:
-            raise UserError(f"data_dir: {stats_path} is not valid JSON ({error}); run `specdistill prep` again") from None
+        stats = read_json(stats_path, "data_dir", "run `specdistill prep` again")
         expected = stats.get("tokenizer", {}).get("fingerprint")
         if expected is not None and expected != tokenizer_fingerprint(tokenizer):
             raise UserError(
@@ -202,21 +202,11 @@ def announce_schedule(optim: Any, max_steps: int) -> dict:
             "max_steps": max_steps}
 
 
-def lr_lambda(cfg: Any, max_steps: int):
-    """Linear warm-up, then cosine / linear decay to lr × min_lr_ratio (or constant)."""
+def lr_lambda(cfg: Any, max_steps: int) -> Callable[[int], float]:
+    """`optim`'s schedule as LambdaLR's factor: linear warm-up, then cosine / linear decay to lr × min_lr_ratio (or
+    constant), distill/schedule.py's `lr_factor`."""
     warmup, floor, schedule = warmup_steps(cfg, max_steps), cfg.min_lr_ratio, cfg.schedule.name
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        if schedule == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        if schedule == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return 1.0
-
-    return factor
+    return lambda step: lr_factor(step, warmup, max_steps, schedule, floor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,8 +394,8 @@ class TrainRecipe:
     def _finished_drafter(self, drafter: Path) -> Path | None:
         """`drafter` when its run reached train.max_steps with these settings; None when train.max_steps grew (the run
         continues from its newest checkpoint)."""
+        summary = read_json(drafter / "summary.json", "resume", "move the drafter folder away to train again")
         try:
-            summary = json.loads((drafter / "summary.json").read_text())
             reached = int(summary["final"]["step"])
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"resume: {drafter / 'summary.json'} cannot be read ({type(error).__name__}: {error}); "
@@ -452,14 +442,16 @@ class TrainRecipe:
             log.warning("train.tau_prompts=%d: the validation split has %d record(s) long enough to prompt the "
                         "decoder (train/live_tau.py), so the decoded τ uses %d prompt(s)%s", cfg.train.tau_prompts,
                         len(self.tau_prompts), len(self.tau_prompts), "" if self.tau_prompts else " (it is not measured)")
-        context = BuildContext(self.target, token_counts, eagle3_layers(cfg.target),
-                               str(cfg.target.name_or_path), cfg.target.revision)
+        context = BuildContext(self.target, token_counts, str(cfg.target.name_or_path), cfg.target.revision)
         drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context)
         drafter.check_target(self.target, "drafter")
         if cfg.init_from is not None:  # before any checkpoint: a resumed run continues from its own weights
             drafter.load_initial_weights(Path(cfg.init_from).expanduser())
             log.info("drafter weights start from %s (init_from)", cfg.init_from)
         drafter = drafter.to(self.accelerator.device)
+        self.tau_decoding = OmegaConf.to_object(cfg.train.tau)
+        if self.tau_prompts:  # as eval does, refuse a draft deeper than the drafter makes, here before the first step
+            check_draft_depth(drafter.max_depth, self.tau_decoding, "train.tau", type(drafter).__name__)
         log.info("drafter %s reads target layers %s; objective %s", kind.name, list(drafter.feature_layers),
                  type(self.objective).__name__)
         self.drafter = drafter
@@ -688,12 +680,12 @@ class TrainRecipe:
         return metrics
 
     def decoded_tau(self) -> dict:
-        """τ and α per position by the real decoder (chain, greedy) with the current weights (train/live_tau.py).
+        """τ and α per position by the real decoder (train.tau's settings) with the current weights (train/live_tau.py).
         The main process writes the weights as a drafter folder and loads it as `specdistill eval` does: the same
         path under every distributed mode, sharded weights included. The other processes wait for its counts."""
-        loop, accelerator = self.cfg.train, self.accelerator
+        accelerator = self.accelerator
         weights = self._drafter_weights()
-        counts = torch.zeros(tau_counts_size(loop.tau_gamma), dtype=torch.float64)
+        counts = torch.zeros(tau_counts_size(self.tau_decoding), dtype=torch.float64)
         if accelerator.is_main_process:
             from transformers.utils import logging as transformers_logging
 
@@ -705,9 +697,9 @@ class TrainRecipe:
                                              self.cfg.target.trust_remote_code)
             finally:
                 transformers_logging.enable_progress_bar()
-            counts = decode_counts(drafting, self.target, self.tau_prompts, loop.tau_gamma, loop.tau_max_new_tokens,
-                                   self.eos_token_ids)
-        return tau_metrics(accelerator.reduce(counts.to(accelerator.device), "sum").cpu())
+            counts = decode_counts(drafting, self.target, self.tau_prompts, self.tau_decoding, self.eos_token_ids,
+                                   self.cfg.seed)
+        return tau_metrics(accelerator.reduce(counts.to(accelerator.device), "sum").cpu(), self.tau_decoding)
 
     def _drafter_weights(self) -> dict[str, torch.Tensor] | None:
         """The drafter's whole state dict on the main process (None on the others). Every process calls it: under

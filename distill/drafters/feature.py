@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -20,7 +21,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 import torch.nn.functional as F
 
-from specdistill.distill.drafters.modules import RMSNorm, rope_inv_freq, rotary_cos_sin
+from specdistill.distill.drafters.modules import RMSNorm, causal_bias, rope_inv_freq, rotary_cos_sin
+from specdistill.distill.drafters.registry import load_weights_checked, read_drafter_config
 from specdistill.distill.drafting import FeatureDrafting, FeatureHead
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, position_bound
@@ -158,7 +160,6 @@ class BuildContext:
 
     target: FrozenTarget
     token_counts: Optional[torch.Tensor] = None  # masked-token frequencies of the training data (prep's token_counts)
-    eagle3_layers: Optional[list[int]] = None  # the target config's EAGLE-3 taps (target.eagle3_layers), if set
     target_name_or_path: Optional[str] = None
     target_revision: Optional[str] = None
 
@@ -170,7 +171,8 @@ class FeatureDrafter(PreTrainedModel):
         Options                          dataclass: the Hydra schema of conf/drafter/<kind>.yaml
         build(options, context)          a fresh drafter shaped after the target (classmethod)
         training_loss(...) → DraftLoss   its training loss
-        hidden_input, training_step      its training forward, one step (what the parity test compares)
+        hidden_input, unroll_step,       its training forward (`training_draft_logits` runs it as decoding would,
+          vocab_logits                   for the parity test of every kind)
         head() → FeatureHead             its decoding forward (distill.drafting), on distill/lean.py's fast ops
     """
 
@@ -178,13 +180,42 @@ class FeatureDrafter(PreTrainedModel):
     base_model_prefix = "drafter"
     _no_split_modules = ["DraftDecoderLayer"]
     Options: type
-    Objectives: tuple[type, ...] = (FeatureObjective, HassObjective)
+    # the objective schemas it trains with, by their name in conf/objective's `schema/objective` group; first: default
+    Objectives: dict[str, type] = {"feature": FeatureObjective, "hass": HassObjective}
     export_formats: tuple[str, ...] = ()  # the serving-engine layouts `engine_layout` writes (hf is every kind's)
+    # engine → the speculative method its serve command names for this kind (vLLM's speculative_config.method,
+    # SGLang's --speculative-algorithm), for each of `export_formats` that has one
+    speculative_methods: dict[str, str] = {}
+    # the deepest draft its `drafting` can make (its `Drafting.max_depth`); None: unbounded. Training checks τ's decoding
+    # settings against it before the first step.
+    max_depth: int | None = None
 
     @classmethod
     def formats_for(cls, config: dict) -> tuple[str, ...]:
         """The engine layouts a saved drafter of this kind exports to, read from its config.json before any weights."""
         return cls.export_formats
+
+    @classmethod
+    def default_feature_layers(cls, num_layers: int) -> tuple[int, ...]:
+        """The target layers a drafter of this kind with default options reads from a target of `num_layers` layers
+        (prep caches them): the final normed state, unless the kind says otherwise."""
+        return (FINAL_NORMED,)
+
+    @classmethod
+    def recognises(cls, config: dict) -> bool:
+        """Whether a drafter folder's config.json is one this kind saved: its own `model_type`."""
+        return config.get("model_type") == cls.config_class.model_type
+
+    @classmethod
+    def load_drafting(cls, path: Path, target: FrozenTarget, device: torch.device | str,
+                      trust_remote_code: bool = False) -> FeatureDrafting:
+        """A folder it `recognises` → its drafting interface for `target`, after checking that it fits (its own code
+        is specdistill's, so `trust_remote_code` does not apply)."""
+        drafter = load_weights_checked(cls, path)
+        drafter.check_target(target, "drafter_path")
+        drafter = drafter.to(device=device, dtype=target.model.dtype).eval()
+        drafter.attach_target(target)
+        return drafter.drafting(device)
 
     @classmethod
     def check_objective(cls, objective: Any) -> None:
@@ -194,8 +225,6 @@ class FeatureDrafter(PreTrainedModel):
         """Start from the weights of the drafter folder `path` (`init_from=`): same kind, shape and target, or one
         clear message."""
         from safetensors.torch import load_file
-
-        from specdistill.distill.drafters.registry import read_drafter_config
 
         saved = read_drafter_config(path)
         mine = self.identity()
@@ -317,6 +346,24 @@ class FeatureDrafter(PreTrainedModel):
             counted.append(selected.sum().to(torch.float32))
         return DraftLoss(loss_sum, counted[0], torch.stack(agree), torch.stack(counted))
 
+    def vocab_logits(self, token_part: torch.Tensor) -> torch.Tensor:
+        """Logits over the target's vocabulary of what the LM head reads (an `unroll_step` output)."""
+        raise NotImplementedError
+
+    def training_draft_logits(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor],
+                              committed: int) -> torch.Tensor:
+        """The training forward run as decoding runs: the target ran positions 0..committed−1 of `input_ids` [1, T]
+        (`features`: this drafter's layers there), input_ids[committed] is its own next token and the tokens after it
+        are drafts fed one by one → row j (of T − committed): the logits of the token after input_ids[committed + j],
+        which the decoding forward gives at draft depth j. The unrolled steps of `unrolled_outputs` are that chain
+        (step s of the last committed row reads draft s); rows past the committed ones, which that row never attends
+        to, get zero features."""
+        hidden = self.hidden_input(features)[:, :committed]
+        hidden = F.pad(hidden, (0, 0, 0, input_ids.shape[1] - committed))
+        bias = causal_bias(torch.ones_like(input_ids), hidden.dtype)
+        steps = self.unrolled_outputs(input_ids, hidden, bias, input_ids.shape[1] - committed, detach=False)
+        return torch.stack([self.vocab_logits(token_part[0, committed - 1]) for token_part, _ in steps])
+
     def drafting(self, device: torch.device | str) -> FeatureDrafting:
         """The drafting interface the evaluator drives (after `attach_target`)."""
         return FeatureDrafting(self.head(), device)
@@ -333,7 +380,7 @@ class FeatureDrafter(PreTrainedModel):
 class FeatureDrafterOptions:
     """Options every feature-level kind shares (conf/drafter/<kind>.yaml)."""
 
-    kind: str = "?"  # the registered kind name, set by each kind's yaml
+    kind: str = "?"  # the registered kind name: each kind's options set it as their default (register_kind checks)
     num_layers: int = 1  # decoder layers in the drafter
     # target layer ids read (input of layer i; -1: the final normed state); None: the kind's default
     feature_layers: Optional[list[int]] = None

@@ -103,7 +103,7 @@ class MedusaHead(nn.Module):
 class MedusaDrafter(FeatureDrafter):
     config_class = MedusaConfig
     Options = MedusaOptions
-    Objectives = (MedusaObjective,)
+    Objectives = {"medusa": MedusaObjective}
 
     def __init__(self, config: MedusaConfig):
         super().__init__(config)
@@ -146,6 +146,13 @@ class MedusaDrafter(FeatureDrafter):
         """Every head's logits at every position of `features` (h_t, [batch, T, H]) → [batch, T, num_heads, V]."""
         return torch.stack([head(features) for head in self.heads], dim=2)
 
+    def training_draft_logits(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor],
+                              committed: int) -> torch.Tensor:
+        """feature.py's protocol: the heads never read drafted tokens, so row j is head j at the last position the
+        target ran (committed − 1)."""
+        depth = input_ids.shape[1] - committed
+        return self(features[FINAL_NORMED][:, committed - 1 : committed])[0, 0, :depth]
+
     def training_loss(
         self,
         input_ids: torch.Tensor,
@@ -168,6 +175,11 @@ class MedusaDrafter(FeatureDrafter):
             agree.append(objectives.top1_agreement(draft_logits, target_logits).sum().float().detach())
             counted.append(selected.sum().float())
         return DraftLoss(loss_sum, counted[0], torch.stack(agree), torch.stack(counted))
+
+    @property
+    def max_depth(self) -> int:
+        """Head k drafts token k + 1 of a step and no head reads drafted tokens, so it drafts at most num_heads deep."""
+        return self.config.num_heads
 
     def drafting(self, device: torch.device | str) -> "MedusaDrafting":
         return MedusaDrafting(self, device)
@@ -198,7 +210,7 @@ class MedusaDrafting(Drafting):
         super().__init__(device)
         with torch.no_grad():
             self.heads = [LeanMedusaHead(head) for head in drafter.heads]
-        self.max_depth = len(self.heads)
+        self.max_depth = drafter.max_depth
         self.hidden: torch.Tensor | None = None  # [1, H]: h of the last position the target ran
 
     def begin(self, prompt_ids, features, first_token):

@@ -1,25 +1,29 @@
 """The one place train/, eval/ and export look a drafter kind up.
 
 A kind is one module in distill/drafters/ (or in another installed package, see below) that defines its model class
-(`Options` dataclass, `Objectives` (the objective schemas it trains with, the first its default), `build`,
-`check_target`, `load_initial_weights`, `prepare_batch`, `training_loss`, `trained_rows`, `identity`,
-`save_pretrained` and `drafting` — the protocol of `feature.FeatureDrafter`) and ends with
+(`Options` dataclass, `Objectives` (the objective schemas it trains with, by their name in the `schema/objective`
+group, the first its default), `build`, `check_target`, `load_initial_weights`, `prepare_batch`, `training_loss`,
+`training_draft_logits`, `trained_rows`, `identity`, `save_pretrained`, `drafting`, `max_depth`,
+`default_feature_layers` (what it reads of a target), `recognises` and `load_drafting` (its saved folders),
+`formats_for`, `export_formats` and `speculative_methods` (its serving-engine layouts) — the protocol of
+`feature.FeatureDrafter`) and ends with
 
     register_kind("<name>", ModelClass)
 
-which makes `drafter=<name>` a config choice (conf/drafter/<name>.yaml starts from the `<name>_schema` this stores
-in Hydra's ConfigStore, so a misspelled key fails at start), lets `AutoModel.from_pretrained` reload its folders,
-and lets the evaluator find it by the `model_type` in a drafter folder's config.json (a kind that saves a plain
-Hugging Face causal LM, `token_lm`, has no `config_class` of its own and loads as one). Kinds in other packages are
-found through the `specdistill.drafters` entry-point group (each entry point names a module to import).
+which makes `drafter=<name>` a config choice (conf/drafter/<name>.yaml starts from the `<name>` schema this stores
+in Hydra's ConfigStore, so a misspelled key fails at start, and conf/objective/*.yaml from the objective schemas it
+stores), lets `AutoModel.from_pretrained` reload its folders (`model_type` `specdistill_<name>`), and lets the
+evaluator and export find the kind of a drafter folder by asking every kind whether it `recognises` the folder's
+config.json. One name per kind: `<name>` is the `drafter=` choice, `drafter.kind`, the `model_type` suffix and the
+`drafter_kind` that exports record. Kinds in other packages are found through the `specdistill.drafters`
+entry-point group (each entry point names a module to import).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,11 @@ from transformers import AutoConfig, AutoModel
 
 from specdistill.distill.drafters.engine_layouts import check_tensor_shapes, shapes_of
 from specdistill.distill.errors import UserError
+from specdistill.distill.json_files import read_json
 from specdistill.distill.target import FrozenTarget
+
+
+MODEL_TYPE_PREFIX = "specdistill_"  # a kind's folders have model_type specdistill_<its registered name>
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,27 @@ class DrafterKind:
         return None if config_class is None else config_class.model_type
 
     @property
+    def saves_plain_causal_lm(self) -> bool:
+        """Whether its folders are plain Hugging Face causal LMs (no specdistill config class): exported as they are
+        and loaded with transformers' own classes."""
+        return self.model_type is None
+
+    @property
     def options(self) -> type:
         return self.model_class.Options
 
+    @property
+    def objectives(self) -> dict[str, type]:
+        """The objective schemas it trains with, by their `schema/objective` name; the first is its default."""
+        return dict(self.model_class.Objectives)
+
+    def default_feature_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The target layers a drafter of this kind with default options reads from a target of `num_layers`."""
+        return tuple(self.model_class.default_feature_layers(num_layers))
+
 
 _KINDS: dict[str, DrafterKind] = {}
+_OBJECTIVE_SCHEMAS: dict[str, type] = {}  # schema/objective name → schema, over every kind
 
 
 def register_kind(name: str, model_class: type) -> DrafterKind:
@@ -57,6 +81,11 @@ def register_kind(name: str, model_class: type) -> DrafterKind:
     kind = DrafterKind(name, model_class)
     if _KINDS.get(name, kind) != kind:
         raise ValueError(f"drafter kind {name!r} is already registered by {_KINDS[name].model_class.__name__}")
+    check_one_name(kind)
+    for schema_name, schema in kind.objectives.items():
+        if _OBJECTIVE_SCHEMAS.setdefault(schema_name, schema) is not schema:
+            raise ValueError(f"drafter kind {name!r}: objective schema name {schema_name!r} is already "
+                             f"{_OBJECTIVE_SCHEMAS[schema_name].__name__}, not {schema.__name__}")
     _KINDS[name] = kind
     if kind.model_type is not None:
         AutoConfig.register(kind.model_type, model_class.config_class, exist_ok=True)
@@ -65,8 +94,22 @@ def register_kind(name: str, model_class: type) -> DrafterKind:
         from hydra.core.config_store import ConfigStore
     except ImportError:
         return kind
-    ConfigStore.instance().store(group="schema/drafter", name=name, node=kind.options)
+    store = ConfigStore.instance()
+    store.store(group="schema/drafter", name=name, node=kind.options)
+    for schema_name, schema in kind.objectives.items():
+        store.store(group="schema/objective", name=schema_name, node=schema)
     return kind
+
+
+def check_one_name(kind: DrafterKind) -> None:
+    """The registered name is also the kind's `drafter.kind` default and its folders' `model_type` suffix."""
+    option_default = next((field.default for field in fields(kind.options) if field.name == "kind"), None)
+    if option_default != kind.name:
+        raise ValueError(f"drafter kind {kind.name!r}: {kind.options.__name__}.kind defaults to {option_default!r}; "
+                         f"set it to {kind.name!r}")
+    if kind.model_type is not None and kind.model_type != MODEL_TYPE_PREFIX + kind.name:
+        raise ValueError(f"drafter kind {kind.name!r}: its config's model_type is {kind.model_type!r}; name it "
+                         f"{MODEL_TYPE_PREFIX + kind.name!r}")
 
 
 _DISCOVERED = False
@@ -104,6 +147,34 @@ def registered_kinds() -> list[DrafterKind]:
     return list(_KINDS.values())
 
 
+def kind_of_folder(config: dict, path: Path) -> DrafterKind:
+    """The kind that saved the drafter folder `path` (its config.json is `config`): the one kind that `recognises`
+    it, or one clear message naming the folder."""
+    claimed = [kind for kind in registered_kinds() if kind.model_class.recognises(config)]
+    if len(claimed) == 1:
+        return claimed[0]
+    model_type = config.get("model_type")
+    if not claimed:
+        raise UserError(f"drafter_path: {path / 'config.json'} has model_type {model_type!r}, which no drafter kind "
+                        f"recognises; known kinds: {', '.join(sorted(_KINDS))}")
+    raise UserError(f"drafter_path: {path / 'config.json'} (model_type {model_type!r}) is recognised by several "
+                    f"drafter kinds ({', '.join(kind.name for kind in claimed)}); a kind from a plugin package may claim "
+                    "too much: uninstall it or make its `recognises` stricter")
+
+
+def feature_layers_every_kind_reads(num_layers: int) -> list[int]:
+    """Every target layer some registered kind reads with its default options from a target of `num_layers` layers
+    (what prep caches by default): the layer ids ascending, the final normed state (−1) last."""
+    layers = {layer for kind in registered_kinds() for layer in kind.default_feature_layers(num_layers)}
+    return sorted(layers, key=lambda layer: (layer < 0, layer))
+
+
+def importable_architectures() -> dict[str, tuple[str, ...]]:
+    """kind name → the serving-engine `architectures` it imports (`engine_architectures`), for the kinds that do."""
+    return {kind.name: architectures for kind in registered_kinds()
+            if (architectures := vars(kind.model_class).get("engine_architectures", ()))}
+
+
 def resolve_objective(kind: DrafterKind, objective: Any) -> Any:
     """The `objective` config as the kind's objective dataclass: the kind's default when None; a clear error when it
     is a schema the kind does not train with (e.g. objective=fkl with drafter=eagle1) or a value is invalid."""
@@ -113,7 +184,7 @@ def resolve_objective(kind: DrafterKind, objective: Any) -> Any:
     except ImportError as error:
         raise UserError(f"objective: resolving an objective needs omegaconf ({error}); install specdistill") from None
 
-    accepted = kind.model_class.Objectives
+    accepted = tuple(kind.objectives.values())
     names = ", ".join(schema.__name__ for schema in accepted)
     if objective is None:
         return accepted[0]()
@@ -132,9 +203,8 @@ def resolve_objective(kind: DrafterKind, objective: Any) -> Any:
 
 def kind_of_engine_architecture(architecture: str) -> DrafterKind | None:
     """The kind that imports serving-engine checkpoints of this `architectures` entry (its `engine_architectures`)."""
-    discover_kinds()
-    return next((kind for kind in _KINDS.values()
-                 if architecture in vars(kind.model_class).get("engine_architectures", ())), None)
+    return next((drafter_kind(name) for name, architectures in importable_architectures().items()
+                 if architecture in architectures), None)
 
 
 def read_json_file(path: Path, key: str, missing: str, damaged: str) -> dict:
@@ -142,13 +212,7 @@ def read_json_file(path: Path, key: str, missing: str, damaged: str) -> dict:
     `missing` says what to pass instead, `damaged` what to do about a damaged folder."""
     if not path.is_file():
         raise UserError(f"{key}: {path.parent} has no {path.name}; {missing}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{key}: {path} is not valid JSON ({error}); the folder is damaged, {damaged}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{key}: {path} does not hold a JSON object; the folder is damaged, {damaged}")
-    return value
+    return read_json(path, key, f"the folder is damaged, {damaged}")
 
 
 def read_drafter_config(path: Path) -> dict:
@@ -202,17 +266,8 @@ def check_weight_shapes(model_class: type, path: Path) -> None:
 
 def load_drafting(drafter_path: str, target: FrozenTarget, device: torch.device | str,
                   trust_remote_code: bool = False) -> Any:
-    """A drafter folder (`specdistill train` output of any registered kind, or a Hugging Face causal LM on the
-    target's tokenizer, i.e. a token-level drafter) → its `Drafting` for `target`, after checking it fits."""
-    from specdistill.distill.drafters.token_lm import load_causal_lm_drafting
-
+    """A drafter folder (`specdistill train` output of any registered kind, or a folder a kind recognises as its own,
+    e.g. a Hugging Face causal LM) → its `Drafting` for `target`, after the kind checked that it fits."""
     path = Path(drafter_path).expanduser()
-    model_type = read_drafter_config(path)["model_type"]
-    kind = kind_of_model_type(model_type)
-    if kind is None:
-        return load_causal_lm_drafting(path, model_type, target, device, trust_remote_code)
-    drafter = load_weights_checked(kind.model_class, path)
-    drafter.check_target(target, "drafter_path")
-    drafter = drafter.to(device=device, dtype=target.model.dtype).eval()
-    drafter.attach_target(target)
-    return drafter.drafting(device)
+    kind = kind_of_folder(read_drafter_config(path), path)
+    return kind.model_class.load_drafting(path, target, device, trust_remote_code)

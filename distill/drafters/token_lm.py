@@ -31,10 +31,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from specdistill.distill.drafters.feature import BuildContext, DraftLoss
-from specdistill.distill.drafters.registry import register_kind
+from specdistill.distill.drafters.registry import (kind_of_model_type, load_weights_checked, read_drafter_config,
+                                                   register_kind)
 from specdistill.distill.drafting import Drafting
 from specdistill.distill.errors import UserError
-from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.kv_cache import KVCache, cache_argument
 from specdistill.distill.lean import lean_causal_lm
 from specdistill.distill.masks import as_model_mask, check_attention_implementation
 from specdistill.distill.objectives import DataSource, Divergence, TokenObjective, top1_agreement
@@ -48,7 +49,7 @@ TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 class LMDrafting(Drafting):
     def __init__(self, model: nn.Module, device: torch.device | str, lean: bool = True):
         super().__init__(device)
-        self.causal_lm = model.eval()
+        self.assistant_model = model.eval()
         self.lean = lean_causal_lm(model) if lean else None
         if self.lean is None:
             check_attention_implementation(model.config, "drafter")
@@ -57,11 +58,11 @@ class LMDrafting(Drafting):
     def _run(self, tokens, positions, mask, last_only: bool) -> torch.Tensor:
         if self.lean is not None:
             return self.lean(tokens, positions, self.cache, mask, last_logits_only=last_only).logits[0]
-        output = self.causal_lm(
+        output = self.assistant_model(
             input_ids=tokens,
             position_ids=positions,
-            attention_mask=as_model_mask(mask, self.causal_lm.config, self.causal_lm.dtype),
-            past_key_values=self.cache,
+            attention_mask=as_model_mask(mask, self.assistant_model.config, self.assistant_model.dtype),
+            **cache_argument(self.assistant_model, self.cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
         )
@@ -110,8 +111,6 @@ def check_causal_lm(config: PretrainedConfig, source: Any, where: str, vocab_siz
 def load_causal_lm_drafting(path: Path, model_type: str, target: FrozenTarget, device: torch.device | str,
                             trust_remote_code: bool = False) -> LMDrafting:
     """A Hugging Face causal LM folder as a token-level drafter, checked to be a causal LM on the target's vocabulary."""
-    from specdistill.distill.drafters.registry import load_weights_checked
-
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
@@ -273,7 +272,7 @@ def sample_continuations(model: nn.Module, prompts: list[torch.Tensor], num_toke
     done = torch.zeros(count, dtype=torch.bool, device=device)
     cache = KVCache(capacity=width + num_tokens)
     for step in range(num_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_argument(model, cache),
                        use_cache=True, logits_to_keep=1).logits[:, -1].float()
         if temperature > 0:
             token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=device_generator)[:, 0]
@@ -319,7 +318,10 @@ class TokenLMDrafter(nn.Module):
     the loss mask, against the target's distribution at the same position."""
 
     Options = TokenLMOptions
-    Objectives = (TokenObjective,)
+    Objectives = {"token": TokenObjective}  # feature.py's protocol: by their schema/objective name
+    export_formats = ("vllm",)  # its folder as it is: what vLLM's draft-model mode loads (hf is every kind's)
+    speculative_methods = {"vllm": "draft_model"}
+    max_depth: int | None = None  # a causal LM drafts as deep as asked
 
     def __init__(self, model: PreTrainedModel, trust_remote_code: bool = False):
         super().__init__()
@@ -338,6 +340,27 @@ class TokenLMDrafter(nn.Module):
         if objective.on_policy_temperature < 0:
             raise UserError(f"objective.on_policy_temperature: {objective.on_policy_temperature}; use ≥ 0 "
                             "(0: greedy)")
+
+    @classmethod
+    def formats_for(cls, config: dict) -> tuple[str, ...]:
+        return cls.export_formats
+
+    @classmethod
+    def default_feature_layers(cls, num_layers: int) -> tuple[int, ...]:
+        """No target layers: a token-level drafter reads tokens only."""
+        return ()
+
+    @classmethod
+    def recognises(cls, config: dict) -> bool:
+        """Any folder no kind with a model_type of its own saved: a Hugging Face causal LM (`load_drafting` says why
+        any other folder cannot draft), as transformers' assisted generation takes it."""
+        return kind_of_model_type(config.get("model_type")) is None
+
+    @classmethod
+    def load_drafting(cls, path: Path, target: FrozenTarget, device: torch.device | str,
+                      trust_remote_code: bool = False) -> LMDrafting:
+        return load_causal_lm_drafting(path, read_drafter_config(path)["model_type"], target, device,
+                                       trust_remote_code)
 
     @classmethod
     def build(cls, options: TokenLMOptions, context: BuildContext) -> "TokenLMDrafter":
@@ -375,8 +398,7 @@ class TokenLMDrafter(nn.Module):
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
-        """No target layers: a token-level drafter reads tokens only."""
-        return ()
+        return self.default_feature_layers(self.model.config.num_hidden_layers)
 
     def trained_rows(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """Position i predicts token i + 1: trained when that token is under the loss mask → [batch, T − 1]."""
@@ -445,6 +467,12 @@ class TokenLMDrafter(nn.Module):
         if state_dict is not None:
             state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
         self.model.save_pretrained(folder, state_dict=state_dict, **kwargs)
+
+    def training_draft_logits(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor],
+                              committed: int) -> torch.Tensor:
+        """feature.py's protocol: position i predicts token i + 1 whether the target or the drafter chose token i, so
+        row j is the model's own forward at position committed + j."""
+        return self.model(input_ids=input_ids, use_cache=False).logits[0, committed:]
 
     def drafting(self, device: torch.device | str) -> LMDrafting:
         return LMDrafting(self.model, device)

@@ -18,7 +18,7 @@ from specdistill.distill.drafters.modules import DraftDecoderLayer
 
 
 class CopyLastConfig(FeatureDrafterConfig):
-    model_type = "test_copy_last"
+    model_type = "specdistill_copy_last"  # specdistill_<registered name>
 
 
 @dataclass
@@ -36,9 +36,13 @@ class CopyLastDrafter(Eagle1Drafter):
         self.post_init()
 
     @classmethod
+    def default_feature_layers(cls, num_layers: int) -> tuple[int, ...]:
+        return (num_layers - 1,)  # the input of the target's last layer, which the head starts as a copy of
+
+    @classmethod
     def build(cls, options: CopyLastOptions, context: BuildContext) -> "CopyLastDrafter":
         target = context.target
-        last = target.num_layers - 1
+        [last] = cls.default_feature_layers(target.num_layers)
         drafter = cls(draft_config_from_target(CopyLastConfig, target.config, [last], num_hidden_layers=1))
         drafter.layers[0].load_state_dict(target.model.get_decoder().layers[last].state_dict())
         with torch.no_grad():  # fc starts as "pass the feature through": [embed; f] → f
