@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from specdistill.distill.errors import exit_interrupted
+from specdistill.distill.errors import exit_interrupted, raised_by_ctrl_c
 from specdistill.distill.hydra_errors import quiet_deepspeed_on_cpu, run_hydra_app
 
 # sub-command → (module, description)
@@ -54,6 +54,10 @@ def run_stage(command: str, overrides: list[str]) -> None:
         run_hydra_app(importlib.import_module(module).main)
     except KeyboardInterrupt:  # Ctrl-C while torch & co. import, before the stage's own handler (exit_on_user_error)
         exit_interrupted()
+    except Exception as error:  # Ctrl-C that an imported library's bare `except:` turned into another error
+        if raised_by_ctrl_c(error):
+            exit_interrupted()
+        raise
 
 
 def main() -> None:

@@ -35,6 +35,19 @@ def exit_interrupted() -> NoReturn:
     sys.exit(INTERRUPTED_STATUS)
 
 
+def raised_by_ctrl_c(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt lies in `error`'s chain: a library that catches everything (multiprocess's import
+    does, with a bare `except:`) turns Ctrl-C into another exception, with the interrupt as its context."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def exit_on_user_error(func: F) -> F:
     """Print a `UserError`, an unset mandatory config key, or a folder that cannot be written (permissions, read-only,
     full) as `error: <message>` on stderr and exit with status 2; Ctrl-C exits with 130 (`exit_interrupted`)."""
@@ -60,5 +73,9 @@ def exit_on_user_error(func: F) -> F:
             sys.exit(2)
         except KeyboardInterrupt:
             exit_interrupted()
+        except Exception as error:
+            if raised_by_ctrl_c(error):
+                exit_interrupted()
+            raise
 
     return wrapper  # type: ignore[return-value]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specdistill.distill.errors import UserError
+from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import LOCK_NAME, json_text, recover_folder, replace_folder
 from specdistill.train import train as train_module  # registers the train schema for `compose`
 from tests.conftest import compose, run_cli
@@ -80,6 +80,28 @@ def test_ctrl_c_ends_with_one_line_and_status_130(toy_dataset, tmp_path: Path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "interrupted"
+
+
+def test_ctrl_c_turned_into_another_error_by_a_library_still_ends_as_interrupted(capsys):
+    # multiprocess (imported by datasets) catches Ctrl-C during its import with a bare `except:` and raises
+    # ModuleNotFoundError instead; the interrupt stays in the error's context
+    @exit_on_user_error
+    def stage() -> None:
+        try:
+            raise KeyboardInterrupt
+        except:  # noqa: E722 - as the library does
+            raise ModuleNotFoundError("No module named 'version'")
+
+    with pytest.raises(SystemExit) as exited:
+        stage()
+    assert exited.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+    @exit_on_user_error
+    def crashing_stage() -> None:
+        raise ModuleNotFoundError("No module named 'version'")
+
+    with pytest.raises(ModuleNotFoundError):  # without an interrupt it is a real error, traced
+        crashing_stage()
 
 
 # --- 2. damaged and partial checkpoints ---------------------------------------------------------------------------
