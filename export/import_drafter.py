@@ -78,7 +78,7 @@ def import_drafter(source: Path, out_dir: Path, format: Optional[str] = None, ov
         raise UserError(f"format={format}: import reads vllm, speculators or sglang folders (format=hf folders are "
                         "already specdistill drafters: use them as drafter_path directly)")
     layout = read_layout(source, format)
-    architecture = (["Eagle3Speculator"] if layout.format == "speculators" else layout.config.get("architectures") or [""])[0]
+    architecture = (layout.config.get("architectures") or [""])[0]  # speculators' too (Eagle3Speculator, ...)
     kind = registry.kind_of_engine_architecture(architecture)
     if kind is None:
         importable = "; ".join(f"{name}: {', '.join(architectures)}"

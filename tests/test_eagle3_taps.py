@@ -66,7 +66,7 @@ def test_each_target_preset_gets_the_taps_it_used_to_write_out(preset: str, taps
 def test_a_six_layer_target_gets_an_exportable_drafter(six_layer_model: Path):
     drafter = build(FrozenTarget(LlamaForCausalLM.from_pretrained(six_layer_model)))
     assert len(set(drafter.feature_layers)) == 3
-    assert drafter.engine_layout("vllm").config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 5]
+    assert drafter.engine_layout("vllm", gamma=5).config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 5]
 
 
 def test_build_refuses_a_layer_tapped_twice():

@@ -57,7 +57,7 @@ def build(kind: str, target, **options):
 
 def round_trip(drafter, format: str, folder: Path, cls=None):
     """drafter → engine layout → files → layout read back → drafter of `cls` (default: the same class)."""
-    layout = drafter.engine_layout(format)
+    layout = drafter.engine_layout(format, gamma=5)
     folder.mkdir(parents=True)
     write_layout(layout, folder)
     back = read_layout(folder, None)
@@ -117,7 +117,7 @@ def test_unsorted_taps_are_written_ascending(tiny, format):
     """vllm/model_executor/models/llama.py appends the aux hidden states while walking the layers, so the fc input is
     the taps in ascending layer order: the config says [0, 1] and fc's column blocks are swapped."""
     drafter = build("eagle3", tiny.target, **NORMED_UNSORTED)
-    layout = drafter.engine_layout(format)
+    layout = drafter.engine_layout(format, gamma=5)
     ids = (layout.config["eagle_aux_hidden_state_layer_ids"] if format == "speculators"
            else layout.config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
     assert ids == [0, 1]
@@ -135,7 +135,7 @@ def test_vllm_eagle1_folds_the_fc_bias_into_attention_biases_and_sglang_keeps_it
     drafter = build("eagle1", tiny.target)
     bias = drafter.fc.bias.detach()
     assert bool(bias.any())
-    layout = drafter.engine_layout("vllm")
+    layout = drafter.engine_layout("vllm", gamma=5)
     assert "fc.bias" not in layout.tensors and layout.config["attention_bias"] is True
     assert layout.config["architectures"] == ["EagleLlamaForCausalLM"]
     attention = drafter.layers[0].self_attn
@@ -143,7 +143,7 @@ def test_vllm_eagle1_folds_the_fc_bias_into_attention_biases_and_sglang_keeps_it
         weight = getattr(attention, projection).weight.detach()
         torch.testing.assert_close(layout.tensors[f"layers.0.self_attn.{projection}.bias"], weight @ bias)
     torch.testing.assert_close(layout.tensors["layers.0.self_attn.o_proj.bias"], bias)
-    sglang = drafter.engine_layout("sglang")
+    sglang = drafter.engine_layout("sglang", gamma=5)
     torch.testing.assert_close(sglang.tensors["fc.bias"], bias)
     assert sglang.config["architectures"] == ["LlamaForCausalLMEagle"] and not sglang.config["attention_bias"]
 
@@ -162,7 +162,7 @@ def test_vllm_eagle3_layout_is_what_llama_eagle3_loads(tiny, tmp_path):
     drafter = build("eagle3", tiny.target, **EAGLE3)
     folder = tmp_path / "vllm"
     folder.mkdir()
-    write_layout(drafter.engine_layout("vllm"), folder)
+    write_layout(drafter.engine_layout("vllm", gamma=5), folder)
     config, tensors = engine_files(folder)
     layer = "layers.0."
     assert set(tensors) == {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d",
@@ -188,7 +188,7 @@ def test_vllm_eagle3_layout_names_the_norms_before_fc(tiny):
     """llama_eagle3.py's LlamaModel: `input_norm` (an RMSNorm over all taps, config norm_before_fc) and
     `fc_norm.K` (one RMSNorm per tap, config fc_norm), applied in that order in `combine_hidden_states`."""
     drafter = build("eagle3", tiny.target, **NORMED_UNSORTED)
-    layout = drafter.engine_layout("vllm")
+    layout = drafter.engine_layout("vllm", gamma=5)
     width = drafter.config.target_hidden_size
     assert layout.tensors["input_norm.weight"].shape == (2 * width,)
     assert {name for name in layout.tensors if name.startswith("fc_norm.")} == {"fc_norm.0.weight", "fc_norm.1.weight"}
@@ -204,7 +204,7 @@ def test_speculators_config_has_what_vllm_validates_and_reads(tiny):
     target_hidden_size, norm_before_residual (**true when absent**), norm_before_fc, fc_norm, norm_output and
     eagle_aux_hidden_state_layer_ids."""
     drafter = build("eagle3", tiny.target, **EAGLE3)
-    config = drafter.engine_layout("speculators", speculative_tokens=5).config
+    config = drafter.engine_layout("speculators", gamma=5).config
     assert config["speculators_model_type"] == "eagle3"
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 5
     assert config["speculators_config"]["verifier"]["name_or_path"] == TARGET_NAME
@@ -220,7 +220,7 @@ def test_sglang_layout_uses_midlayer_names_and_layer_output_ids(tiny):
     `d2t` becomes `hot_token_id` (= d2t + arange, offsets), and the tapped states are named by the layer whose output
     they are (our layer-input id − 1)."""
     drafter = build("eagle3", tiny.target, **SGLANG_EAGLE3)
-    layout = drafter.engine_layout("sglang")
+    layout = drafter.engine_layout("sglang", gamma=5)
     assert not any(name.startswith("layers.") for name in layout.tensors)
     assert {"midlayer.self_attn.q_proj.weight", "midlayer.hidden_norm.weight"} <= set(layout.tensors)
     assert layout.config["architectures"] == ["LlamaForCausalLMEagle3"]
@@ -244,7 +244,7 @@ def test_sglang_refuses_what_it_does_not_read(tiny, options, taps, message):
     if taps is not None:
         drafter.config.feature_layers = taps
     with pytest.raises(ExportUnsupported, match=message) as error:
-        drafter.engine_layout("sglang")
+        drafter.engine_layout("sglang", gamma=5)
     assert isinstance(error.value, UserError) and "format=sglang" in str(error.value)
 
 
@@ -256,13 +256,13 @@ def test_sglang_refuses_what_it_does_not_read(tiny, options, taps, message):
 def test_the_final_normed_tap_cannot_be_exported(tiny, format):
     drafter = build("eagle3", tiny.target, feature_layers=[0, -1], draft_vocab_size=300)
     with pytest.raises(ExportUnsupported, match="−1.*final normed|final normed.*−1"):
-        drafter.engine_layout(format)
+        drafter.engine_layout(format, gamma=5)
 
 
 def test_fspad_with_feature_sampling_is_refused(tiny):
     drafter = build("fspad", tiny.target, partial_alignment=False)
     with pytest.raises(ExportUnsupported, match="feature_sampling"):
-        drafter.engine_layout("vllm")
+        drafter.engine_layout("vllm", gamma=5)
 
 
 def test_fspad_with_both_switches_off_exports_as_eagle1(tiny, tmp_path):
@@ -325,7 +325,7 @@ def test_a_published_checkpoint_imports_and_continues_training(tiny, tmp_path):
     `train init_from=` still starts from it (shapes, taps and vocabulary compared) and takes its weights and d2t."""
     published = build("eagle3", tiny.target, **EAGLE3)
     (tmp_path / "published").mkdir()
-    write_layout(published.engine_layout("vllm"), tmp_path / "published")
+    write_layout(published.engine_layout("vllm", gamma=5), tmp_path / "published")
     (tmp_path / "published" / "specdistill_export.json").unlink()
     import_drafter(tmp_path / "published", tmp_path / "imported")
     torch.manual_seed(1)
@@ -350,7 +350,7 @@ def test_a_tensor_of_the_wrong_shape_is_named_at_load(tiny, tmp_path):
 
 
 def test_a_d2t_of_target_ids_is_refused(tiny):
-    layout = build("eagle3", tiny.target, **EAGLE3).engine_layout("vllm")
+    layout = build("eagle3", tiny.target, **EAGLE3).engine_layout("vllm", gamma=5)
     layout.tensors["d2t"] = torch.arange(300) + layout.tensors["d2t"]  # target ids, the usual converter bug
     with pytest.raises(UserError, match="offsets"):
         Eagle3Drafter.from_engine_layout(layout, "source")
@@ -358,7 +358,7 @@ def test_a_d2t_of_target_ids_is_refused(tiny):
 
 @pytest.mark.parametrize("format", ["vllm", "speculators"])
 def test_an_import_without_tap_ids_is_refused(tiny, tmp_path, format):
-    layout = build("eagle3", tiny.target, **EAGLE3).engine_layout(format)
+    layout = build("eagle3", tiny.target, **EAGLE3).engine_layout(format, gamma=5)
     layout.config.pop("eagle_config" if format == "vllm" else "eagle_aux_hidden_state_layer_ids")
     (tmp_path / "source").mkdir()
     write_layout(layout, tmp_path / "source")
@@ -377,7 +377,7 @@ def test_a_feature_layer_beyond_the_target_is_refused(tiny):
 def test_an_import_with_an_unknown_tensor_is_refused(tiny, tmp_path):
     folder = tmp_path / "source"
     folder.mkdir()
-    write_layout(build("eagle3", tiny.target, **EAGLE3).engine_layout("vllm"), folder)
+    write_layout(build("eagle3", tiny.target, **EAGLE3).engine_layout("vllm", gamma=5), folder)
     tensors = load_file(folder / "model.safetensors")
     save_file({**tensors, "layers.0.extra.weight": torch.zeros(3)}, folder / "model.safetensors")
     with pytest.raises(UserError, match=r"layers\.0\.extra\.weight"):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import LOCK_NAME, json_text, recover_folder, replace_folder
 from specdistill.train import train as train_module  # registers the train schema for `compose`
+from specdistill.train.optim import announce_schedule, lr_lambda
 from tests.conftest import compose, run_cli
 
 # a few steps of a small EAGLE-3 head on the tiny toy target: seconds per run
@@ -281,12 +282,12 @@ def test_a_short_run_warns_that_its_warm_up_never_ends(toy_dataset, tmp_path: Pa
 def test_warmup_ratio_decides_the_warm_up(caplog):
     cfg = compose("train", ["optim.warmup_ratio=0.25", "train.max_steps=40", "data_dir=unused", "out_dir=unused"])
     with caplog.at_level("INFO", logger="specdistill.train"):
-        schedule = train_module.announce_schedule(cfg.optim, cfg.train.max_steps)
+        schedule = announce_schedule(cfg.optim, cfg.train.max_steps)
     assert schedule["warmup_steps"] == 10 and "WARNING" not in caplog.text
-    factor = train_module.lr_lambda(cfg.optim, cfg.train.max_steps)
+    factor = lr_lambda(cfg.optim, cfg.train.max_steps)
     assert factor(4) == pytest.approx(0.5) and factor(9) == pytest.approx(1.0)
     with pytest.raises(UserError, match="optim.warmup_ratio: 2.0 is not a fraction"):
-        train_module.announce_schedule(compose("train", ["optim.warmup_ratio=2"]).optim, 40)
+        announce_schedule(compose("train", ["optim.warmup_ratio=2"]).optim, 40)
 
 
 # --- 10. a dataset without stats.json ----------------------------------------------------------------------------------

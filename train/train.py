@@ -11,10 +11,12 @@ zero3|fsdp, train/distributed.py).
     torchrun --nproc_per_node 2 -m specdistill.train data_dir=...                    # DDP (one process per GPU, or gloo on CPU)
     torchrun --nproc_per_node 8 -m specdistill.train data_dir=... distributed=zero3  # DeepSpeed ZeRO-3 (zero2, fsdp alike)
 
-setup (target, data, drafter, optimizer, resume) → train (accumulated steps, validation, checkpoints) → save:
+open_out_dir (lock, tidy, a finished run is not trained again) → setup (a builder per component: data and target,
+drafter, feature source, optimizer, resume, logger) → train (one `train_step` per optimizer step; validation,
+checkpoints) → save:
 
     <out_dir>/drafter/          save_pretrained (safetensors) + resolved_config.yaml + summary.json
-    <out_dir>/checkpoints/step_N   accelerate state + trainer_state.json; resume=auto continues from the newest
+    <out_dir>/checkpoints/step_N   accelerate state + trainer_state.json (train/checkpoints.py); resume=auto continues
 
 One run at a time holds out_dir (a lock). A checkpoint records the run's settings and the files it holds: resume=auto
 continues only with the same settings (train.max_steps may grow; logging, evaluation and checkpoint intervals may
@@ -28,131 +30,41 @@ depend on how the tokens were split into micro-batches.
 
 from __future__ import annotations
 
-import json
 import logging
-from contextlib import ExitStack, nullcontext
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from specdistill.distill.config import CONFIG_DIR
-from specdistill.distill.targets import (eos_token_ids, load_target_model, load_target_tokenizer,
-                                        tokenizer_fingerprint)
-from specdistill.distill.drafters import drafter_kind, load_drafting, resolve_objective
 from specdistill.distill.decoding import check_draft_depth
-from specdistill.distill.schedule import lr_factor
+from specdistill.distill.drafters import drafter_kind, load_drafting, resolve_objective
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.errors import UserError, exit_on_user_error
-from specdistill.distill.json_files import read_json
-from specdistill.distill.outputs import (claim_out_dir, json_text, recover_folder, replace_folder, staging_folder,
-                                         write_text_atomic)
-from specdistill.distill.objectives import Objective, expected_accept_length
-from specdistill.distill.target import FrozenTarget
-from specdistill.train.config import check_ranges, register_configs
 from specdistill.distill.multirun import sweep_job
+from specdistill.distill.objectives import Objective, expected_accept_length
+from specdistill.distill.outputs import claim_out_dir, json_text, recover_folder, replace_folder
+from specdistill.distill.target import FrozenTarget
+from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
+from specdistill.train.checkpoints import (CHECKPOINT_PREFIX, checkpoints, finished_drafter, prune_checkpoint, resume,
+                                           run_settings, save_checkpoint, tidy_checkpoints)
+from specdistill.train.config import check_ranges, register_configs
+from specdistill.train.data import batches_per_epoch, collate, load_prepared_dataset, micro_batch_indices
 from specdistill.train.distributed import end_run, make_accelerator
 from specdistill.train.live_tau import decode_counts, tau_counts_size, tau_metrics, validation_prompts
+from specdistill.train.optim import build_optimizer
 
 log = logging.getLogger("specdistill.train")
-CHECKPOINT_PREFIX = "step_"
-TRAINER_STATE = "trainer_state.json"
-# keys a resumed run may change: where things live, what is logged, how often it evaluates and checkpoints
-# (train.max_steps may grow; checked on its own)
-RESUMABLE_CHANGES = ("out_dir", "cache_dir", "resume", "logger.", "train.max_steps", "train.log_every",
-                     "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_last",
-                     "train.tau_prompts", "train.tau.", "features.path")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data: a seeded order that a resumed run can re-enter at any micro-batch
-
-
-def load_prepared_dataset(data_dir: Path, tokenizer: Any) -> tuple[Any, torch.Tensor | None]:
-    """The prep output's DatasetDict and its masked-token counts, checked against the target tokenizer."""
-    import datasets
-
-    if not (data_dir / "dataset_dict.json").exists():
-        raise UserError(f"data_dir: {data_dir} is not a `specdistill prep` output (no dataset_dict.json there)")
-    try:
-        dataset = datasets.load_from_disk(str(data_dir))
-    except Exception as error:  # a damaged or foreign folder: arrow, json and index errors of many kinds
-        raise UserError(f"data_dir: cannot read {data_dir} as a dataset ({type(error).__name__}: {error}); "
-                        "run `specdistill prep` again") from None
-    stats_path = data_dir / "stats.json"
-    if stats_path.exists():
-        stats = read_json(stats_path, "data_dir", "run `specdistill prep` again")
-        expected = stats.get("tokenizer", {}).get("fingerprint")
-        if expected is not None and expected != tokenizer_fingerprint(tokenizer):
-            raise UserError(
-                f"data_dir: {data_dir} was prepared with another tokenizer ({stats['tokenizer'].get('name_or_path')}) "
-                "than this target's. Run `specdistill prep` again with this target."
-            )
-    else:
-        log.warning("data_dir: %s has no stats.json, so the tokenizer it was prepared with is unknown; checking its "
-                    "token ids against the target's vocabulary only", data_dir)
-    if "train" not in dataset or len(dataset["train"]) == 0:
-        raise UserError(f"data_dir: {data_dir} has no training records; check its stats.json for why prep dropped them")
-    largest = largest_token_id(dataset)
-    if largest >= len(tokenizer):  # it would end in an IndexError inside the target's embedding
-        missing = " (its stats.json is missing, so the tokenizer could not be checked)" if not stats_path.exists() else ""
-        raise UserError(
-            f"data_dir: {data_dir} holds token id {largest}, but this target's tokenizer has {len(tokenizer)} tokens: "
-            f"it was prepared for another target{missing}. Run `specdistill prep` again with this target."
-        )
-    counts_path = data_dir / "token_counts.safetensors"
-    counts = load_file(str(counts_path))["counts"] if counts_path.exists() else None
-    return dataset, counts
-
-
-def largest_token_id(dataset: Any) -> int:
-    """The largest token id in any split (-1 when empty), read from the Arrow columns without decoding rows."""
-    import pyarrow.compute as pc
-
-    largest = [pc.max(pc.list_flatten(split.data.column("input_ids"))).as_py() for split in dataset.values()]
-    return max((value for value in largest if value is not None), default=-1)
-
-
-def collate(rows: list[dict], max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, loss_mask (0 on padding)."""
-    length = min(max(len(row["input_ids"]) for row in rows), max_length)
-    batch = {key: torch.zeros(len(rows), length, dtype=torch.long) for key in ("input_ids", "attention_mask", "loss_mask")}
-    for index, row in enumerate(rows):
-        ids = row["input_ids"][:length]
-        batch["input_ids"][index, : len(ids)] = torch.tensor(ids)
-        batch["attention_mask"][index, : len(ids)] = 1
-        batch["loss_mask"][index, : len(ids)] = torch.tensor(row["loss_mask"][:length])
-    return batch
-
-
-def batches_per_epoch(size: int, batch_size: int) -> int:
-    """Whole micro-batches in one pass over `size` rows (at least one)."""
-    return max(1, size // batch_size)
-
-
-def micro_batch_indices(size: int, batch_size: int, seed: int, start: int) -> Iterator[list[int]]:
-    """Global micro-batches of a dataset of `size` rows, epoch after epoch (each epoch a seeded permutation), from
-    micro-batch number `start` on: the order depends only on (seed, number), so a resumed run sees the same data."""
-    per_epoch = batches_per_epoch(size, batch_size)
-    number, order_epoch, order = start, None, None
-    while True:
-        epoch, position = divmod(number, per_epoch)
-        if epoch != order_epoch:  # one permutation per epoch
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            order_epoch = epoch
-        yield order[position * batch_size : (position + 1) * batch_size].tolist()
-        number += 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,179 +85,9 @@ class DraftTraining(nn.Module):
                                           target_output, objective or self.objective)
 
 
-def warmup_steps(optim: Any, max_steps: int) -> int:
-    """optim.warmup_ratio × train.max_steps when the ratio is set, else optim.warmup_steps."""
-    if optim.warmup_ratio is None:
-        return optim.warmup_steps
-    return round(optim.warmup_ratio * max_steps)
-
-
-def announce_schedule(optim: Any, max_steps: int) -> dict:
-    """Check the warm-up against the run's length, log the effective schedule, and return it (recorded in summaries).
-    A warm-up as long as the run never reaches optim.lr: that is warned about loudly, not left to be found later."""
-    if optim.warmup_ratio is not None and not 0 <= optim.warmup_ratio <= 1:
-        raise UserError(f"optim.warmup_ratio: {optim.warmup_ratio} is not a fraction of train.max_steps (0 to 1)")
-    if optim.warmup_ratio is None and optim.warmup_steps < 0:
-        raise UserError(f"optim.warmup_steps: {optim.warmup_steps} is negative; use 0 for no warm-up")
-    warmup = warmup_steps(optim, max_steps)
-    source = (f"optim.warmup_ratio={optim.warmup_ratio}" if optim.warmup_ratio is not None
-              else f"optim.warmup_steps={optim.warmup_steps}")
-    if warmup >= max_steps:
-        log.warning("WARNING: the warm-up (%s: %d steps) is as long as the run (train.max_steps=%d): the learning rate "
-                    "never reaches optim.lr=%g (it peaks at %.3g). Set optim.warmup_ratio=0.1 or a smaller "
-                    "optim.warmup_steps.", source, warmup, max_steps, optim.lr, optim.lr * max_steps / warmup)
-    schedule = optim.schedule.name
-    decay = "constant" if schedule == "constant" else f"{schedule} decay to {optim.lr * optim.min_lr_ratio:g}"
-    log.info("schedule: lr %g, warm-up %d steps (%s), then %s by step %d (train.max_steps)",
-             optim.lr, warmup, source, decay, max_steps)
-    return {"lr": optim.lr, "warmup_steps": warmup, "schedule": schedule, "min_lr_ratio": optim.min_lr_ratio,
-            "max_steps": max_steps}
-
-
-def lr_lambda(cfg: Any, max_steps: int) -> Callable[[int], float]:
-    """`optim`'s schedule as LambdaLR's factor: linear warm-up, then cosine / linear decay to lr × min_lr_ratio (or
-    constant), distill/schedule.py's `lr_factor`."""
-    warmup, floor, schedule = warmup_steps(cfg, max_steps), cfg.min_lr_ratio, cfg.schedule.name
-    return lambda step: lr_factor(step, warmup, max_steps, schedule, floor)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """N for a `step_N` folder, else None."""
-    number = path.name[len(CHECKPOINT_PREFIX) :]
-    return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
-
-
-def missing_files(checkpoint: Path) -> list[str]:
-    """What a checkpoint lacks of what it needs: its trainer_state.json, or files that state lists (weights, optimizer,
-    scheduler, RNG states). Only what can be seen without reading the files; a damaged file is found by loading."""
-    state_path = checkpoint / TRAINER_STATE
-    if not state_path.is_file():
-        return [TRAINER_STATE]
-    try:
-        files = json.loads(state_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError):  # an unreadable state is damage, reported when the checkpoint is loaded
-        return []
-    return [name for name in files if not (checkpoint / name).is_file()]
-
-
-def checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints (`missing_files` finds nothing), oldest first."""
-    found = [path for path in (out_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
-             if checkpoint_step(path) is not None and not missing_files(path)]
-    return sorted(found, key=checkpoint_step)
-
-
-def tidy_checkpoints(out_dir: Path) -> None:
-    """Undo an interrupted swap, then remove what interrupted saves and prunes left: staging and pruned folders, and
-    step folders missing files (e.g. a kill while pruning). Main process only, before anything is loaded."""
-    folder = out_dir / "checkpoints"
-    if not folder.is_dir():
-        return
-    for backup in folder.glob(f".{CHECKPOINT_PREFIX}*.old"):
-        recover_folder(folder / backup.name[1 : -len(".old")])
-    for entry in sorted(folder.iterdir()):
-        missing = missing_files(entry) if checkpoint_step(entry) is not None else []
-        if entry.name.startswith("."):
-            reason = "left by an interrupted save or prune"
-        elif missing:
-            reason = f"an incomplete checkpoint: no {', '.join(missing[:3])}"
-        else:
-            continue
-        log.info("removing %s (%s)", entry, reason)
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
-def prune_checkpoint(checkpoint: Path) -> None:
-    """Rename first, then delete: a kill during the deletion leaves a dot-folder that `tidy_checkpoints` removes, never
-    a `step_N` that looks resumable but lacks its weights."""
-    trash = checkpoint.with_name(f".{checkpoint.name}.pruned")
-    checkpoint.rename(trash)
-    shutil.rmtree(trash)
-
-
-def save_checkpoint(accelerator: Any, out_dir: Path, step: int, keep_last: int, trainer_state: dict) -> None:
-    """Every process's accelerate state and trainer_state.json (with `step` and the list of files written), staged and
-    renamed into place as one folder; then the oldest checkpoints beyond keep_last are pruned."""
-    final = out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    main = accelerator.is_main_process
-    with replace_folder(final) if main else nullcontext(staging_folder(final)) as staging:
-        accelerator.wait_for_everyone()  # the main process has made the staging folder
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
-        if main:
-            files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file())
-            write_text_atomic(staging / TRAINER_STATE, json_text({**trainer_state, "step": step, "files": files}))
-    if main:
-        for old in checkpoints(out_dir)[: -max(keep_last, 1)]:
-            prune_checkpoint(old)
-    accelerator.wait_for_everyone()
-
-
-def damaged_file(checkpoint: Path) -> str | None:
-    """The first of a checkpoint's files that does not load on its own, as `<path> (<error>)`; asked only after
-    loading the whole checkpoint failed, to name the culprit."""
-    from accelerate.utils import load as accelerate_load
-
-    for path in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
-        try:
-            if path.suffix == ".json":
-                json.loads(path.read_text())
-            elif path.suffix == ".safetensors":
-                load_file(str(path))
-            else:  # optimizer, scheduler and RNG states: torch.save files, read as accelerate reads them
-                accelerate_load(path, map_location="cpu")  # weights_only, with accelerate's numpy allowlist
-        except Exception as error:  # any decoding error of any format means the same: this file is damaged
-            return f"{path} ({type(error).__name__}: {str(error)[:120]})"
-    return None
-
-
-def run_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the run it continues: the resolved config as dotted keys, without
-    RESUMABLE_CHANGES."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
-    return {key: value for key, value in flat.items() if not key.startswith(RESUMABLE_CHANGES)}
-
-
-def check_same_settings(saved: dict | None, cfg: DictConfig, where: Path) -> None:
-    """Refuse to continue a run under other settings: they would be recorded but silently not used (the optimizer
-    state, for one, carries the old learning rate)."""
-    if saved is None:
-        raise UserError(f"resume: {where} does not record its run's settings (written by an older specdistill), so "
-                        "they cannot be checked; continue the run there with that version, or use another out_dir")
-    current = json.loads(json_text(run_settings(cfg)))  # through JSON, as the saved side was
-    unset = object()
-    changed = [f"{key} {saved.get(key, '<unset>')!r} → {current.get(key, '<unset>')!r}"
-               for key in sorted(saved.keys() | current.keys()) if saved.get(key, unset) != current.get(key, unset)]
-    if changed:
-        raise UserError(
-            f"resume: the run in {where} was started with other "
-            f"settings ({'; '.join(changed)}); a resumed run keeps its settings (only train.max_steps may grow, and the "
-            "logging, evaluation and checkpoint intervals may change). Undo the changes to continue it, or give the "
-            "new settings another out_dir."
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The recipe
-
-
 class TrainRecipe:
+    """One training run in out_dir: `open_out_dir`, then `setup`, `train` and `save` (see `train` below)."""
+
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir).expanduser()
@@ -388,50 +130,30 @@ class TrainRecipe:
                 "Continue it with resume=auto, choose another out_dir, or delete those folders yourself to start over."
             )
         if cfg.resume == "auto" and (drafter / "summary.json").is_file():
-            return self._finished_drafter(drafter)
+            return finished_drafter(self.out_dir, cfg, self.accelerator.is_main_process)
         return None
 
-    def _finished_drafter(self, drafter: Path) -> Path | None:
-        """`drafter` when its run reached train.max_steps with these settings; None when train.max_steps grew (the run
-        continues from its newest checkpoint)."""
-        summary = read_json(drafter / "summary.json", "resume", "move the drafter folder away to train again")
-        try:
-            reached = int(summary["final"]["step"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"resume: {drafter / 'summary.json'} cannot be read ({type(error).__name__}: {error}); "
-                            "move the drafter folder away to train again") from None
-        check_same_settings(summary.get("settings"), self.cfg, self.out_dir)
-        max_steps = self.cfg.train.max_steps
-        if max_steps < reached:
-            raise UserError(f"train.max_steps={max_steps} is below step {reached}, where the run in {self.out_dir} "
-                            f"already finished; set train.max_steps ≥ {reached}, or use another out_dir")
-        if max_steps > reached:
-            newest = checkpoints(self.out_dir)
-            if not newest or checkpoint_step(newest[-1]) != reached:  # no checkpoint of its last step to continue from
-                raise UserError(
-                    f"train.max_steps={max_steps}: the run in {self.out_dir} finished at step {reached}, but its "
-                    f"checkpoints/ holds no checkpoint of that step (written by an older specdistill, or removed), so it "
-                    "cannot be continued. Start the longer run in another out_dir, or from this drafter with "
-                    f"init_from={drafter}")
-            log.info("train.max_steps grew from %d to %d: continuing the run in %s from step %d", reached, max_steps,
-                     self.out_dir, reached)
-            if self.cfg.optim.schedule.name != "constant":
-                log.warning("optim.schedule=%s follows train.max_steps: its decay now ends at step %d, so the learning "
-                            "rate rises from where the run ended to the longer schedule's value at step %d",
-                            self.cfg.optim.schedule.name, max_steps, reached)
-            return None
-        if self.accelerator.is_main_process:
-            print(f"train: the run in {self.out_dir} already finished at step {reached}; its drafter is {drafter}. "
-                  "Raise train.max_steps to train it further.")
-        return drafter
+    # --- setup: one builder per component, in the order each needs the one before ---------------------------------
 
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
+        set_seed(self.cfg.seed)
+        kind = drafter_kind(self.cfg.drafter.kind)
+        self.objective = resolve_objective(kind, self.cfg.objective)  # a wrong objective fails before anything loads
+        token_counts = self._setup_target_and_data()
+        self.drafter = self._setup_drafter(kind, token_counts)
+        self.feature_cache = self._setup_feature_source()
+        self._setup_optimizer()
+        # a resumed run continues from its own weights, loaded over init_from's
+        self.start_step, self.history = resume(self.accelerator, self.out_dir, self.cfg, self.drafter.identity())
+        self.tokens_trained = self.history[-1].get("tokens_trained", 0) if self.history else 0
+        self._setup_logger()
+
+    def _setup_target_and_data(self) -> torch.Tensor | None:
+        """The frozen target, prep's dataset (checked against the target's tokenizer) and train.tau's prompts; returns
+        the dataset's token counts (a kind may size its draft vocabulary by them)."""
         cfg = self.cfg
-        set_seed(cfg.seed)
-        kind = drafter_kind(cfg.drafter.kind)
-        self.objective = resolve_objective(kind, cfg.objective)  # a wrong objective fails before anything loads
         tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
         self.dataset, token_counts = load_prepared_dataset(self.data_dir, tokenizer)
         model = load_target_model(cfg.target, cfg.cache_dir, device=self.accelerator.device)
@@ -442,10 +164,15 @@ class TrainRecipe:
             log.warning("train.tau_prompts=%d: the validation split has %d record(s) long enough to prompt the "
                         "decoder (train/live_tau.py), so the decoded τ uses %d prompt(s)%s", cfg.train.tau_prompts,
                         len(self.tau_prompts), len(self.tau_prompts), "" if self.tau_prompts else " (it is not measured)")
+        return token_counts
+
+    def _setup_drafter(self, kind: Any, token_counts: torch.Tensor | None) -> nn.Module:
+        """The drafter of `drafter.kind`, built for this target (and started from init_from's weights when set)."""
+        cfg = self.cfg
         context = BuildContext(self.target, token_counts, str(cfg.target.name_or_path), cfg.target.revision)
         drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context)
         drafter.check_target(self.target, "drafter")
-        if cfg.init_from is not None:  # before any checkpoint: a resumed run continues from its own weights
+        if cfg.init_from is not None:
             drafter.load_initial_weights(Path(cfg.init_from).expanduser())
             log.info("drafter weights start from %s (init_from)", cfg.init_from)
         drafter = drafter.to(self.accelerator.device)
@@ -454,90 +181,134 @@ class TrainRecipe:
             check_draft_depth(drafter.max_depth, self.tau_decoding, "train.tau", type(drafter).__name__)
         log.info("drafter %s reads target layers %s; objective %s", kind.name, list(drafter.feature_layers),
                  type(self.objective).__name__)
-        self.drafter = drafter
-        self.feature_cache = None
-        if cfg.features.source.name == "cache":  # the target's forward is not run: prep's cache stands in for it
-            from specdistill.distill.feature_cache import open_feature_cache
+        return drafter
 
-            path = Path(cfg.features.path).expanduser() if cfg.features.path else self.data_dir.parent / "features"
-            self.feature_cache = open_feature_cache(path, self.target, self.dataset, drafter.feature_layers,
-                                                    self.objective, self.data_dir)
-        optimizer = torch.optim.AdamW(
-            [p for p in drafter.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-            weight_decay=cfg.optim.weight_decay,
-        )
-        self.schedule = announce_schedule(cfg.optim, cfg.train.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
-        self.module, self.optimizer = self.accelerator.prepare(DraftTraining(drafter, self.objective), optimizer)
-        # not prepared: accelerate would step it once per process, and our schedule counts optimizer steps
-        self.scheduler = scheduler
-        self.accelerator.register_for_checkpointing(scheduler)
-        self.start_step, self.history = self._resume()
-        self.tokens_trained = self.history[-1].get("tokens_trained", 0) if self.history else 0
+    def _setup_feature_source(self) -> Any:
+        """prep's feature cache when features.source=cache (the target's forward is then not run), else None."""
+        cfg = self.cfg
+        if cfg.features.source.name != "cache":
+            return None
+        from specdistill.distill.feature_cache import open_feature_cache
+
+        path = Path(cfg.features.path).expanduser() if cfg.features.path else self.data_dir.parent / "features"
+        return open_feature_cache(path, self.target, self.dataset, self.drafter.feature_layers, self.objective,
+                                  self.data_dir)
+
+    def _setup_optimizer(self) -> None:
+        """AdamW and its schedule (train/optim.py); the loss module and optimizer wrapped for the distributed mode."""
+        optimizer, self.scheduler, self.schedule = build_optimizer(self.drafter.parameters(), self.cfg.optim,
+                                                                   self.cfg.train.max_steps)
+        self.module, self.optimizer = self.accelerator.prepare(DraftTraining(self.drafter, self.objective), optimizer)
+        # the scheduler is not prepared: accelerate would step it once per process, and our schedule counts
+        # optimizer steps
+        self.accelerator.register_for_checkpointing(self.scheduler)
+
+    def _setup_logger(self) -> None:
+        cfg = self.cfg
         if cfg.logger.name != "none":
             config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             self.accelerator.init_trackers(cfg.logger.project, config=config,
                                            init_kwargs={cfg.logger.name: {"name": cfg.logger.run_name}})
 
-    def _resume(self) -> tuple[int, list[dict]]:
-        """(first step, history): from the newest checkpoint that loads; a damaged one is skipped for the one before
-        it (one line says which and why); none loading is an error naming the damaged file."""
-        damaged = []
-        for checkpoint in reversed(checkpoints(self.out_dir)):  # resume=never found none (open_out_dir)
-            state, problem = self._load_checkpoint(checkpoint)
-            if problem is None:
-                log.info("resumed from %s (step %d)", checkpoint, state["step"])
-                return state["step"], state["history"]
-            damaged.append(problem)
-            log.warning("resume: skipping the checkpoint %s: %s is damaged; trying the one before it",
-                        checkpoint.name, problem)
-        if damaged:
-            raise UserError(f"resume: no checkpoint in {self.out_dir / 'checkpoints'} can be loaded (damaged: "
-                            f"{'; '.join(damaged)}); delete the damaged checkpoints to start over, or use another out_dir")
-        return 0, []
+    # --- train: the loop, and one optimizer step ------------------------------------------------------------------
 
-    def _load_checkpoint(self, checkpoint: Path) -> tuple[dict, str | None]:
-        """Load one checkpoint into the model, optimizer, scheduler and RNGs: (its trainer state, None), or (…, what is
-        damaged). Settings that differ from the checkpoint's are an error, not damage."""
-        state_path = checkpoint / TRAINER_STATE
-        problem, state = None, {}
-        try:
-            state = json.loads(state_path.read_text())
-            state["step"], state["history"] = int(state["step"]), list(state["history"])
-        except (ValueError, KeyError, TypeError) as error:
-            problem = f"{state_path} ({type(error).__name__}: {str(error)[:120]})"
-        if problem is None:
-            self._check_checkpoint_drafter(checkpoint, state.get("drafter", {}))
-            written_by, now = state.get("num_processes", self.accelerator.num_processes), self.accelerator.num_processes
-            if written_by != now:  # per-process optimizer shards and RNG states, and each process's share of the data
-                raise UserError(f"resume: the checkpoint {checkpoint} was written by {written_by} processes, and this "
-                                f"run has {now}; relaunch with {written_by} (torchrun --nproc_per_node {written_by}) "
-                                "to continue it, or use another out_dir")
-            check_same_settings(state.get("settings"), self.cfg, self.out_dir)
-            if self.cfg.train.max_steps < state["step"]:
-                raise UserError(f"train.max_steps={self.cfg.train.max_steps} is below step {state['step']} of the "
-                                f"checkpoint {checkpoint}; set train.max_steps ≥ {state['step']} to continue the run, "
-                                "or use another out_dir")
-            try:
-                self.accelerator.load_state(str(checkpoint))
-            except Exception as error:  # torch, safetensors and pickle each fail in their own way on a damaged file
-                problem = damaged_file(checkpoint) or f"{checkpoint} ({type(error).__name__}: {str(error)[:120]})"
-        # every process loads its own RNG state: all move on together when any of them failed
-        failures = self.accelerator.reduce(torch.tensor(float(problem is not None), device=self.accelerator.device), "sum")
-        if problem is None and failures.item() > 0:
-            problem = f"{checkpoint} (on another process)"
-        return state, problem
+    def train(self) -> dict:
+        """Optimizer steps from start_step to train.max_steps: validation every eval_every steps (and at step 0, the
+        untrained baseline), a log line every log_every, a checkpoint every checkpoint_every and at the last step."""
+        cfg, accelerator, loop = self.cfg, self.accelerator, self.cfg.train
+        batches = self._micro_batches("train", loop.batch_size, self.start_step * loop.grad_accum)
+        progress = tqdm(range(self.start_step, loop.max_steps), initial=self.start_step, total=loop.max_steps,
+                        desc="train", unit="step", disable=not accelerator.is_main_process)
+        if self.start_step == 0:  # the untrained drafter's agreement: the baseline every later value is read against
+            self.history.append({"step": 0, **self.validate()})
+        window_start_tokens, window_start = self.tokens_trained, time.perf_counter()
+        self.first_step_records, self.records_seen = [], set()
+        for step in progress:
+            drawn = [next(batches) for _ in range(loop.grad_accum)]
+            self._note_records(step, drawn)
+            record, agreement = self.train_step(step, drawn)
+            if (step + 1) % loop.eval_every == 0 or step + 1 == loop.max_steps:
+                record.update(self.validate())
+            self.history.append(record)
+            if (step + 1) % loop.log_every == 0 or "val_top1" in record:
+                elapsed = time.perf_counter() - window_start
+                record["tokens_per_s"] = (self.tokens_trained - window_start_tokens) / max(elapsed, 1e-9)
+                window_start_tokens, window_start = self.tokens_trained, time.perf_counter()
+                shown = {"loss": f"{record['loss']:.3f}", "tau_proxy": f"{expected_accept_length(agreement):.2f}"}
+                if "val_tau" in record:  # the real decoder's τ beside the proxy
+                    shown["val_tau"] = f"{record['val_tau']:.2f}"
+                progress.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
+                accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step + 1)
+            # the last step is always checkpointed: a later run with a larger train.max_steps continues from it
+            if (step + 1) % loop.checkpoint_every == 0 or step + 1 == loop.max_steps:
+                save_checkpoint(accelerator, self.out_dir, step + 1, loop.keep_last,
+                                {"history": self.history, "drafter": self.drafter.identity(),
+                                 "settings": run_settings(cfg), "schedule": self.schedule,
+                                 "num_processes": accelerator.num_processes})
+        final = self.history[-1]
+        if "val_top1" not in final:  # resumed at train.max_steps: the loop above ran no step that validates
+            final.update(self.validate())
+        return final
 
-    def _check_checkpoint_drafter(self, path: Path, saved: dict) -> None:
-        """A checkpoint of another target or drafter shape cannot be resumed: say so before loading it."""
-        current = self.drafter.identity()
-        different = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
-        if different:
-            details = ", ".join(f"{key} {old!r} there vs {new!r} now" for key, (old, new) in different.items())
-            raise UserError(
-                f"resume: the checkpoint {path} is of another drafter or target ({details}). "
-                "Match the original config to continue it, or use another out_dir."
-            )
+    def train_step(self, step: int, drawn: list[dict[str, torch.Tensor]]) -> tuple[dict, list[float]]:
+        """One optimizer step over the micro-batches drawn for it (gradient accumulation): the step's record and the
+        training top-1 agreement per draft position."""
+        accelerator, grad_accum = self.accelerator, self.cfg.train.grad_accum
+        micro = [self._prepare(batch, step, index) for index, batch in enumerate(drawn)]
+        # positions trained on in the whole step, over every process: the per-token normaliser
+        step_tokens = sum(self.drafter.trained_rows(batch["loss_mask"]).sum() for batch in micro)
+        step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
+        loss_total, local_tokens, agree, counted = 0.0, 0, 0, 0
+        self.module.train()
+        for batch in micro:
+            target_output = self._target_output(batch, "train", for_training=True)
+            # accumulate: gradients are synchronised (DeepSpeed: stepped) on the step's last micro-batch only
+            with accelerator.accumulate(self.module):
+                loss = self.module(batch, target_output)
+                # accelerate (or DeepSpeed) divides by grad_accum and the processes' gradients are averaged:
+                # scale back up so the step's gradient is a per-token mean
+                accelerator.backward(loss.loss_sum * accelerator.num_processes * grad_accum / step_tokens)
+            loss_total += loss.loss_sum.item()
+            agree, counted = agree + loss.agree, counted + loss.counted
+            local_tokens += int(batch["attention_mask"].sum())
+        totals = accelerator.reduce(torch.tensor([loss_total, local_tokens], device=accelerator.device), "sum")
+        loss_value = totals[0].item() / step_tokens.item()
+        grad_norm = accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip_norm)
+        self._stop_if_diverged(step + 1, loss_value, float(grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        self.tokens_trained += int(totals[1].item())  # every process's tokens
+        agreement = (agree / counted.clamp(min=1)).tolist()
+        record = {"step": step + 1, "tokens_trained": self.tokens_trained, "loss": loss_value,
+                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "train_top1": agreement[0]}
+        return record, agreement
+
+    def _note_records(self, step: int, micro: list[dict[str, torch.Tensor]]) -> None:
+        """Which records this process trains on (summary.json: data_shards), to show every process gets its own."""
+        records = [int(index) for batch in micro for index in batch["index"].tolist()]
+        if step == self.start_step:
+            self.first_step_records = records
+        self.records_seen.update(records)
+
+    def _stop_if_diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient would poison the weights: stop before the optimizer step, without a drafter.
+        The checkpoint of the step before, if any, holds the weights that diverged: it is removed, so resume=auto never
+        continues from them. (Under fp16 an infinite gradient is the loss scaler's to skip.)"""
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.accelerator.mixed_precision == "fp16"):
+            return
+        diverged = self.out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step - 1}"
+        removed = f" Removed {diverged}, whose weights diverged." if diverged.is_dir() else ""
+        if removed and self.accelerator.is_main_process:
+            prune_checkpoint(diverged)
+        raise UserError(
+            f"train: step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: training diverged, so it stopped "
+            f"without writing a drafter.{removed} Lower optim.lr (now {self.cfg.optim.lr:g}) or lengthen the warm-up "
+            "(optim.warmup_ratio), and start again in another out_dir."
+        )
+
+    # --- data and the target's side of each micro-batch ---------------------------------------------------------
 
     def _micro_batches(self, split: str, batch_size: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
         """This process's share of each global micro-batch, on its device."""
@@ -566,94 +337,7 @@ class TrainRecipe:
         generator = torch.Generator().manual_seed(seed)
         return self.drafter.prepare_batch(batch, self.objective, generator)
 
-    def train(self) -> dict:
-        cfg, accelerator = self.cfg, self.accelerator
-        loop = cfg.train
-        batches = self._micro_batches("train", loop.batch_size, self.start_step * loop.grad_accum)
-        progress = tqdm(range(self.start_step, loop.max_steps), initial=self.start_step, total=loop.max_steps,
-                        desc="train", unit="step", disable=not accelerator.is_main_process)
-        if self.start_step == 0:  # the untrained drafter's agreement: the baseline every later value is read against
-            self.history.append({"step": 0, **self.validate()})
-        window_tokens, window_start = 0, time.perf_counter()
-        self.first_step_records, self.records_seen = [], set()
-        for step in progress:
-            drawn = [next(batches) for _ in range(loop.grad_accum)]
-            self._note_records(step, drawn)
-            micro = [self._prepare(batch, step, index) for index, batch in enumerate(drawn)]
-            # positions trained on in the whole step, over every process: the per-token normaliser
-            step_tokens = sum(self.drafter.trained_rows(batch["loss_mask"]).sum() for batch in micro)
-            step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
-            loss_total, local_tokens, agree, counted = 0.0, 0, 0, 0
-            self.module.train()
-            for index, batch in enumerate(micro):
-                target_output = self._target_output(batch, "train", for_training=True)
-                # accumulate: gradients are synchronised (DeepSpeed: stepped) on the step's last micro-batch only
-                with accelerator.accumulate(self.module):
-                    loss = self.module(batch, target_output)
-                    # accelerate (or DeepSpeed) divides by grad_accum and the processes' gradients are averaged:
-                    # scale back up so the step's gradient is a per-token mean
-                    accelerator.backward(loss.loss_sum * accelerator.num_processes * loop.grad_accum / step_tokens)
-                loss_total += loss.loss_sum.item()
-                agree, counted = agree + loss.agree, counted + loss.counted
-                local_tokens += int(batch["attention_mask"].sum())
-            totals = accelerator.reduce(torch.tensor([loss_total, local_tokens], device=accelerator.device), "sum")
-            loss_value = totals[0].item() / step_tokens.item()
-            grad_norm = accelerator.clip_grad_norm_(self.module.parameters(), cfg.optim.grad_clip_norm)
-            self._stop_if_diverged(step + 1, loss_value, float(grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-            self.tokens_trained += int(totals[1].item())
-            window_tokens += int(totals[1].item())
-            agreement = (agree / counted.clamp(min=1)).tolist()
-            record = {"step": step + 1, "tokens_trained": self.tokens_trained, "loss": loss_value,
-                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "train_top1": agreement[0]}
-            if (step + 1) % loop.eval_every == 0 or step + 1 == loop.max_steps:
-                record.update(self.validate())
-            self.history.append(record)
-            if (step + 1) % loop.log_every == 0 or "val_top1" in record:
-                elapsed = time.perf_counter() - window_start
-                record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-                window_tokens, window_start = 0, time.perf_counter()
-                shown = {"loss": f"{loss_value:.3f}", "tau_proxy": f"{expected_accept_length(agreement):.2f}"}
-                if "val_tau" in record:  # the real decoder's τ beside the proxy
-                    shown["val_tau"] = f"{record['val_tau']:.2f}"
-                progress.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
-                accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step + 1)
-            # the last step is always checkpointed: a later run with a larger train.max_steps continues from it
-            if (step + 1) % loop.checkpoint_every == 0 or step + 1 == loop.max_steps:
-                save_checkpoint(accelerator, self.out_dir, step + 1, loop.keep_last,
-                                {"history": self.history, "drafter": self.drafter.identity(),
-                                 "settings": run_settings(cfg), "schedule": self.schedule,
-                                 "num_processes": accelerator.num_processes})
-        final = self.history[-1]
-        if "val_top1" not in final:  # resumed at train.max_steps: the loop above ran no step that validates
-            final.update(self.validate())
-        return final
-
-    def _note_records(self, step: int, micro: list[dict[str, torch.Tensor]]) -> None:
-        """Which records this process trains on (summary.json: data_shards), to show every process gets its own."""
-        records = [int(index) for batch in micro for index in batch["index"].tolist()]
-        if step == self.start_step:
-            self.first_step_records = records
-        self.records_seen.update(records)
-
-    def _stop_if_diverged(self, step: int, loss: float, grad_norm: float) -> None:
-        """A non-finite loss or gradient would poison the weights: stop before the optimizer step, without a drafter.
-        The checkpoint of the step before, if any, holds the weights that diverged: it is removed, so resume=auto never
-        continues from them. (Under fp16 an infinite gradient is the loss scaler's to skip.)"""
-        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.accelerator.mixed_precision == "fp16"):
-            return
-        diverged = self.out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step - 1}"
-        removed = f" Removed {diverged}, whose weights diverged." if diverged.is_dir() else ""
-        if removed and self.accelerator.is_main_process:
-            prune_checkpoint(diverged)
-        raise UserError(
-            f"train: step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: training diverged, so it stopped "
-            f"without writing a drafter.{removed} Lower optim.lr (now {self.cfg.optim.lr:g}) or lengthen the warm-up "
-            "(optim.warmup_ratio), and start again in another out_dir."
-        )
+    # --- validation, and save ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def validate(self) -> dict:

@@ -157,7 +157,7 @@ class Eagle1Drafter(FeatureDrafter):
     speculative_methods = {"vllm": "eagle", "sglang": "EAGLE"}
     engine_architectures = ("EagleLlamaForCausalLM", "LlamaForCausalLMEagle")  # what import reads
 
-    def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:
+    def engine_layout(self, format: str, gamma: int) -> EngineLayout:
         """EAGLE-1 as vLLM's EagleLlamaForCausalLM or SGLang's LlamaForCausalLMEagle reads it: a Llama config of the
         draft layers, `fc`, `layers.N.*` (layer 0 without input norm), the LM head left to the target's.
 

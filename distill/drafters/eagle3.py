@@ -280,9 +280,10 @@ class Eagle3Drafter(FeatureDrafter):
         super().check_target(target, where)
         checked_draft_ids(self.draft_to_target.cpu(), target.config.vocab_size, where)
 
-    def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:
+    def engine_layout(self, format: str, gamma: int) -> EngineLayout:
         """This drafter as `format`'s engine reads it. The taps are written in ascending order (fc's columns, and
-        the norms before fc, permuted to match), as engines concatenate them; SGLang reads layer-output ids."""
+        the norms before fc, permuted to match), as engines concatenate them; SGLang reads layer-output ids. `gamma`
+        (export's, the drafted tokens per step) goes into the speculators config."""
         config, where = self.config, f"format={format}"
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
         taps, order, columns = ascending_taps(list(config.feature_layers), config.target_hidden_size, where)
@@ -309,7 +310,7 @@ class Eagle3Drafter(FeatureDrafter):
                 "speculators_config": {
                     "algorithm": "eagle3",
                     "default_proposal_method": "greedy",
-                    "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens,
+                    "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": gamma,
                                           "verifier_accept_k": 1, "accept_tolerance": 0.0}],
                     "verifier": {"name_or_path": config.target_name_or_path,
                                  **({"revision": config.target_revision} if config.target_revision else {})},

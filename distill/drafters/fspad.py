@@ -83,11 +83,11 @@ class FspadDrafter(Eagle1Drafter):
         and exports as one."""
         return () if fspad_parts_on(config) else cls.export_formats
 
-    def engine_layout(self, format: str, speculative_tokens: int = 3) -> EngineLayout:
+    def engine_layout(self, format: str, gamma: int) -> EngineLayout:
         if switched_on := fspad_parts_on(self.config.to_dict()):
             raise ExportUnsupported(f"format={format}: no serving engine runs FSPAD's {' and '.join(switched_on)}; "
                                     "export format=hf (our own folder), or train with both switched off (= EAGLE-1)")
-        return super().engine_layout(format, speculative_tokens)
+        return super().engine_layout(format, gamma)
 
     @classmethod
     def config_overrides(cls, options: FspadOptions) -> dict:
