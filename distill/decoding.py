@@ -128,6 +128,14 @@ def check_draft_depth(limit: int | None, config: DecodingConfig, group: str, dra
                         f"step; set {name} ≤ {limit}")
 
 
+def check_tree_width(config: DecodingConfig, vocab_size: int, group: str) -> None:
+    """A tree cannot branch wider than the target's vocabulary: refuse tree_top_k above it, naming the key."""
+    if config.method == Method.tree and config.tree_top_k > vocab_size:
+        name = config_key(group, "tree_top_k")
+        raise UserError(f"{name}={config.tree_top_k} is out of range: it must be at most the target's vocabulary "
+                        f"size, {vocab_size}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

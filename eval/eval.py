@@ -26,7 +26,6 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -42,7 +41,7 @@ from specdistill.distill.target import FrozenTarget
 from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
 from specdistill.eval.benches import fit_context_window, load_bench, render_prompt
 from specdistill.eval.config import EvalLoopConfig, LongPrompts, check_loop_ranges, register_configs
-from specdistill.distill.decoding import Decoder, Generation
+from specdistill.distill.decoding import Decoder, Generation, check_tree_width
 from specdistill.eval.metrics import summarize, tokens_per_second
 from specdistill.eval.report import REPORT_FILES, format_table, write_report
 
@@ -109,12 +108,9 @@ class EvalRecipe:
         self.model = load_target_model(cfg.target, cfg.cache_dir, self.device)
         self.target = FrozenTarget(self.model)
         self.eos = eos_token_ids(self.tokenizer, self.model)
-        vocab_size = self.model.config.vocab_size
-        if loop.method.value == "tree" and loop.tree_top_k > vocab_size:
-            raise UserError(f"eval.tree_top_k={loop.tree_top_k} is out of range: it must be at most the target's "
-                            f"vocabulary size, {vocab_size}")
         self.prompt_ids = [render_prompt(self.tokenizer, prompt, cfg.bench.chat_template) for prompt in self.prompts]
         self.decoding: EvalLoopConfig = OmegaConf.to_object(loop)  # a DecodingConfig: the decoder takes it whole
+        check_tree_width(self.decoding, self.model.config.vocab_size, "eval")
         self._fit_context_window()
         self.drafters = {
             path: load_drafting(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from specdistill.distill.decoding import DecodingConfig, check_tree_width
 from specdistill.distill.errors import UserError
 from specdistill.distill.outputs import mark_stage
 from specdistill.distill.reports import report_rows
@@ -145,3 +146,13 @@ def test_eval_never_writes_into_the_drafter_folder(toy_tiny_path: Path, tmp_path
     compared = tmp_path / "compared.json"
     compared.write_text(json.dumps({**document, "rows": [{**report, "drafter": str(tmp_path / "other")}, report]}))
     assert drafter_reports(drafter, [str(compared)]) == report_rows(document)
+
+
+@pytest.mark.parametrize("group", ["eval", "train.tau"])
+def test_a_tree_wider_than_the_vocabulary_is_refused_naming_the_key(group: str) -> None:
+    # eval and τ during training decode with the same DecodingConfig, so both refuse it the same way
+    tree = DecodingConfig(method="tree", tree_depth=2, tree_top_k=5000, tree_total_tokens=8)
+    with pytest.raises(UserError, match=rf"^{group}\.tree_top_k=5000 is out of range: .* vocabulary size, 4096$"):
+        check_tree_width(tree, 4096, group)
+    check_tree_width(DecodingConfig(method="tree", tree_top_k=4096), 4096, group)  # the whole vocabulary is fine
+    check_tree_width(DecodingConfig(method="chain", tree_top_k=5000), 4096, group)  # a chain does not branch

