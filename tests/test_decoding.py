@@ -45,6 +45,7 @@ def test_greedy_equals_plain_decoding_with_untrained_drafters(tiny, kind, config
         assert sum(generation.accept_lengths) + 1 == len(plain)  # the prefill makes the first token
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
 def test_greedy_equals_plain_decoding_with_a_trained_drafter(tiny, trained_drafter, config):
     out_dir, result = trained_drafter("eagle3")

@@ -76,6 +76,7 @@ def one_process(toy_dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out_dir / "run"
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "fsdp"])
 def test_two_processes_reach_the_weights_of_one(mode, one_process, toy_dataset, tiny, tmp_path: Path):
@@ -119,6 +120,7 @@ def test_two_processes_reach_the_weights_of_one(mode, one_process, toy_dataset, 
         assert load_drafting(str(out_dir / "drafter"), tiny.target, "cpu").feature_layers == tuple(saved_layers)
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_killed_two_process_run_resumes_to_the_same_drafter(one_process, toy_dataset, tmp_path: Path):
     out_dir = tmp_path / "killed"
@@ -168,6 +170,7 @@ def test_deepspeed_keys_train_owns_are_refused_with_the_key_to_set():
     assert config["zero_optimization"]["stage"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_sharded_mode_runs_alone_without_a_launcher(one_process, toy_dataset, tmp_path: Path):
     """`specdistill train distributed=zero3` on one process (no torchrun) sets up its own group of one."""
@@ -177,6 +180,7 @@ def test_a_sharded_mode_runs_alone_without_a_launcher(one_process, toy_dataset, 
     assert_same_weights(one_process / "drafter", tmp_path / "alone" / "drafter")
 
 
+@pytest.mark.slow
 def test_a_multirun_switches_modes_from_job_to_job(toy_dataset, tmp_path: Path):
     """One process running jobs of every mode in turn: accelerate's state and DeepSpeed's group are reset or kept so
     that each job comes up as asked."""

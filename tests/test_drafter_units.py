@@ -168,6 +168,7 @@ def run_with_plugin(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
 
 
+@pytest.mark.slow
 def test_a_new_kind_is_one_module_and_one_config_file(tiny, toy_dataset, tmp_path: Path):
     check_parity(build_copy_last(tiny.target), tiny.target)
     searchpath = f"hydra.searchpath=[file://{KINDS_DIR / 'conf'}]"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from specdistill.distill.outputs import mark_stage
 from specdistill.distill.reports import ROW_KEYS, RUN_KEYS, read_report
 from tests.conftest import run_cli
@@ -13,6 +15,7 @@ from tests.conftest import run_cli
 EVAL = ["target=toy_tiny", "bench=toy", "eval.num_prompts=4", "eval.max_new_tokens=24", "eval.warmup_prompts=1"]
 
 
+@pytest.mark.slow
 def test_eval_writes_the_report_of_a_trained_drafter(trained_drafter, tmp_path: Path):
     out_dir, result = trained_drafter("eagle3")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -39,6 +42,7 @@ def test_eval_writes_the_report_of_a_trained_drafter(trained_drafter, tmp_path: 
         assert sum(line["accept_lengths"]) + 1 == len(line["output_ids"])
 
 
+@pytest.mark.slow
 def test_eval_compares_drafters_side_by_side_with_tree_decoding_and_sampling(trained_drafter, tmp_path: Path):
     paths = [trained_drafter(kind)[0] / "drafter" for kind in ("eagle1", "eagle3")]
     eval_run = run_cli("eval", *EVAL, f"drafter_path=[{paths[0]},{paths[1]}]", "eval.method=tree",

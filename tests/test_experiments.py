@@ -81,6 +81,7 @@ def test_run_checks_every_stage_before_the_first_starts(stage_list, message, cac
     assert not (tmp_path / "run" / "prep").exists()
 
 
+@pytest.mark.slow
 def test_every_toy_preset_trains_and_decodes_losslessly(toy_dataset, tmp_path):
     """Each `_toy` preset's stages as `specdistill run` composes them (run.py's `compose_stages`), on the tiny target
     (common=[target=toy_tiny]) with a few steps each, from the session's prep output; HASS stage B starts from stage

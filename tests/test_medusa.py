@@ -191,6 +191,7 @@ def test_sampled_speculative_output_has_the_target_distribution(config):
     assert statistic < critical
 
 
+@pytest.mark.slow
 def test_medusa_trains_and_decodes_losslessly_through_the_cli(toy_dataset, tmp_path: Path):
     # a high learning rate, so that 20 steps make drafts the target accepts (τ > 1 tests the commits after accepts)
     fast = [arg for arg in TRAIN_FAST if not arg.startswith("optim.lr=")] + ["optim.lr=2e-2"]

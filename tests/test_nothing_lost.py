@@ -26,6 +26,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_a_grown_max_steps_continues_from_the_finished_step(toy_dataset, tmp_path: Path):
     """A 10-step run grown to 12 trains steps 11–12 only and ends where an uninterrupted 12-step run ends (the default
     train.checkpoint_every=500 is longer than both runs)."""
@@ -87,6 +88,7 @@ def test_export_into_the_run_that_holds_the_drafter_is_refused(drafter_folder: P
     assert files_of(drafter_folder.parent) == before
 
 
+@pytest.mark.slow
 def test_export_and_import_keep_a_users_files_unless_told_to_overwrite(drafter_folder: Path, tmp_path: Path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -205,6 +207,7 @@ def test_fspad_refusal_lists_only_formats_that_take_it(tiny, tmp_path: Path):
 # --- the out_dir rule: prep, train, eval -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prep_train_and_eval_keep_a_users_files_and_a_failed_run_leaves_no_folder(toy_dataset, tmp_path: Path):
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -210,6 +210,7 @@ def test_multirun_sweeps_write_one_dataset_per_job(tmp_path: Path, cache_dir: Pa
     assert lengths == [12, 64]
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_points(tmp_path: Path):
     """`python -m specdistill.<stage>` runs the stage, from any folder (the installed namespace, not the checkout)."""
     import subprocess

@@ -61,6 +61,7 @@ def grid(toy_dataset, tmp_path_factory: pytest.TempPathFactory):
     return args, tmp / "sweep", run_cli(*args, cwd=tmp)
 
 
+@pytest.mark.slow
 def test_multirun_ranks_its_jobs_by_the_metric(grid):
     _, sweep_dir, result = grid
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,6 +86,7 @@ def test_multirun_ranks_its_jobs_by_the_metric(grid):
     assert f"Best {METRIC}" in markdown and "sweep: 4 jobs (4 complete, 0 failed)" in result.stdout
 
 
+@pytest.mark.slow
 def test_killed_multirun_resumes_without_retraining_finished_jobs(grid, toy_dataset):
     args, sweep_dir, first = grid
     assert first.returncode == 0, first.stderr[-3000:]
@@ -119,6 +121,7 @@ def test_killed_multirun_resumes_without_retraining_finished_jobs(grid, toy_data
         assert drafter_summary(Path(job["out_dir"])).stat().st_mtime_ns == finished[job["job"]]
 
 
+@pytest.mark.slow
 def test_multirun_jobs_without_the_metric_are_finished_not_failed(toy_dataset, tmp_path: Path):
     """train.tau_prompts=0 measures no decoded τ: the jobs finish, unranked by val_tau, and the summary says which
     metric to rank them by; ranked by it, the same sweep returns the finished jobs at once."""
@@ -230,6 +233,7 @@ def states(study) -> list[str]:
     return [trial.state.name for trial in study.get_trials()]
 
 
+@pytest.mark.slow
 def test_optuna_sweep_reports_the_best_trial_and_resumes(toy_dataset, tmp_path: Path):
     import optuna
     from optuna.distributions import FloatDistribution
@@ -295,6 +299,7 @@ def test_optuna_sweep_reports_the_best_trial_and_resumes(toy_dataset, tmp_path: 
         assert path.stat().st_mtime_ns == mtimes[number]
 
 
+@pytest.mark.slow
 def test_optuna_sweep_records_a_failed_trial_and_goes_on(toy_dataset, tmp_path: Path):
     import optuna
 

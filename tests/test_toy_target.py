@@ -213,6 +213,7 @@ def test_second_ensure_reuses_cached_build(tiny_target, cache_dir, monkeypatch):
     assert info_file.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_build_is_deterministic(tiny_target, tmp_path):
     again = ensure_toy_target(TINY, tmp_path)
     assert (again / "tokenizer.json").read_text() == (tiny_target / "tokenizer.json").read_text()

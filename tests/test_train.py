@@ -36,6 +36,7 @@ def assert_same_history(expected: list[dict], actual: list[dict], keys: tuple[st
                 assert again[key] == pytest.approx(original[key], rel=rel, abs=abs), (original["step"], key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_drafter_learns_to_agree_with_the_target(kind, trained_drafter):
     tmp_path, result = trained_drafter(kind)
@@ -62,6 +63,7 @@ def test_drafter_learns_to_agree_with_the_target(kind, trained_drafter):
     assert (tmp_path / "drafter" / "model.safetensors").exists() and (tmp_path / "drafter" / "resolved_config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_loss(toy_dataset, tmp_path: Path, cache_dir: Path):
     dataset_dir, _ = toy_dataset
     args = ["drafter=eagle3", f"data_dir={dataset_dir}", "train.max_steps=40", "train.eval_every=20",
@@ -92,6 +94,7 @@ def test_killed_run_resumes_to_the_same_final_loss(toy_dataset, tmp_path: Path, 
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step_*"))) <= 2  # keep_last
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_refused_before_training(toy_dataset, tmp_path: Path):
     dataset_dir, _ = toy_dataset
 
@@ -133,6 +136,7 @@ def test_bad_inputs_are_refused_before_training(toy_dataset, tmp_path: Path):
     assert "resume: the checkpoint" in result.stderr and "model_type 'specdistill_eagle1' there" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_two_processes_train_like_one_with_the_same_global_batch(toy_dataset, tmp_path: Path):
     """DDP on 2 CPU processes (gloo) with micro-batch 2 sees the same global batches as 1 process with 4: with the
@@ -161,6 +165,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy_dataset, tm
     assert_same_history(one, two, ("val_top1",), rel=0, abs=0.02)
 
 
+@pytest.mark.slow
 def test_wandb_logger_records_the_run_offline(toy_dataset, tmp_path: Path):
     dataset_dir, _ = toy_dataset
     result = run_cli("train", "target=toy_tiny", "drafter=eagle1", f"data_dir={dataset_dir}", "train.max_steps=4",
@@ -173,6 +178,7 @@ def test_wandb_logger_records_the_run_offline(toy_dataset, tmp_path: Path):
     assert b"val_top1" in content  # and the metrics
 
 
+@pytest.mark.slow
 def test_decoded_tau_does_not_change_training(toy_dataset, tmp_path: Path):
     """The decoder drafts from a copy of the weights: runs with and without it train identically."""
     dataset_dir, _ = toy_dataset
