@@ -64,6 +64,7 @@ def test_eval_compares_drafters_side_by_side_with_tree_decoding_and_sampling(tra
     assert "Lossless check: greedy re-decode" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_eval_refuses_bad_input_with_one_clear_message(tmp_path: Path, toy_tiny_path):
     def eval_error(*extra: str) -> str:
         result = run_cli("eval", *EVAL, f"out_dir={tmp_path}/out", *extra, cwd=tmp_path)

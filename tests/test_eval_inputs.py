@@ -32,6 +32,7 @@ def test_eval_without_drafter_path_says_what_to_pass(tmp_path: Path) -> None:
     assert "drafter_path is not set" in message and "drafter_path=<train out_dir>/drafter" in message
 
 
+@pytest.mark.slow
 def test_out_of_range_values_fail_from_the_command_line(tmp_path: Path) -> None:
     # A few through the CLI as a user types them (each exits before any model loads); the full table is below.
     for override, expected in [

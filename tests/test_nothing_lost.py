@@ -76,6 +76,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.slow
 def test_export_into_the_run_that_holds_the_drafter_is_refused(drafter_folder: Path, tmp_path: Path):
     before = files_of(drafter_folder.parent)
     for extra in ([], ["overwrite=true"]):  # overwrite gives up what out_dir holds, never the input
@@ -157,6 +158,7 @@ def test_export_into_a_folder_it_cannot_write_is_one_line(drafter_folder: Path, 
     assert list(parent.iterdir()) == []  # no staging folder left behind
 
 
+@pytest.mark.slow
 def test_push_options_without_a_repo_and_push_without_a_network_are_one_line(drafter_folder: Path, tmp_path: Path):
     line = assert_one_line_error(run_cli("export", f"drafter_path={drafter_folder}", "format=vllm",
                                          f"out_dir={tmp_path / 'a'}", "push.dry_run=true", cwd=tmp_path))
@@ -230,6 +232,7 @@ def test_prep_train_and_eval_keep_a_users_files_and_a_failed_run_leaves_no_folde
         assert not (tmp_path / stage).exists(), stage
 
 
+@pytest.mark.slow
 def test_train_refuses_values_it_cannot_use_in_one_line(toy_dataset, tmp_path: Path):
     for override, expected in (("train.batch_size=0", "train.batch_size=0 must be at least 1"),
                                ("optim.lr=-1", "optim.lr=-1.0 must be a positive learning rate"),

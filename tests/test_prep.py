@@ -125,6 +125,7 @@ def test_help_lists_groups_and_keys(tmp_path: Path):
     assert "max_length:" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_misspelled_override_names_the_key(tmp_path: Path):
     result = run_cli("prep", "data.max_lenght=5", cwd=tmp_path)
     assert result.returncode == 2
@@ -155,6 +156,7 @@ MALFORMED = [
 GOOD = {"messages": [{"role": "user", "content": "print(1)"}, {"role": "assistant", "content": "print(2)"}]}
 
 
+@pytest.mark.slow
 def test_malformed_records_are_counted_by_index_or_fatal(tmp_path: Path):
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(record) for record in [GOOD, *MALFORMED, GOOD]) + "\n")
@@ -180,6 +182,7 @@ def test_malformed_records_are_counted_by_index_or_fatal(tmp_path: Path):
     assert f"error: data.path: no usable records in {only_bad}: 5 read, all dropped" in none_left.stderr
 
 
+@pytest.mark.slow
 def test_each_command_names_what_is_missing(tmp_path: Path):
     result = run_cli("export", cwd=tmp_path)
     assert result.returncode == 2 and "error: drafter_path is required but was not set" in result.stderr

@@ -187,6 +187,7 @@ def test_a_multirun_killed_mid_job_resumes_and_completes(toy_dataset, tmp_path: 
     assert_ranked(jobs)
 
 
+@pytest.mark.slow
 def test_failed_jobs_are_recorded_and_the_sweep_goes_on(toy_dataset, tmp_path: Path):
     # job 0 diverges (after its wandb run started), jobs 1 and 3 have a bad warm-up value, job 2 trains
     sweep_dir = tmp_path / "sweep"

@@ -269,6 +269,7 @@ def test_default_run_folders_differ_per_run_and_agree_across_ranks(tmp_path: Pat
 # --- 8. warm-up ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_short_run_warns_that_its_warm_up_never_ends(toy_dataset, tmp_path: Path):
     result = run_cli("train", "target=toy_tiny", f"data_dir={toy_dataset[0]}", "train.max_steps=2", "train.batch_size=2",
                      "train.eval_batches=1", "drafter.draft_vocab_size=512", f"out_dir={tmp_path}/out", cwd=tmp_path)
@@ -316,6 +317,7 @@ def test_run_checks_every_stage_before_starting_any(tmp_path: Path, cache_dir: P
     assert not (tmp_path / "out" / "prep").exists()  # prep never started
 
 
+@pytest.mark.slow
 def test_the_usage_line_of_run_help_composes(tmp_path: Path, cache_dir: Path):
     help_text = run_cli("run", "--help", cwd=tmp_path).stdout
     [usage] = [line.split("Usage:", 1)[1] for line in help_text.splitlines() if "Usage:" in line]
