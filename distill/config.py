@@ -53,6 +53,10 @@ class TargetConfig:
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' default)
     trust_remote_code: bool = False  # only turn on for repositories you trust
     chat_template: Optional[str] = None  # a Jinja template string that replaces the tokenizer's own
+    # a llama.cpp .gguf file: a path, or a file name in the name_or_path folder or Hub repository (distill/gguf.py)
+    gguf_file: Optional[str] = None
+    # with gguf_file: load name_or_path from the Hub when it can be reached, the GGUF only otherwise
+    prefer_hub: bool = False
     toy: Optional[ToyTarget] = None  # set by target=toy / target=toy_tiny; used only while name_or_path is toy.name
 
 

@@ -34,7 +34,17 @@ def _announce(line: str) -> None:
 
 
 def resolve_target_path(target_cfg: Any, cache_dir: str) -> str:
-    """The folder or Hub name to load the target from; builds the toy target (once, cached) when it is the target."""
+    """The folder or Hub name to load the target from; builds the toy target (once, cached) when it is the target,
+    and converts a GGUF target into a cached folder (once) when `target.gguf_file` is set."""
+    if target_cfg.gguf_file and not (target_cfg.prefer_hub and _hub_reachable(target_cfg)):
+        from specdistill.distill.gguf import converted_folder, find_gguf_file
+
+        gguf_path = find_gguf_file(target_cfg)
+        folder = str(converted_folder(gguf_path, cache_dir))
+        fallback = " (the Hub is not reachable: target.prefer_hub falls back to it)" if target_cfg.prefer_hub else ""
+        _announce(f"target: {target_cfg.name_or_path} from the GGUF file {gguf_path}{fallback}, converted once "
+                  f"into {folder}")
+        return folder
     if not uses_toy(target_cfg):
         unused_toy = " (the toy preset's settings do not apply to it)" if target_cfg.toy is not None else ""
         revision = f" at revision {target_cfg.revision}" if target_cfg.revision else ""
@@ -46,6 +56,19 @@ def resolve_target_path(target_cfg: Any, cache_dir: str) -> str:
     path = str(ensure_toy_target(toy_cfg, Path(cache_dir).expanduser()))
     _announce(f"target: the built-in toy target '{target_cfg.name_or_path}', built in {path}")
     return path
+
+
+def _hub_reachable(target_cfg: Any) -> bool:
+    """Whether the Hub name target.name_or_path resolves to its config (online, or already in the Hub cache)."""
+    if Path(str(target_cfg.name_or_path)).expanduser().exists():
+        return False
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(str(target_cfg.name_or_path), "config.json", revision=target_cfg.revision)
+    except Exception:  # offline, unknown repository, gated: the GGUF file is used instead (announced)
+        return False
+    return True
 
 
 def _load_error(what: str, path: str, error: Exception) -> UserError:
