@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -18,7 +21,7 @@ import pytest
 import torch
 
 from specdistill.distill.errors import UserError
-from tests.conftest import REPO_ROOT, compose, run_cli
+from tests.conftest import compose
 
 
 def _llama_cpp_row_order(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -231,10 +234,6 @@ def test_setup_without_the_index_ends_in_one_line(tmp_path):
     """The real command, with pip pointed at an index that does not answer: one error line naming the package."""
     env_file = tmp_path / "pip.conf"
     env_file.write_text("[global]\nindex-url = http://127.0.0.1:9/simple\nretries = 0\ntimeout = 2\n")
-    import os
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, "-c", "from specdistill.cli.main import main; main()", "setup",
                              f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PIP_CONFIG_FILE": str(env_file)}, timeout=300)
