@@ -6,6 +6,7 @@ The toy is the target only while `target.name_or_path` is the toy's own name (`t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -58,17 +59,22 @@ def resolve_target_path(target_cfg: Any, cache_dir: str) -> str:
     return path
 
 
-def _hub_reachable(target_cfg: Any) -> bool:
-    """Whether the Hub name target.name_or_path resolves to its config (online, or already in the Hub cache)."""
-    if Path(str(target_cfg.name_or_path)).expanduser().exists():
-        return False
-    from huggingface_hub import hf_hub_download
+@functools.cache
+def _hub_reachable_cached(name: str, revision: str | None) -> bool:
+    from huggingface_hub import HfApi
 
-    try:
-        hf_hub_download(str(target_cfg.name_or_path), "config.json", revision=target_cfg.revision)
+    try:  # one request with a timeout: hf_hub_download would retry with backoff for half a minute when offline
+        HfApi().model_info(name, revision=revision, timeout=5)
     except Exception:  # offline, unknown repository, gated: the GGUF file is used instead (announced)
         return False
     return True
+
+
+def _hub_reachable(target_cfg: Any) -> bool:
+    """Whether the Hub name target.name_or_path can be reached now (asked once per process)."""
+    if Path(str(target_cfg.name_or_path)).expanduser().exists():
+        return False
+    return _hub_reachable_cached(str(target_cfg.name_or_path), target_cfg.revision)
 
 
 def _load_error(what: str, path: str, error: Exception) -> UserError:

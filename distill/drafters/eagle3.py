@@ -10,6 +10,7 @@ the target restricted to the draft vocabulary, where the target's argmax lies in
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +46,8 @@ from specdistill.distill.lean import Linear, rms_norm
 from specdistill.distill.errors import UserError
 from specdistill.distill.objectives import FeatureObjective
 from specdistill.distill.target import FINAL_NORMED, TargetOutput, check_feature_layers
+
+log = logging.getLogger(__name__)
 
 
 class Eagle3Config(FeatureDrafterConfig):
@@ -105,6 +108,18 @@ def select_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int, vocab_
     return order[:draft_vocab_size].sort().values
 
 
+def log_draft_vocab_coverage(token_counts: torch.Tensor, draft_ids: torch.Tensor) -> None:
+    """How much of the training data's masked tokens the draft vocabulary covers: the drafter cannot propose the
+    rest, so 1 − coverage bounds how often its first draft can be accepted."""
+    total = int(token_counts.sum())
+    if total == 0:
+        return
+    covered = int(token_counts[draft_ids[draft_ids < len(token_counts)]].sum())
+    distinct = int((token_counts > 0).sum())
+    log.info("draft vocabulary: %d ids cover %.2f%% of the %d masked training tokens (%d distinct ids occur)",
+             len(draft_ids), 100 * covered / total, total, distinct)
+
+
 class Eagle3Drafter(FeatureDrafter):
     config_class = Eagle3Config
     Options = Eagle3Options
@@ -146,7 +161,9 @@ class Eagle3Drafter(FeatureDrafter):
                                           norm_before_fc=options.norm_before_fc, fc_norm=options.fc_norm)
         drafter = cls(config)
         counts = context.token_counts if context.token_counts is not None else torch.zeros(vocab_size, dtype=torch.long)
-        drafter.set_draft_vocab(select_draft_vocab(counts, draft_vocab_size, vocab_size), target.lm_head)
+        draft_ids = select_draft_vocab(counts, draft_vocab_size, vocab_size)
+        log_draft_vocab_coverage(counts, draft_ids)
+        drafter.set_draft_vocab(draft_ids, target.lm_head)
         drafter.record_target(context)
         drafter.attach_target(target)
         return drafter
