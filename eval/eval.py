@@ -11,7 +11,11 @@ interleaved so machine noise hits all alike) → save:
 
     <out_dir>/report.json   one object, a row per drafter (distill/reports.py, README.md "report.json")
     <out_dir>/report.md     the table, per-category numbers, α per position, plots (*.png)
-    <out_dir>/generations.jsonl   per prompt and drafter: prompt, prompt_ids, output_ids, accept_lengths
+    <out_dir>/generations.jsonl   per prompt, drafter and turn: prompt, prompt_ids, output_ids, accept_lengths
+
+A prompt of several turns (bench.num_turns, MT-Bench: 2) is decoded turn by turn by each decoder: a later turn is
+rendered with the chat template after the earlier turns and that decoder's own answers (at greedy they are all the
+plain decoder's, as decoding is lossless). Its metrics count every turn's decoding steps, tokens and time.
 
 Once its config and prompts check out, and before loading the target, a run moves the previous run's report files
 into <out_dir>/previous/, so a run that fails never leaves an older report looking like its own; every file is
@@ -21,11 +25,14 @@ written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import torch
@@ -39,10 +46,11 @@ from specdistill.distill.reports import report_document, report_rows
 from specdistill.distill.drafters import load_drafting
 from specdistill.distill.target import FrozenTarget
 from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
-from specdistill.eval.benches import fit_context_window, load_bench, render_prompt
+from specdistill.eval.benches import (ContextWindow, check_turns_renderable, fit_context_window, load_bench,
+                                      render_prompt)
 from specdistill.eval.config import EvalLoopConfig, LongPrompts, check_loop_ranges, register_configs
 from specdistill.distill.decoding import Decoder, Generation, check_tree_width
-from specdistill.eval.metrics import summarize, tokens_per_second
+from specdistill.eval.metrics import combine_turns, summarize, tokens_per_second
 from specdistill.eval.report import REPORT_FILES, format_table, write_report
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,28 @@ LOSSLESS_RE_DECODE = (
     "checked statistically by the test suite)"
 )
 LOSSLESS_SKIPPED = "not run (eval.verify_lossless=false; it defaults to true only for bench=toy)"
+
+
+@dataclass
+class Turn:
+    """One decoded turn of a prompt: the ids it was decoded from (the conversation so far) and what came of it."""
+
+    prompt_ids: list[int]
+    generation: Generation
+
+
+Conversation = list[Turn]  # one prompt's turns as one decoder decoded them
+Decode = Callable[[list[int]], Generation]  # prompt ids → their decoding by one decoder
+
+
+def outputs(conversation: Conversation) -> list[list[int]]:
+    """The new token ids of each turn: what the lossless check compares."""
+    return [turn.generation.output_ids for turn in conversation]
+
+
+def combined(conversations: list[Conversation]) -> list[Generation]:
+    """One Generation per prompt, all its turns together (metrics.combine_turns)."""
+    return [combine_turns([turn.generation for turn in conversation]) for conversation in conversations]
 
 
 def drafter_paths(cfg: DictConfig) -> list[str]:
@@ -105,12 +135,17 @@ class EvalRecipe:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_target_tokenizer(cfg.target, cfg.cache_dir)
+        check_turns_renderable(self.tokenizer, self.prompts, cfg.bench)
         self.model = load_target_model(cfg.target, cfg.cache_dir, self.device)
         self.target = FrozenTarget(self.model)
         self.eos = eos_token_ids(self.tokenizer, self.model)
+        # the first turns; a later turn is rendered when decoded, after the answers before it (`_converse`)
         self.prompt_ids = [render_prompt(self.tokenizer, prompt, cfg.bench.chat_template) for prompt in self.prompts]
         self.decoding: EvalLoopConfig = OmegaConf.to_object(loop)  # a DecodingConfig: the decoder takes it whole
         check_tree_width(self.decoding, self.model.config.vocab_size, "eval")
+        self.window = ContextWindow(getattr(self.model.config, "max_position_embeddings", None), self.decoding,
+                                    loop.long_prompts == LongPrompts.skip,
+                                    f"bench.path={cfg.bench.path}" if cfg.bench.path else f"bench '{cfg.bench.name}'")
         self._fit_context_window()
         self.drafters = {
             path: load_drafting(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths
@@ -121,20 +156,20 @@ class EvalRecipe:
                  len(self.drafters), self.decoding)
 
     def _fit_context_window(self) -> None:
-        """Keep the prompts that decode inside the target's context window (eval.long_prompts: refuse or skip others)."""
-        bench = self.cfg.bench
-        kept = fit_context_window(self.prompts, self.prompt_ids, self.decoding,
-                                  getattr(self.model.config, "max_position_embeddings", None),
-                                  self.cfg.eval.long_prompts == LongPrompts.skip,
-                                  f"bench.path={bench.path}" if bench.path else f"bench '{bench.name}'")
+        """Keep the prompts whose first turn decodes inside the target's context window (eval.long_prompts: refuse or
+        skip others; later turns: `_converse`)."""
+        kept = fit_context_window(self.prompts, self.prompt_ids, self.window)
         self.skipped_prompts = len(self.prompts) - len(kept)
         if self.skipped_prompts:
             skipped = [prompt.id for index, prompt in enumerate(self.prompts) if index not in kept]
             log.warning("eval.long_prompts=skip: left out %d prompt(s) too long for the target's context window of %d "
                         "positions with eval.max_new_tokens=%d: %s", self.skipped_prompts,
-                        self.model.config.max_position_embeddings, self.decoding.max_new_tokens, ", ".join(skipped))
-        self.prompts = [self.prompts[index] for index in kept]
-        self.prompt_ids = [self.prompt_ids[index] for index in kept]
+                        self.window.size, self.decoding.max_new_tokens, ", ".join(skipped))
+        self._keep(kept)
+
+    def _keep(self, indices: list[int]) -> None:
+        self.prompts = [self.prompts[index] for index in indices]
+        self.prompt_ids = [self.prompt_ids[index] for index in indices]
 
     def _decoder(self, path: str | None, greedy: bool = False) -> Decoder:
         config = self.decoding
@@ -152,49 +187,103 @@ class EvalRecipe:
             plain.generate(prompt, generator)
             for decoder in speculative.values():
                 decoder.generate(prompt, generator)
-        baseline: list[Generation] = []
-        results: dict[str, list[Generation]] = {path: [] for path in self.drafters}
-        hf_runs: dict[str, list[tuple[list[int], float]]] = {}
-        for prompt in tqdm(self.prompt_ids, desc="eval prompts", unit="prompt"):
-            baseline.append(plain.generate(prompt, generator))
-            for path, decoder in speculative.items():
-                results[path].append(decoder.generate(prompt, generator))
-            self._hf_baselines(prompt, hf_runs)
+        decoders: dict[str, Decode] = {
+            path: functools.partial(decoder.generate, generator=generator) for path, decoder in speculative.items()
+        }
+        decoders.update(self._hf_decoders())
+        baseline: list[Conversation] = []
+        runs: dict[str, list[Conversation]] = {name: [] for name in decoders}
+        kept = []
+        for index in tqdm(range(len(self.prompts)), desc="eval prompts", unit="prompt"):
+            plain_turns = self._converse(index, functools.partial(plain.generate, generator=generator))
+            their_turns = {name: self._converse(index, decode) for name, decode in decoders.items()}
+            if not self._all_turns_fit(index, [plain_turns, *their_turns.values()]):
+                continue
+            kept.append(index)
+            baseline.append(plain_turns)
+            for name, conversation in their_turns.items():
+                runs[name].append(conversation)
+        if not kept:
+            raise UserError(f"{self.window.bench}: every prompt has a later turn too long to decode within the "
+                            f"target's context window of {self.window.size} (config.max_position_embeddings) after "
+                            "the answers before it, so eval.long_prompts=skip leaves none; lower eval.max_new_tokens "
+                            "or set bench.num_turns=1")
+        self._keep(kept)
+        results = {path: runs[path] for path in self.drafters}
         checks = {path: self._lossless_check(path, baseline, results[path]) for path in self.drafters}
         rows = [self._row(path, baseline, results[path], checks[path]) for path in self.drafters]
-        rows += [self._hf_row(name, runs, baseline) for name, runs in hf_runs.items()]
+        rows += [self._hf_row(name, runs[name], baseline) for name in decoders if name not in self.drafters]
         self._write_generations(baseline, results)
         return report_document(self._run_fields(), rows)
 
-    def _hf_baselines(self, prompt: list[int], runs: dict[str, list[tuple[list[int], float]]]) -> None:
-        """transformers' own assisted generation and prompt lookup with each token-level drafter (greedy only)."""
-        if not self.cfg.eval.hf_baselines or self.decoding.temperature > 0:
-            return
+    def _converse(self, index: int, decode: Decode) -> Conversation:
+        """Decode prompt `index` turn by turn with one decoder, each later turn rendered after the earlier turns and
+        this decoder's own answers to them. Shorter than the prompt's turns when a later turn would read past the
+        context window and eval.long_prompts=skip (with eval.long_prompts=error that is a UserError)."""
+        prompt, ids = self.prompts[index], self.prompt_ids[index]
+        conversation = [Turn(ids, decode(ids))]
+        for turn in range(2, len(prompt.turns) + 1):
+            # The answers go in as text, without their end-of-turn token (the template writes its own), as a chat
+            # server gets them; re-encoding the text may merge an answer's tokens otherwise than they were decoded.
+            answers = [self.tokenizer.decode(done.generation.output_ids, skip_special_tokens=True)
+                       for done in conversation]
+            ids = render_prompt(self.tokenizer, prompt, self.cfg.bench.chat_template, answers)
+            if not self.window.fits(prompt, index, ids, turn):
+                break
+            conversation.append(Turn(ids, decode(ids)))
+        return conversation
+
+    def _all_turns_fit(self, index: int, conversations: list[Conversation]) -> bool:
+        """Whether every decoder decoded all the prompt's turns; if not, the prompt is left out for all of them alike
+        and counted in skipped_prompts (eval.long_prompts=skip)."""
+        prompt = self.prompts[index]
+        if all(len(conversation) == len(prompt.turns) for conversation in conversations):
+            return True
+        self.skipped_prompts += 1
+        log.warning("eval.long_prompts=skip: left out prompt %s: a later turn, after the answers before it, is too "
+                    "long for the target's context window of %d positions with eval.max_new_tokens=%d", prompt.id,
+                    self.window.size, self.decoding.max_new_tokens)
+        return False
+
+    def _hf_decoders(self) -> dict[str, Decode]:
+        """transformers' own assisted generation with each token-level drafter, and its prompt lookup (greedy only)."""
+        assistants = {path: proposer.assistant_model for path, proposer in self.drafters.items()
+                      if proposer.assistant_model is not None}
+        if not self.cfg.eval.hf_baselines or self.decoding.temperature > 0 or not assistants:
+            return {}
         from specdistill.eval.baselines import hf_generate
 
         gamma, new = self.decoding.gamma, self.decoding.max_new_tokens
-        for path, proposer in self.drafters.items():
-            if proposer.assistant_model is not None:
-                runs.setdefault(f"transformers assisted: {path}", []).append(
-                    hf_generate(self.model, prompt, new, self.eos, assistant_model=proposer.assistant_model,
-                                num_assistant_tokens=gamma))
-        if any(proposer.assistant_model is not None for proposer in self.drafters.values()):
-            runs.setdefault("transformers prompt lookup", []).append(
-                hf_generate(self.model, prompt, new, self.eos, prompt_lookup_num_tokens=gamma))
 
-    def _lossless_check(self, path: str, baseline: list[Generation], generations: list[Generation]) -> str:
-        """Greedy: the speculative output must equal plain decoding's. Sampling: re-decode greedily to compare
-        (`_lossless_check_method` says which was done)."""
+        def decoder(**options) -> Decode:
+            def decode(ids: list[int]) -> Generation:
+                output_ids, seconds = hf_generate(self.model, ids, new, self.eos, **options)
+                return Generation(output_ids, [], [], [], seconds=seconds)  # its steps are not measured
+            return decode
+
+        decoders = {f"transformers assisted: {path}": decoder(assistant_model=model, num_assistant_tokens=gamma)
+                    for path, model in assistants.items()}
+        decoders["transformers prompt lookup"] = decoder(prompt_lookup_num_tokens=gamma)
+        return decoders
+
+    def _lossless_check(self, path: str, baseline: list[Conversation], conversations: list[Conversation]) -> str:
+        """Greedy: the speculative output of every turn must equal plain decoding's. Sampling: re-decode greedily to
+        compare (`_lossless_check_method` says which was done)."""
         if not self.verify_lossless:
             return "skipped"
         if self.decoding.temperature > 0:
             plain, speculative = self._decoder(None, greedy=True), self._decoder(path, greedy=True)
-            pairs = [(plain.generate(p).output_ids, speculative.generate(p).output_ids) for p in self.prompt_ids]
+            pairs = [(self._converse(index, plain.generate), self._converse(index, speculative.generate))
+                     for index in range(len(self.prompts))]
         else:
-            pairs = [(b.output_ids, g.output_ids) for b, g in zip(baseline, generations)]
-        mismatches = [index for index, (expected, got) in enumerate(pairs) if expected != got]
+            pairs = list(zip(baseline, conversations))
+        # Turn by turn: equal earlier turns render equal later prompts, so a conversation one side ended early (a
+        # later turn past the context window) differs from the other's in an earlier turn, which is caught here.
+        mismatches = [f"{prompt.id} turn {number}" for prompt, (expected, got) in zip(self.prompts, pairs)
+                      for number, (want, have) in enumerate(zip(outputs(expected), outputs(got)), start=1)
+                      if want != have]
         if mismatches:
-            log.error("lossless check FAILED for %s on prompts %s", path, mismatches)
+            log.error("lossless check FAILED for %s on %s", path, ", ".join(mismatches))
         return "failed" if mismatches else "passed"
 
     def _lossless_check_method(self) -> str:
@@ -211,29 +300,33 @@ class EvalRecipe:
     def _row_fields(self, drafter: str) -> dict:
         return {"drafter": drafter, "method": self.decoding.method.value, "skipped_prompts": self.skipped_prompts}
 
-    def _row(self, path: str, baseline: list[Generation], generations: list[Generation], check: str) -> dict:
+    def _row(self, path: str, baseline: list[Conversation], conversations: list[Conversation], check: str) -> dict:
         categories = [prompt.category for prompt in self.prompts]
-        return {**self._row_fields(path), **summarize(generations, baseline, categories, self.decoding.draft_depth),
-                "lossless_check": check, "lossless_check_method": self._lossless_check_method()}
+        numbers = summarize(combined(conversations), combined(baseline), categories, self.decoding.draft_depth)
+        return {**self._row_fields(path), **numbers, "lossless_check": check,
+                "lossless_check_method": self._lossless_check_method()}
 
-    def _hf_row(self, name: str, runs: list[tuple[list[int], float]], baseline: list[Generation]) -> dict:
-        speed = sum(len(ids) for ids, _ in runs) / max(sum(seconds for _, seconds in runs), 1e-12)
-        baseline_speed = tokens_per_second(baseline)
-        same = all(ids == b.output_ids for (ids, _), b in zip(runs, baseline))
+    def _hf_row(self, name: str, conversations: list[Conversation], baseline: list[Conversation]) -> dict:
+        generations, baseline_generations = combined(conversations), combined(baseline)
+        speed, baseline_speed = tokens_per_second(generations), tokens_per_second(baseline_generations)
+        same = all(outputs(mine) == outputs(plain) for mine, plain in zip(conversations, baseline))
         return {**self._row_fields(name), "tau": None, "alpha_per_position": [], "speedup": speed / baseline_speed,
                 "predicted_speedup": None, "tokens_per_s": speed, "baseline_tokens_per_s": baseline_speed,
-                "cost_ratio": None, "num_prompts": len(runs), "new_tokens": sum(len(ids) for ids, _ in runs),
+                "cost_ratio": None, "num_prompts": len(generations),
+                "new_tokens": sum(len(g.output_ids) for g in generations),
                 "lossless_check": "passed" if same else "failed", "lossless_check_method": LOSSLESS_GREEDY}
 
-    def _write_generations(self, baseline: list[Generation], results: dict[str, list[Generation]]) -> None:
+    def _write_generations(self, baseline: list[Conversation], results: dict[str, list[Conversation]]) -> None:
+        """One line per prompt, decoder ("plain" or the drafter's path) and turn (1, 2, …)."""
         lines = []
         for index, prompt in enumerate(self.prompts):
             rows = [("plain", baseline[index])] + [(name, runs[index]) for name, runs in results.items()]
-            for drafter, generation in rows:
-                lines.append(json.dumps({"id": prompt.id, "category": prompt.category, "drafter": drafter,
-                                         "prompt": prompt.turns[0], "prompt_ids": self.prompt_ids[index],
-                                         "output_ids": generation.output_ids,
-                                         "accept_lengths": generation.accept_lengths}) + "\n")
+            for drafter, conversation in rows:
+                for number, turn in enumerate(conversation, start=1):
+                    lines.append(json.dumps({"id": prompt.id, "category": prompt.category, "drafter": drafter,
+                                             "turn": number, "prompt": prompt.turns[number - 1],
+                                             "prompt_ids": turn.prompt_ids, "output_ids": turn.generation.output_ids,
+                                             "accept_lengths": turn.generation.accept_lengths}) + "\n")
         write_text_atomic(self.out_dir / "generations.jsonl", "".join(lines))
 
     def save(self, report: dict) -> dict[str, Path]:

@@ -7,6 +7,9 @@
     c      = one drafter call's mean time ÷ one plain target step's mean time
     predicted (Leviathan et al.): α = Σ accepted ÷ Σ reached over all positions, τ̂ = (1 − α^{γ+1}) / (1 − α),
              Ŝ = τ̂ / (γ·c + 1), with γ the drafting depth (chain: gamma; tree: tree_depth)
+
+A prompt of several turns (MT-Bench) counts as one prompt whose decoding is all its turns' (`combine_turns`): their
+decoding steps, accepted drafts, new tokens and wall times are summed, per run and per category.
 """
 
 from __future__ import annotations
@@ -22,6 +25,29 @@ def _sum(values) -> float:
 
 def tokens_per_second(generations: list[Generation]) -> float:
     return _sum(len(g.output_ids) for g in generations) / max(_sum(g.seconds for g in generations), 1e-12)
+
+
+def combine_turns(turns: list[Generation]) -> Generation:
+    """One prompt's turns as one Generation: new tokens and decoding steps in turn order, per-position counts, times
+    and calls summed (each turn's prefill is timed, as it is for plain and speculative decoding alike)."""
+    return Generation(
+        output_ids=[token for turn in turns for token in turn.output_ids],
+        accept_lengths=[length for turn in turns for length in turn.accept_lengths],
+        reached=[sum(counts) for counts in zip(*(turn.reached for turn in turns))],
+        accepted=[sum(counts) for counts in zip(*(turn.accepted for turn in turns))],
+        seconds=_sum(turn.seconds for turn in turns),
+        draft_seconds=_sum(turn.draft_seconds for turn in turns),
+        verify_seconds=_sum(turn.verify_seconds for turn in turns),
+        drafter_calls=sum(turn.drafter_calls for turn in turns),
+        target_calls=sum(turn.target_calls for turn in turns),
+    )
+
+
+def alpha_per_position(generations: list[Generation]) -> list[float | None]:
+    """α_k = accepted at position k ÷ times position k was reached (None where never reached)."""
+    reached = [sum(values) for values in zip(*(g.reached for g in generations))]
+    accepted = [sum(values) for values in zip(*(g.accepted for g in generations))]
+    return [a / r if r else None for a, r in zip(accepted, reached)]
 
 
 def predicted_tau(alpha: float, depth: int) -> float:
@@ -56,12 +82,13 @@ def summarize(
         category_steps = [length for g in mine for length in g.accept_lengths]
         per_category[category] = {
             "tau": _sum(category_steps) / max(len(category_steps), 1),
+            "alpha_per_position": alpha_per_position(mine),
             "speedup": tokens_per_second(mine) / tokens_per_second(theirs),
             "num_prompts": len(indices),
         }
     return {
         "tau": _sum(steps) / max(len(steps), 1),
-        "alpha_per_position": [a / r if r else None for a, r in zip(accepted, reached)],
+        "alpha_per_position": alpha_per_position(generations),
         "speedup": speed / baseline_speed,
         "predicted_speedup": predicted_speedup(alpha, depth, cost_ratio),
         "tokens_per_s": speed,

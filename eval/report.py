@@ -1,7 +1,8 @@
 """The eval report: `report.json`, `report.md` and PNG plots, from one report object (distill/reports.py: the run's
 shared fields and one row per drafter).
 
-A row's `accept_length_histogram` (index 0: steps that committed 1 token) and `per_category` feed the plots; its
+A row's `accept_length_histogram` (index 0: steps that committed 1 token) and `per_category` (τ, α per position,
+speedup and prompts of each category, in report.md's per-category table) feed the plots; its
 `lossless_check_method` is shown under the table in report.md. Non-finite numbers are written as null (NaN is not
 JSON). Every file is written under a temporary name and renamed when complete, so a file with its final name is
 always whole; report.json is written last, so when it is there the whole report is.
@@ -75,12 +76,13 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
         lines += ["", "Lossless check: " + "; ".join(sorted(methods)) + "."]
     category_rows = [
         f"| {label} | {category} | {stats.get('num_prompts', '—')} | {_num(stats.get('tau'), '.2f')} | "
-        f"{_num(stats.get('speedup'), '.2f', '×')} |"
+        f"{_alphas(stats.get('alpha_per_position'))} | {_num(stats.get('speedup'), '.2f', '×')} |"
         for label, r in zip(_labels(results), results)
         for category, stats in sorted((r.get("per_category") or {}).items())
     ]
-    if category_rows:
-        lines += ["", "## Per category", "", "| drafter | category | prompts | τ | speedup |", "|---|---|---|---|---|"]
+    if category_rows:  # Spec-Bench's per-task view: speedup and τ, with EAGLE's α per draft position beside them
+        lines += ["", "## Per category", "", "| drafter | category | prompts | τ | α per position (α1 / α2 / …) | "
+                  "speedup |", "|---|---|---|---|---|---|"]
         lines += category_rows
     positions = max(len(r["alpha_per_position"] or []) for r in results)
     if positions:
@@ -189,6 +191,11 @@ def _joined(results: list[dict], key: str) -> str:
 def _float(value: Any) -> float:
     """A plottable number: None and ±inf become NaN (no bar, no point) instead of stretching the axes."""
     return math.nan if value is None or not math.isfinite(value) else float(value)
+
+
+def _alphas(values: list | None) -> str:
+    """α per draft position in one cell: "0.81 / 0.62 / 0.40" (— where not reached or not recorded)."""
+    return " / ".join(_num(a, ".2f") for a in values) if values else "—"
 
 
 def _num(value: Any, spec: str, unit: str = "") -> str:
