@@ -22,6 +22,7 @@ class DataFormat(Enum):
     auto = "auto"  # detect each record's form from its fields
     sharegpt = "sharegpt"  # {"conversations": [{"from": "human"|"gpt"|"system", "value": str}]}
     messages = "messages"  # {"messages": [{"role": "user"|"assistant"|"system", "content": str}]}
+    alpaca = "alpaca"  # {"instruction": str, "input": str, "output": str}: one user turn, one assistant turn
     text = "text"  # {"text": str}, every token is trained on
 
 
@@ -37,12 +38,14 @@ class RegenerateConfig:
     temperature: float = 0.8  # 0 means greedy
     top_p: float = 0.95
     max_new_tokens: int = 512
-    batch_size: int = 8
+    batch_size: int = 8  # prompts decoding together (a finished reply leaves the batch)
 
 
 @dataclass
 class DataConfig:
     path: str = MISSING  # Hub dataset name, local .jsonl/.json/.parquet file, datasets folder, or builtin:toy_chat
+    # the command that places a preset's local data.path (data=alpaca: `specdistill setup`), named when it is missing
+    setup_command: Optional[str] = None
     format: DataFormat = DataFormat.auto
     split: str = "train"  # split to read from a Hub dataset or a data-files folder
     subset: Optional[str] = None  # Hub dataset configuration name

@@ -126,7 +126,7 @@ def no_usable_records_error(
     first = f"; record {errors.examples[0]['index']}: {errors.examples[0]['reason']}" if errors.examples else ""
     if data_format != "auto" and errors.reasons["malformed"]:
         advice = (f"data.format={data_format} reads only that form: set data.format=auto to detect each record's "
-                  "form (sharegpt, messages or text), or fix the records.")
+                  "form (sharegpt, messages, alpaca or text), or fix the records.")
     else:
         advice = "Fix the records, or the setting a reason names (data.max_length; target.chat_template for templates)."
     return UserError(

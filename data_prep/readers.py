@@ -3,6 +3,8 @@
 Accepted record forms (`data.format=auto` detects each record's form from its fields):
 - ShareGPT:  {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
 - messages:  {"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}  (OpenAI form)
+- Alpaca:    {"instruction": str, "input": str (optional, may be empty), "output": str}  (one user turn, the
+             instruction plus "\n\n" + input when input is non-empty, and one assistant turn, the output)
 - text:      {"text": str}  (no chat template; every token is trained on)
 
 A record that cannot be used raises `MalformedRecord` with the reason; the caller counts and reports it by index.
@@ -54,9 +56,13 @@ def detect_format(record: dict) -> str:
     for name, (list_field, _, _) in FORMAT_FIELDS.items():
         if list_field in record:
             return name
+    if "instruction" in record:
+        return "alpaca"
     if "text" in record:
         return "text"
-    raise MalformedRecord(f"no 'conversations', 'messages' or 'text' field (fields: {sorted(record)[:8]})")
+    raise MalformedRecord(
+        f"no 'conversations', 'messages' or 'text' field, nor an Alpaca 'instruction' (fields: {sorted(record)[:8]})"
+    )
 
 
 def parse_record(record: Any, data_format: str) -> Conversation | PlainText:
@@ -74,6 +80,8 @@ def parse_record(record: Any, data_format: str) -> Conversation | PlainText:
         if not text.strip():
             raise MalformedRecord("field 'text' is empty")
         return PlainText(text)
+    if data_format == "alpaca":
+        return _parse_alpaca(record)
     list_field, role_field, content_field = FORMAT_FIELDS[data_format]
     turns = record.get(list_field)
     if not isinstance(turns, list):
@@ -98,6 +106,26 @@ def parse_record(record: Any, data_format: str) -> Conversation | PlainText:
             raise MalformedRecord(f"{where}.{content_field} is empty")
         messages.append({"role": ROLE_ALIASES[role], "content": content})
     return _check_turn_order(messages, list_field)
+
+
+def _parse_alpaca(record: dict) -> Conversation:
+    """One user turn (instruction, then the input after a blank line when there is one) and one assistant turn.
+    A missing or null `input` is taken as empty: Alpaca-style sets without inputs often leave the field out."""
+    instruction, output = _alpaca_field(record, "instruction"), _alpaca_field(record, "output")
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise MalformedRecord(f"field 'input' is {_describe(extra)}, expected a string (or empty)")
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return Conversation([{"role": "user", "content": user}, {"role": "assistant", "content": output}])
+
+
+def _alpaca_field(record: dict, name: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise MalformedRecord(f"field '{name}' is {_describe(value)}, expected a string")
+    if not value.strip():
+        raise MalformedRecord(f"field '{name}' is empty")
+    return value
 
 
 def _check_turn_order(messages: list[dict[str, str]], list_field: str) -> Conversation:
@@ -151,15 +179,21 @@ def read_records(data_cfg: Any, builtin_records: dict[str, Any] | None = None) -
         elif HUB_NAME.match(path) and not path.endswith(LOCAL_SUFFIXES):
             records = _read_hub(path, data_cfg)
         else:
-            raise UserError(
-                f"data.path: file not found: {path}\n"
-                "  Point data.path at a .jsonl/.json/.parquet file, a datasets folder, or a Hub dataset name."
-            )
+            raise _not_found(path, data_cfg.setup_command)
     if data_cfg.max_records is not None:
         records = records[: data_cfg.max_records] if isinstance(records, list) else records.select(
             range(min(data_cfg.max_records, len(records)))
         )
     return records, path
+
+
+def _not_found(path: str, setup_command: str | None) -> UserError:
+    if setup_command:  # a preset's file that a setup step downloads
+        advice = (f"This data preset's file is placed by `{setup_command}`: run it first, or pass "
+                  "data.path=<your own file> (.jsonl/.json/.parquet).")
+    else:
+        advice = "Point data.path at a .jsonl/.json/.parquet file, a datasets folder, or a Hub dataset name."
+    return UserError(f"data.path: file not found: {path}\n  {advice}")
 
 
 def _read_local(path: Path, data_cfg: Any) -> Sequence[Any]:
