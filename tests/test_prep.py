@@ -121,7 +121,7 @@ def test_help_lists_groups_and_keys(tmp_path: Path):
     result = run_cli("prep", "--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "specdistill prep: tokenize conversations" in result.stdout
-    assert "target: llama3_8b_instruct, qwen2_5_7b_instruct, qwen3_8b, toy, toy_tiny, vicuna_7b_v1_3" in result.stdout
+    assert "target: llama3_8b_instruct, qwen2_5_7b_instruct, qwen3_8b, smollm2_135m_instruct, toy, toy_tiny, vicuna_7b_v1_3" in result.stdout
     assert "max_length:" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
 

@@ -103,6 +103,6 @@ def test_a_file_whose_records_are_all_dropped_fails_with_count_and_reason(tmp_pa
         f"error: data.path: no usable records in {data}: 3 read, all dropped (3 malformed); "
         "record 0: field 'messages' is missing, expected a list of turns",
         "  data.format=messages reads only that form: set data.format=auto to detect each record's form "
-        "(sharegpt, messages or text), or fix the records.",
+        "(sharegpt, messages, alpaca or text), or fix the records.",
     ]
     assert "Traceback" not in result.stderr and not (tmp_path / "out" / "dataset").exists()
