@@ -25,6 +25,7 @@ from specdistill.distill.drafters import feature_layers_every_kind_reads
 from specdistill.distill.drafters.feature import target_fingerprint
 from specdistill.distill.errors import UserError
 from specdistill.distill.feature_cache import (
+    ARGMAX,
     CHECKSUMS,
     CONTEXT,
     EMBEDDING,
@@ -89,6 +90,9 @@ def shard_plan(fingerprint: dict[str, dict], shard_records: int) -> list[dict]:
     return shards
 
 
+ARGMAX_BYTES = 4  # int32 per logits position
+
+
 def projected_sizes(dataset: Any, plan: dict) -> dict[str, float]:
     """Bytes per token and in all of this cache's tensors, and of the naive cache (bf16, every cached layer at every
     position), from the dataset's loss masks without running the target."""
@@ -99,6 +103,7 @@ def projected_sizes(dataset: Any, plan: dict) -> dict[str, float]:
             rows[rule] += int(counts.sum())
     tensor_bytes = sum(rows[entry["rule"]] * row_bytes(plan["dtype"], hidden)
                        for entry in plan["stored"] if entry["rule"] != EMBEDDING)
+    tensor_bytes += rows[LOGITS] * ARGMAX_BYTES
     naive = len(plan["layers"]) * row_bytes("bf16", hidden) * tokens
     return {"tokens": tokens, "tensor_bytes": tensor_bytes, "bytes_per_token": tensor_bytes / max(tokens, 1),
             "naive_bf16_bytes": naive, "naive_bf16_bytes_per_token": naive / max(tokens, 1)}
@@ -200,6 +205,7 @@ def shard_tensors(target: FrozenTarget, records: dict[str, list], plan: dict, ba
     ids, masks = records["input_ids"], [torch.tensor(mask) for mask in records["loss_mask"]]
     stored = [(entry["layer"], entry["rule"]) for entry in plan["stored"] if entry["rule"] != EMBEDDING]
     rows: dict[int, list] = {layer: [None] * len(ids) for layer, _ in stored}
+    argmax: list = [None] * len(ids)
     order = sorted(range(len(ids)), key=lambda index: -len(ids[index]))
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
@@ -210,12 +216,16 @@ def shard_tensors(target: FrozenTarget, records: dict[str, list], plan: dict, ba
             for layer, rule in stored:
                 positions = stored_positions(rule, masks[index]).to(device)
                 rows[layer][index] = output.features[layer][row, positions].cpu()
+            # the target's argmax where the losses read its logits, from the unrounded final state: EAGLE-3's loss
+            # then needs the LM head over its draft vocabulary only (feature_cache.py CachedTargetOutput)
+            final = output.features[FINAL_NORMED][row, stored_positions(LOGITS, masks[index]).to(device)]
+            argmax[index] = target.lm_head(final).argmax(dim=-1).to(torch.int32).cpu()
         progress.update(len(chosen))
-    tensors = {}
+    tensors = {ARGMAX: torch.cat(argmax)}
     for layer, rule in stored:
         for suffix, tensor in encode_rows(torch.cat(rows[layer]), plan["dtype"]).items():
             tensors[f"layer.{layer}{suffix}"] = tensor
-    for rule in {rule for _, rule in stored}:
+    for rule in {rule for _, rule in stored} | {LOGITS}:
         counts = torch.tensor([0] + [len(stored_positions(rule, mask)) for mask in masks])
         tensors[f"offsets.{rule}"] = counts.cumsum(0)
     return tensors
@@ -245,7 +255,7 @@ def write_feature_cache(cfg: Any, dataset_dir: Path, tokenizer: Any, folder: Pat
                    "fingerprint": target_fingerprint(target), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                    "num_layers": target.num_layers, "hidden_size": target.config.hidden_size,
                    "dtype": str(target.model.dtype).removeprefix("torch.")},
-        "dataset": fingerprint, "layers": layers, "stored": stored, "dtype": features_cfg.dtype.name,
+        "dataset": fingerprint, "layers": layers, "stored": stored, "argmax": True, "dtype": features_cfg.dtype.name,
         "shard_records": features_cfg.shard_records, "shards": shard_plan(fingerprint, features_cfg.shard_records),
     }
     sizes = projected_sizes(dataset, plan)

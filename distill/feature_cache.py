@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from specdistill.distill.errors import UserError
 from specdistill.distill.objectives import DataSource
-from specdistill.distill.target import FINAL_NORMED, FrozenTarget, TargetOutput
+from specdistill.distill.target import FINAL_NORMED, FrozenTarget
 
 FORMAT = "specdistill-feature-cache"
 VERSION = 1
@@ -72,6 +72,7 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 CHECKSUMS = "checksums.json"
 CONTEXT, LOGITS, EMBEDDING = "context", "logits", "embedding"  # position rules (module doc)
+ARGMAX = "argmax"  # the target's argmax token at the logits positions (int32)
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 SCALE_BYTES = 2  # fp8's per-row bfloat16 scale
@@ -297,6 +298,7 @@ class FeatureCache:
             self.shards.setdefault(shard["split"], []).append(shard)
         self._files: dict[str, Any] = {}  # shard file → open safe_open handle (memory-mapped)
         self._offsets: dict[tuple[str, str], list[int]] = {}
+        self.has_argmax = bool(manifest.get("argmax"))  # caches written before prep stored it recompute it
 
     def _file(self, name: str) -> Any:
         from safetensors import safe_open
@@ -307,18 +309,23 @@ class FeatureCache:
 
     def _rows(self, split: str, index: int, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first `count` stored rows of record `index` of `split` at `layer` (and their fp8 scales)."""
+        values = self._stored(split, index, f"layer.{layer}", count, self.rules[layer])
+        scale = self._stored(split, index, f"layer.{layer}.scale", count, self.rules[layer]) \
+            if self.dtype_name == "fp8" else None
+        return values, scale
+
+    def _stored(self, split: str, index: int, name: str, count: int, rule: str = LOGITS) -> torch.Tensor:
+        """The first `count` rows of the stored tensor `name` for record `index` of `split`, laid out by `rule`."""
         shard = self.shards[split][index // self.shard_records]
-        rule, handle = self.rules[layer], self._file(shard["file"])
+        handle = self._file(shard["file"])
         if (shard["file"], rule) not in self._offsets:
             self._offsets[shard["file"], rule] = handle.get_tensor(f"offsets.{rule}").tolist()
         offsets, local = self._offsets[shard["file"], rule], index - shard["records"][0]
         start = offsets[local]
         if count > offsets[local + 1] - start:  # the dataset hash makes this impossible unless the shard is corrupt
             raise RuntimeError(f"{self.folder / shard['file']}: record {index} of {split} has "
-                               f"{offsets[local + 1] - start} rows at layer {layer}, the batch needs {count}")
-        values = handle.get_slice(f"layer.{layer}")[start : start + count]
-        scale = handle.get_slice(f"layer.{layer}.scale")[start : start + count] if self.dtype_name == "fp8" else None
-        return values, scale
+                               f"{offsets[local + 1] - start} rows of {name}, the batch needs {count}")
+        return handle.get_slice(name)[start : start + count]
 
     def _dense(self, split: str, indices: list[int], layer: int, input_ids: torch.Tensor,
                loss_mask: torch.Tensor) -> torch.Tensor:
@@ -344,16 +351,54 @@ class FeatureCache:
 
     @torch.no_grad()
     def target_output(self, split: str, indices: torch.Tensor, input_ids: torch.Tensor,
-                      loss_mask: torch.Tensor) -> TargetOutput:
+                      loss_mask: torch.Tensor) -> "CachedTargetOutput":
         """What `FrozenTarget(input_ids, feature_layers=…)` gives the drafter's loss for these records of `split`
-        (right-padded, possibly truncated): the drafter's layers and the logits where the losses read them."""
+        (right-padded, possibly truncated): the drafter's layers, and the logits where the losses read them (computed
+        on first use, `CachedTargetOutput`)."""
         indices_list, mask = indices.tolist(), loss_mask.cpu()
         features = {layer: self._dense(split, indices_list, layer, input_ids, mask) for layer in self.feature_layers}
         final = features.get(FINAL_NORMED)
         if final is None:
             final = self._dense(split, indices_list, FINAL_NORMED, input_ids, mask)
-        lm_head = self.target.lm_head
-        logits = torch.zeros(*input_ids.shape, lm_head.out_features, dtype=final.dtype, device=final.device)
         read = loss_mask[:, 1:].bool()  # p with loss_mask[p + 1] = 1: where every loss reads the target's logits
-        logits[:, :-1][read] = lm_head(final[:, :-1][read])
-        return TargetOutput(logits=logits, features=features, past_key_values=None)
+        argmax = self._argmax(split, indices_list, mask, read) if self.has_argmax else None
+        return CachedTargetOutput(features, final[:, :-1][read], read, argmax, self.target.lm_head)
+
+    def _argmax(self, split: str, indices: list[int], loss_mask: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] the target's argmax token at the read positions (stored by prep), 0 elsewhere."""
+        argmax = torch.zeros(read.shape[0], read.shape[1] + 1, dtype=torch.long, device=read.device)
+        stored = [self._stored(split, index, ARGMAX, len(stored_positions(LOGITS, loss_mask[row])))
+                  for row, index in enumerate(indices)]
+        argmax[:, :-1][read] = torch.cat(stored).to(device=read.device, dtype=torch.long)
+        return argmax
+
+
+class CachedTargetOutput:
+    """A `TargetOutput` rebuilt from the feature cache. `logits` (dense, over the whole vocabulary) is computed on
+    first use; a loss that needs only the target's argmax and its logits over a reduced vocabulary (EAGLE-3) reads
+    `argmax` (stored by prep) and `logits_over(ids)`, which runs the LM head's rows for those ids at the read
+    positions only: with a 49k vocabulary and an 8k draft vocabulary, a sixth of the LM head's work and memory."""
+
+    past_key_values = None
+
+    def __init__(self, features: dict[int, torch.Tensor], final_rows: torch.Tensor, read: torch.Tensor,
+                 argmax: torch.Tensor | None, lm_head: torch.nn.Linear):
+        self.features, self.argmax = features, argmax
+        self._final_rows, self._read, self._lm_head = final_rows, read, lm_head
+        self._logits: torch.Tensor | None = None
+
+    def _scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        dense = rows.new_zeros(self._read.shape[0], self._read.shape[1] + 1, rows.shape[-1])
+        dense[:, :-1][self._read] = rows
+        return dense
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self._scatter(self._lm_head(self._final_rows))
+        return self._logits
+
+    def logits_over(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, len(token_ids)]: the logits of `token_ids` at the read positions, 0 elsewhere."""
+        weight = self._lm_head.weight[token_ids.to(self._lm_head.weight.device)]
+        return self._scatter(self._final_rows @ weight.T)

@@ -130,6 +130,12 @@ def test_the_reader_rebuilds_the_targets_output_where_losses_read_it(prepared: P
         unread[read] = False
         assert not cached.logits[row, unread].any()  # logits nowhere else
         assert not cached.features[1][row, len(context):].any()  # nothing after the last read position
+        # what EAGLE-3's loss reads instead of the dense logits: prep's argmax, and the LM head over some ids only
+        assert torch.equal(cached.argmax[row, read], online.logits[row, read].argmax(dim=-1))
+        assert not cached.argmax[row, unread].any()
+    some_ids = torch.tensor([2, 5, 300, 1000])
+    over = cached.logits_over(some_ids)
+    torch.testing.assert_close(over, cached.logits[..., some_ids], rtol=1e-5, atol=1e-5)
 
 
 # --- training from a cache --------------------------------------------------------------------------------------

@@ -253,8 +253,13 @@ class Eagle3Drafter(FeatureDrafter):
         draft_to_target = self.draft_to_target
         # the target's side once for every step: its argmax, whether that lies in the draft vocabulary (positions
         # whose best token the drafter cannot propose are not trained on) and its distribution over that vocabulary
-        target_argmax = target.logits.argmax(dim=-1)
-        restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target.logits, draft_to_target, target_argmax)
+        if getattr(target, "argmax", None) is not None:  # the feature cache: the LM head's draft-vocabulary rows only
+            target_argmax, restricted = target.argmax, target.logits_over(draft_to_target)
+            argmax_in_vocab = self.t2d[target_argmax]
+        else:
+            target_argmax = target.logits.argmax(dim=-1)
+            restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target.logits, draft_to_target,
+                                                                             target_argmax)
         target_probs = restricted.float().softmax(dim=-1)
 
         def step_loss(step, token_part, fed_back, selected):
