@@ -52,7 +52,7 @@ def run_row(name: str, dtype: str | None, out_dir: Path, target: str, preps: dic
     drafter = folder / "train" / "drafter"
     specdistill("eval", f"target={target}", *PRESET.eval, f"drafter_path={drafter}", "eval.temperature=0",
                 "eval.hf_baselines=false", f"out_dir={folder / 'eval'}", log=folder.with_suffix(".eval.log"))
-    [report] = read_report(folder / "eval", "eval out_dir")["rows"]
+    report = read_report(folder / "eval", "eval out_dir")["rows"][0]  # the drafter's row (transformers' follow)
     summary = json.loads((drafter / "summary.json").read_text())
     result = {"row": name, "dtype": dtype, "tau_greedy": report["tau"], "lossless": report["lossless_check"],
               "val_top1": summary["final"].get("val_top1"), "final_loss": summary["final"].get("loss"),

@@ -78,7 +78,7 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, target: str) -> dict:
         if not (eval_dir / "report.json").is_file():
             specdistill("eval", f"target={target}", *last.eval, f"drafter_path={drafter}", f"eval.temperature={temperature}",
                         "eval.hf_baselines=false", f"out_dir={eval_dir}", log=folder / f"{key}.log")
-        [report] = read_report(eval_dir, "eval out_dir")["rows"]
+        report = read_report(eval_dir, "eval out_dir")["rows"][0]  # the drafter's row (transformers' follow)
         result[key] = report["tau"]
         result[f"{key}_cost_ratio"] = report["cost_ratio"]
         result[f"{key}_lossless"] = report["lossless_check"]

@@ -113,7 +113,7 @@ def main() -> None:
     specdistill("eval", "target=toy", f"drafter_path={drafter}", "bench=toy", f"eval.num_prompts={args.num_prompts}",
                 f"eval.max_new_tokens={args.max_new_tokens}", f"eval.gamma={args.gamma}", "eval.temperature=0",
                 "eval.hf_baselines=false", f"out_dir={out_dir / 'eval'}", log=out_dir / "eval.log")
-    [report] = read_report(out_dir / "eval", "eval out_dir")["rows"]
+    report = read_report(out_dir / "eval", "eval out_dir")["rows"][0]  # the drafter's row (transformers' follow)
     request = {"target": target, "prompts": eval_prompts(out_dir / "eval"), "max_tokens": args.max_new_tokens,
                "num_speculative_tokens": args.gamma}
     plain = vllm_generate(python, {**request, "drafter": None, "method": None}, out_dir, "vllm_plain")

@@ -12,8 +12,9 @@ baseline, each with `ROW_KEYS` (DESIGN.md's definitions):
     cost_ratio, num_prompts, new_tokens, lossless_check ("passed"|"failed"|"skipped"), lossless_check_method,
     skipped_prompts
 
-and may add `accept_length_histogram` (list[int]: decoding steps that committed 1, 2, 3, … tokens) and
-`per_category` (category → {"tau", "speedup", "num_prompts"}). A number that does not apply (a baseline's τ) or is
+and may add `accept_length_histogram` (list[int]: decoding steps that committed 1, 2, 3, … tokens),
+`per_category` (category → {"tau", "alpha_per_position", "speedup", "num_prompts"}) and `speedup_over_transformers`
+(a drafter's tokens/s ÷ that of transformers' plain greedy `generate` on the same prompts). A number that does not apply (a baseline's τ) or is
 not finite is null.
 """
 

@@ -28,7 +28,9 @@ class EvalLoopConfig(DecodingConfig):
     num_prompts: Optional[int] = 80  # the first N prompts of the bench (null: all)
     warmup_prompts: int = 2  # decoded untimed before measuring
     verify_lossless: Optional[bool] = None  # re-decode greedily without the drafter and compare; null: on for bench=toy
-    hf_baselines: bool = True  # token-level drafters: also transformers' assisted generation and prompt lookup
+    # greedy: also transformers' plain `generate` on the same prompts (its row; each drafter's speedup_over_transformers)
+    # and, with token-level drafters, its assisted generation and prompt lookup
+    hf_baselines: bool = True
     # a prompt whose decoding would read positions past the target's context window (max_position_embeddings): error
     # refuses the run naming it; skip leaves it out, counted in report.json's skipped_prompts and the log
     long_prompts: LongPrompts = LongPrompts.error

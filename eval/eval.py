@@ -60,6 +60,7 @@ DRAFTER_PATH_HINT = (
     "pass drafter_path=<train out_dir>/drafter (the folder `specdistill train` wrote, or a Hugging Face causal LM "
     "folder sharing the target's tokenizer), or drafter_path='[a/drafter,b/drafter]' to compare several"
 )
+HF_GENERATE = "transformers generate"  # the report row of transformers' plain greedy `generate`
 # What `lossless_check` compared, by how the run decoded (report.json's `lossless_check_method`).
 LOSSLESS_GREEDY = "greedy output equals plain decoding"
 LOSSLESS_RE_DECODE = (
@@ -213,6 +214,10 @@ class EvalRecipe:
         checks = {path: self._lossless_check(path, baseline, results[path]) for path in self.drafters}
         rows = [self._row(path, baseline, results[path], checks[path]) for path in self.drafters]
         rows += [self._hf_row(name, runs[name], baseline) for name in decoders if name not in self.drafters]
+        if HF_GENERATE in runs:  # the speedup users quote: over transformers' plain greedy generate
+            hf_speed = tokens_per_second(combined(runs[HF_GENERATE]))
+            for row in rows[: len(self.drafters)]:
+                row["speedup_over_transformers"] = row["tokens_per_s"] / hf_speed
         self._write_generations(baseline, results)
         return report_document(self._run_fields(), rows)
 
@@ -246,11 +251,12 @@ class EvalRecipe:
         return False
 
     def _hf_decoders(self) -> dict[str, Decode]:
-        """transformers' own assisted generation with each token-level drafter, and its prompt lookup (greedy only)."""
+        """transformers' own decoding (greedy only): plain `generate`, the baseline users know; with token-level
+        drafters also its assisted generation with each of them, and its prompt lookup."""
+        if not self.cfg.eval.hf_baselines or self.decoding.temperature > 0:
+            return {}
         assistants = {path: proposer.assistant_model for path, proposer in self.drafters.items()
                       if proposer.assistant_model is not None}
-        if not self.cfg.eval.hf_baselines or self.decoding.temperature > 0 or not assistants:
-            return {}
         from specdistill.eval.baselines import hf_generate
 
         gamma, new = self.decoding.gamma, self.decoding.max_new_tokens
@@ -261,9 +267,11 @@ class EvalRecipe:
                 return Generation(output_ids, [], [], [], seconds=seconds)  # its steps are not measured
             return decode
 
-        decoders = {f"transformers assisted: {path}": decoder(assistant_model=model, num_assistant_tokens=gamma)
-                    for path, model in assistants.items()}
-        decoders["transformers prompt lookup"] = decoder(prompt_lookup_num_tokens=gamma)
+        decoders = {HF_GENERATE: decoder()}
+        decoders.update({f"transformers assisted: {path}": decoder(assistant_model=model, num_assistant_tokens=gamma)
+                         for path, model in assistants.items()})
+        if assistants:
+            decoders["transformers prompt lookup"] = decoder(prompt_lookup_num_tokens=gamma)
         return decoders
 
     def _lossless_check(self, path: str, baseline: list[Conversation], conversations: list[Conversation]) -> str:

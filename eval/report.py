@@ -71,6 +71,10 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
         "",
         format_table(results),
     ]
+    over_transformers = [f"{label} {r['speedup_over_transformers']:.2f}×" for label, r in zip(_labels(results), results)
+                         if r.get("speedup_over_transformers") is not None]
+    if over_transformers:
+        lines += ["", "Speedup over transformers' plain greedy `generate`: " + ", ".join(over_transformers) + "."]
     methods = {str(r["lossless_check_method"]) for r in results if r.get("lossless_check_method")}
     if methods:
         lines += ["", "Lossless check: " + "; ".join(sorted(methods)) + "."]

@@ -27,7 +27,9 @@ def test_eval_writes_the_report_of_a_trained_drafter(trained_drafter, tmp_path: 
     assert (tmp_path / "previous" / "report.json").read_text() == '{"tau": 9.9}'
     document = read_report(tmp_path, "out_dir")
     assert set(RUN_KEYS) <= set(document) and document["temperature"] == 0.0 and document["bench"] == "toy"
-    [report] = document["rows"]  # one drafter, one row (the transformers baselines are for token-level drafters)
+    report, hf_generate = document["rows"]  # the drafter, then transformers' plain greedy generate
+    assert hf_generate["drafter"] == "transformers generate" and hf_generate["lossless_check"] == "passed"
+    assert report["speedup_over_transformers"] == pytest.approx(report["tokens_per_s"] / hf_generate["tokens_per_s"])
     assert set(ROW_KEYS) <= set(report) and report["drafter"] == str(eagle3) and report["skipped_prompts"] == 0
     assert report["lossless_check"] == "passed" and report["num_prompts"] == 4 and report["method"] == "chain"
     assert report["lossless_check_method"] == "greedy output equals plain decoding"

@@ -55,7 +55,7 @@ def two_turn_eval(tmp_path_factory: pytest.TempPathFactory, target, toy_tiny_pat
 
 
 def test_both_turns_are_decoded_losslessly_and_turn_two_follows_the_first_answer(two_turn_eval, toy_tokenizer):
-    _, report, conversations = two_turn_eval
+    out_dir, report, conversations = two_turn_eval
     drafters = [row["drafter"] for row in report["rows"][:2]]
     for prompt_id in ("1", "2", "3"):
         plain = conversations[prompt_id, "plain"]
@@ -75,7 +75,13 @@ def test_both_turns_are_decoded_losslessly_and_turn_two_follows_the_first_answer
         for turn in (first, second):
             assert sum(turn["accept_lengths"]) + 1 == len(turn["output_ids"])  # the prefill's token is not a step
     assert all(row["lossless_check"] == "passed" for row in report["rows"])  # the transformers baselines' too
-    assert len(report["rows"]) == 4  # 2 drafters + transformers assisted (token-level) + prompt lookup
+    # 2 drafters + transformers generate + assisted (token-level) + prompt lookup
+    assert [row["drafter"] for row in report["rows"][2:]] == ["transformers generate",
+                                                             f"transformers assisted: {report['rows'][1]['drafter']}",
+                                                             "transformers prompt lookup"]
+    for row in report["rows"][:2]:  # each drafter's speedup over transformers' generate, from the tokens/s measured
+        assert row["speedup_over_transformers"] == pytest.approx(row["tokens_per_s"] / report["rows"][2]["tokens_per_s"])
+    assert "Speedup over transformers' plain greedy `generate`: " in (out_dir / "report.md").read_text()
 
 
 def test_metrics_and_per_category_rows_count_both_turns(two_turn_eval):
