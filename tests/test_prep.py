@@ -133,7 +133,7 @@ def test_misspelled_override_names_the_key(tmp_path: Path):
                                      "`--help` lists the keys")
     result = run_cli("prep", "data.format=sharegtp", cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "Invalid value 'sharegtp', expected one of [auto, sharegpt, messages, text]" in result.stderr
+    assert "Invalid value 'sharegtp', expected one of [auto, sharegpt, messages, alpaca, text]" in result.stderr
 
 
 def test_missing_data_file_is_one_clear_message(tmp_path: Path):
