@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
@@ -39,13 +39,23 @@ class Method(str, Enum):  # a str, so code and tests may also write the plain na
     tree = "tree"
 
 
+class DraftLength(str, Enum):
+    """How many tokens a chain step drafts: always gamma, or fewer when the drafter is unsure (`draft_chain`)."""
+
+    fixed = "fixed"
+    confidence = "confidence"  # stop before a position whose top draft probability is below draft_threshold
+    cumulative = "cumulative"  # stop when the product of the top probabilities so far is below draft_threshold
+
+
 @dataclass
 class DecodingConfig:
     """The decoding settings, one schema for every user: `eval.*` (extended by eval/config.py), τ during training
     (`train.tau.*`) and export's speculative-token count (its `gamma`). Ranges: `check_decoding`."""
 
     method: Method = Method.chain
-    gamma: int = 5  # chain: drafted tokens per step
+    gamma: int = 5  # chain: drafted tokens per step (with a dynamic draft_length: at most)
+    draft_length: DraftLength = DraftLength.fixed  # chain: fixed, confidence or cumulative (dynamic draft length)
+    draft_threshold: float = 0.4  # the dynamic draft length's stopping threshold, a probability
     tree_depth: int = 6  # tree (EAGLE-2): draft levels
     tree_top_k: int = 10  # tree: children per expanded node and nodes expanded per level
     tree_total_tokens: int = 60  # tree: verified tokens per step (root included)
@@ -55,6 +65,7 @@ class DecodingConfig:
 
     def __post_init__(self) -> None:
         self.method = Method(self.method)
+        self.draft_length = DraftLength(self.draft_length)
 
     @property
     def draft_depth_key(self) -> str:
@@ -78,6 +89,7 @@ DECODING_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": (lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0 (0: greedy)"),
     "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "max_new_tokens": (lambda v: v >= 1, "an integer ≥ 1"),
+    "draft_threshold": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
 }
 
 
@@ -86,15 +98,21 @@ def config_key(group: str, key: str) -> str:
     return f"{group}.{key}" if group else key
 
 
-def check_decoding(config: Any, group: str, keys: tuple[str, ...] = tuple(DECODING_RANGES)) -> None:
+def check_decoding(config: Any, group: str, keys: tuple[str, ...] = (*DECODING_RANGES, "draft_length")) -> None:
     """The one range check of the decoding settings: a UserError naming the first of `keys` outside its range, as
     the user writes it (`group`: the config group holding the settings, e.g. `eval` or `train.tau`; a DictConfig or a
     DecodingConfig). Run it before anything loads."""
     for key in keys:
+        if key not in DECODING_RANGES:
+            continue
         valid, valid_range = DECODING_RANGES[key]
         value = getattr(config, key)
         if not valid(value):
             raise UserError(f"{config_key(group, key)}={value} is out of range: it must be {valid_range}")
+    if "draft_length" in keys and Method(config.method) == Method.tree and DraftLength(config.draft_length) != DraftLength.fixed:
+        raise UserError(f"{config_key(group, 'draft_length')}={DraftLength(config.draft_length).value} applies to "
+                        f"chains only (an EAGLE-2 tree already sizes itself by the draft scores); set "
+                        f"{config_key(group, 'method')}=chain or {config_key(group, 'draft_length')}=fixed")
 
 
 @dataclass
@@ -103,6 +121,7 @@ class Generation:
     accept_lengths: list[int]  # tokens committed by each decoding step's target forward (prefill excluded)
     reached: list[int]  # per draft position k = 1, 2, …: steps whose verification got to position k
     accepted: list[int]  # … and accepted the token there
+    draft_lengths: list[int] = field(default_factory=list)  # tokens drafted and verified by each decoding step
     seconds: float = 0.0  # wall time of the whole generation, prefill included
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -203,17 +222,32 @@ class Decoder:
         return verification.target_probs(logits, self.config.temperature, self.config.top_p)
 
     def draft_chain(self, logits: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """γ tokens, each the drafter's argmax (greedy) or a sample from its distribution q → (tokens, q)."""
+        """Up to γ tokens, each the drafter's argmax (greedy) or a sample from its distribution q → (tokens, q).
+
+        A dynamic draft length stops the chain before position k > 1 when the drafter is unsure there: its top
+        probability p_k = max q_k (confidence; q_k at temperature 1 when greedy) or the running product p_1 ⋯ p_k,
+        an estimate of the chance that all k drafts are accepted (cumulative), is below draft_threshold. The rule
+        reads the drafter only, never the target, and every drafted prefix is verified exactly, so output stays
+        lossless; what it saves is the drafter calls and verified positions that would likely be rejected."""
+        config = self.config
+        dynamic = config.draft_length != DraftLength.fixed
         tokens, draft_probs = [], []
+        chain_confidence = 1.0
         last_row = torch.tensor([-1], device=self.device)
-        for position in range(self.config.gamma):
-            if self.greedy:
+        for position in range(config.gamma):
+            probs = None if self.greedy else self._probs(logits)
+            if dynamic:
+                top = float((torch.softmax(logits.float(), dim=-1) if probs is None else probs).max())
+                chain_confidence = top if config.draft_length == DraftLength.confidence else chain_confidence * top
+                if position > 0 and chain_confidence < config.draft_threshold:
+                    break
+            if probs is None:
                 token = logits.argmax(dim=-1, keepdim=True)
             else:
-                draft_probs.append(self._probs(logits))
-                token = verification.sample(draft_probs[-1], generator)[None]
+                draft_probs.append(probs)
+                token = verification.sample(probs, generator)[None]
             tokens.append(token)
-            if position + 1 < self.config.gamma:
+            if position + 1 < config.gamma:
                 logits = self.proposer.step(token, last_row, depth=position + 1, block=None)[-1]
         return torch.cat(tokens), (torch.stack(draft_probs) if draft_probs else None)
 
@@ -262,7 +296,8 @@ class Decoder:
         length = self.cache.length
         tokens = torch.cat([torch.tensor([root], device=self.device), drafted])[None]
         positions = torch.arange(length, length + len(drafted) + 1, device=self.device)[None]
-        output = self._target(tokens, positions, self.mask(length, self.chain_block))
+        size = len(drafted) + 1  # fewer than γ + 1 when the draft length is dynamic
+        output = self._target(tokens, positions, self.mask(length, self.chain_block[:size, :size]))
         logits = output.logits[0]
         if self.greedy:
             accepted, next_token = verification.accept_chain_greedy(drafted, logits)
@@ -320,18 +355,22 @@ class Decoder:
             draft_started = time.perf_counter()
             if config.method == Method.chain:
                 drafted, draft_probs = self.draft_chain(draft_logits, generator)
-                result.drafter_calls += config.gamma - 1
+                result.drafter_calls += len(drafted) - 1
+                result.draft_lengths.append(len(drafted))
+                reachable = len(drafted)
                 _sync(self.device)
                 verify_started = time.perf_counter()
                 committed, rows, output = self.verify_chain(root, drafted, draft_probs, generator)
             else:
                 tree = self.draft_tree(draft_logits)
                 result.drafter_calls += config.tree_depth - 1
+                result.draft_lengths.append(len(tree.tokens))
+                reachable = depth
                 _sync(self.device)
                 verify_started = time.perf_counter()
                 committed, rows, output = self.verify_tree(root, tree, generator)
             accepted = len(committed) - 1
-            for position in range(min(accepted + 1, depth)):
+            for position in range(min(accepted + 1, reachable)):
                 result.reached[position] += 1
                 result.accepted[position] += position < accepted
             done = self._commit(result, committed)

@@ -318,7 +318,8 @@ class EvalRecipe:
         generations, baseline_generations = combined(conversations), combined(baseline)
         speed, baseline_speed = tokens_per_second(generations), tokens_per_second(baseline_generations)
         same = all(outputs(mine) == outputs(plain) for mine, plain in zip(conversations, baseline))
-        return {**self._row_fields(name), "tau": None, "alpha_per_position": [], "speedup": speed / baseline_speed,
+        method = "plain" if name == HF_GENERATE else self.decoding.method.value  # assisted, prompt lookup: chains
+        return {**self._row_fields(name), "method": method, "tau": None, "alpha_per_position": [], "speedup": speed / baseline_speed,
                 "predicted_speedup": None, "tokens_per_s": speed, "baseline_tokens_per_s": baseline_speed,
                 "cost_ratio": None, "num_prompts": len(generations),
                 "new_tokens": sum(len(g.output_ids) for g in generations),

@@ -6,7 +6,10 @@
     speedup = (new tokens ÷ seconds) speculative ÷ the same for plain decoding, same prompts and cache code
     c      = one drafter call's mean time ÷ one plain target step's mean time
     predicted (Leviathan et al.): α = Σ accepted ÷ Σ reached over all positions, τ̂ = (1 − α^{γ+1}) / (1 − α),
-             Ŝ = τ̂ / (γ·c + 1), with γ the drafting depth (chain: gamma; tree: tree_depth)
+             Ŝ = τ̂ / (γ·c + 1), with γ the drafting depth (chain: gamma, the cap of a dynamic draft length;
+             tree: tree_depth)
+    drafted = tokens drafted and verified per decoding step (mean_draft_length, draft_length_histogram: index n
+             counts the steps that drafted n); a fixed chain drafts gamma every step
 
 A prompt of several turns (MT-Bench) counts as one prompt whose decoding is all its turns' (`combine_turns`): their
 decoding steps, accepted drafts, new tokens and wall times are summed, per run and per category.
@@ -35,6 +38,7 @@ def combine_turns(turns: list[Generation]) -> Generation:
         accept_lengths=[length for turn in turns for length in turn.accept_lengths],
         reached=[sum(counts) for counts in zip(*(turn.reached for turn in turns))],
         accepted=[sum(counts) for counts in zip(*(turn.accepted for turn in turns))],
+        draft_lengths=[length for turn in turns for length in turn.draft_lengths],
         seconds=_sum(turn.seconds for turn in turns),
         draft_seconds=_sum(turn.draft_seconds for turn in turns),
         verify_seconds=_sum(turn.verify_seconds for turn in turns),
@@ -73,6 +77,10 @@ def summarize(
     histogram = [0] * max(steps, default=1)
     for length in steps:
         histogram[length - 1] += 1
+    draft_lengths = [length for g in generations for length in g.draft_lengths]
+    draft_histogram = [0] * (max(draft_lengths, default=0) + 1)  # index n: steps that drafted n tokens
+    for length in draft_lengths:
+        draft_histogram[length] += 1
     per_category = {}
     by_category: dict[str, list[int]] = defaultdict(list)
     for index, category in enumerate(categories):
@@ -97,5 +105,7 @@ def summarize(
         "num_prompts": len(generations),
         "new_tokens": int(_sum(len(g.output_ids) for g in generations)),
         "accept_length_histogram": histogram,
+        "mean_draft_length": _sum(draft_lengths) / max(len(draft_lengths), 1),
+        "draft_length_histogram": draft_histogram,
         "per_category": per_category,
     }

@@ -75,6 +75,10 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
                          if r.get("speedup_over_transformers") is not None]
     if over_transformers:
         lines += ["", "Speedup over transformers' plain greedy `generate`: " + ", ".join(over_transformers) + "."]
+    drafted = [f"{label} {r['mean_draft_length']:.2f}" for label, r in zip(_labels(results), results)
+               if r.get("mean_draft_length")]
+    if drafted:
+        lines += ["", "Tokens drafted per step (mean): " + ", ".join(drafted) + "."]
     methods = {str(r["lossless_check_method"]) for r in results if r.get("lossless_check_method")}
     if methods:
         lines += ["", "Lossless check: " + "; ".join(sorted(methods)) + "."]

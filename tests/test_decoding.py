@@ -105,6 +105,31 @@ def test_tau_is_gamma_plus_one_for_an_always_right_drafter_and_one_for_an_always
     assert Decoder(tiny.target, LMDrafting(tiny.model, "cpu"), tree).generate(tiny.prompts[0]).accept_lengths == [5] * 6
 
 
+@pytest.mark.parametrize("draft_length, threshold", [("confidence", 0.7), ("cumulative", 0.3)])
+def test_greedy_equals_plain_decoding_with_a_dynamic_draft_length(draft_length, threshold):
+    """Chains cut short when the drafter is unsure still decode exactly as plain decoding does, and the counts stay
+    exact: drafter calls, α's reached positions and the drafted lengths agree with each other."""
+    target_model, drafter_model = random_lm(scale=60.0, vocab=16), random_lm(scale=30.0, noise=0.5, vocab=16)
+    target = FrozenTarget(target_model)
+    prompts = [[1, 2, 3], [4, 5], [7, 1, 9, 2]]
+    config = DecodingConfig(method="chain", gamma=4, max_new_tokens=30, draft_length=draft_length,
+                            draft_threshold=threshold)
+    fixed = DecodingConfig(method="chain", gamma=4, max_new_tokens=30)
+    lengths = []
+    for prompt, plain in zip(prompts, plain_outputs(target, prompts, config)):
+        generation = Decoder(target, LMDrafting(drafter_model, "cpu"), config).generate(prompt)
+        assert generation.output_ids == plain
+        assert len(generation.draft_lengths) == len(generation.accept_lengths)
+        assert generation.reached[0] == len(generation.accept_lengths)  # every step drafts at least one token
+        assert sum(generation.reached) <= sum(generation.draft_lengths)
+        assert generation.drafter_calls == 1 + sum(length - 1 for length in generation.draft_lengths) + sum(
+            1 for _ in generation.accept_lengths[:-1])  # begin, the chains' steps, one catch-up per step but the last
+        lengths += generation.draft_lengths
+        fixed_generation = Decoder(target, LMDrafting(drafter_model, "cpu"), fixed).generate(prompt)
+        assert fixed_generation.draft_lengths == [4] * len(fixed_generation.accept_lengths)
+    assert min(lengths) == 1 and max(lengths) == 4, lengths  # the rule both cut chains and let them run
+
+
 # ---- sampling keeps the target's distribution ---------------------------------------------------------------
 
 def chi_square_test(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]:
@@ -187,18 +212,26 @@ def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tup
     "config",
     [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
      DecodingConfig(method="chain", gamma=2, temperature=0.8, top_p=0.9, max_new_tokens=3),
-     DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0, max_new_tokens=3)],
-    ids=["chain", "chain-top-p", "tree"],
+     DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0, max_new_tokens=3),
+     DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3, draft_length="confidence",
+                    draft_threshold=0.6),
+     DecodingConfig(method="chain", gamma=2, temperature=0.7, top_p=0.8, max_new_tokens=3,
+                    draft_length="cumulative", draft_threshold=0.5)],
+    ids=["chain", "chain-top-p", "tree", "chain-confidence", "chain-cumulative-top-p"],
 )
 def test_sampled_speculative_output_has_the_target_distribution(config):
     """End to end on a 5-token vocabulary: the joint distribution of 3 sampled tokens matches the target's exactly
-    computed one (chi-square at p = 0.001 with a fixed seed)."""
+    computed one (chi-square at p = 0.001 with a fixed seed), for fixed and dynamic draft lengths."""
     target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
     decoder = Decoder(FrozenTarget(target_model), LMDrafting(drafter_model, "cpu"), config)
     counts, acceptance = sampled_joint_counts(decoder, prompt, draws)
     assert 0.2 < acceptance < 0.9, "drafts must be accepted and rejected often, or the test proves little"
+    if config.draft_length != "fixed":  # the rule must both stop chains early and let them run, or it proves little
+        generator = torch.Generator().manual_seed(1)
+        lengths = {length for _ in range(50) for length in decoder.generate(prompt, generator).draft_lengths}
+        assert lengths == {1, 2}, lengths
     statistic, critical = chi_square_test(counts, exact)
     print(config.method, "chi-square", round(statistic, 1), "critical", round(critical, 1))
     assert statistic < critical

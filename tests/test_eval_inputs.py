@@ -45,7 +45,7 @@ def test_out_of_range_values_fail_from_the_command_line(tmp_path: Path) -> None:
 BAD_VALUES = [
     ("gamma", "0"), ("gamma", "-2"), ("tree_depth", "0"), ("tree_top_k", "0"), ("tree_total_tokens", "1"),
     ("temperature", "-1"), ("temperature", "nan"), ("top_p", "0"), ("top_p", "1.5"), ("max_new_tokens", "0"),
-    ("num_prompts", "0"), ("warmup_prompts", "-1"),
+    ("num_prompts", "0"), ("warmup_prompts", "-1"), ("draft_threshold", "1.5"), ("draft_threshold", "-0.1"),
 ]
 
 
@@ -157,3 +157,11 @@ def test_a_tree_wider_than_the_vocabulary_is_refused_naming_the_key(group: str) 
         check_tree_width(tree, 4096, group)
     check_tree_width(DecodingConfig(method="tree", tree_top_k=4096), 4096, group)  # the whole vocabulary is fine
     check_tree_width(DecodingConfig(method="chain", tree_top_k=5000), 4096, group)  # a chain does not branch
+
+
+def test_a_dynamic_draft_length_with_a_tree_names_both_keys(tmp_path: Path) -> None:
+    cfg = compose("eval", [*FAST, "drafter_path=/nope", f"out_dir={tmp_path}", "eval.method=tree",
+                           "eval.draft_length=confidence"])
+    with pytest.raises(UserError, match=r"^eval\.draft_length=confidence applies to chains only .* set "
+                                        r"eval\.method=chain or eval\.draft_length=fixed$"):
+        EvalRecipe(cfg).setup()
