@@ -127,3 +127,21 @@ def test_a_report_missing_a_key_or_of_another_schema_is_refused(tmp_path: Path) 
     (tmp_path / "report.json").write_text(json.dumps({**RUN, **fake_result("d", 2.0, 1.5)}))  # schema 1: one object
     with pytest.raises(UserError, match=r"^reports: .*report.json is not a report.json of schema version 2"):
         read_report(tmp_path, "reports")
+
+
+def test_drafted_lengths_are_summed_over_turns_and_counted_per_length() -> None:
+    from specdistill.distill.decoding import Generation
+    from specdistill.eval.metrics import combine_turns, summarize
+
+    def turn(accept_lengths: list[int], draft_lengths: list[int]) -> Generation:
+        tokens = [1] * (1 + sum(accept_lengths))
+        return Generation(tokens, accept_lengths, [len(draft_lengths)] * 3, [0] * 3, draft_lengths=draft_lengths,
+                          seconds=1.0, target_calls=len(tokens))
+
+    prompt = combine_turns([turn([2, 1], [3, 1]), turn([4], [3])])
+    plain = combine_turns([turn([1, 1], []), turn([1], [])])
+    numbers = summarize([prompt], [plain], ["writing"], depth=3)
+    assert prompt.draft_lengths == [3, 1, 3]
+    assert numbers["mean_draft_length"] == pytest.approx(7 / 3)
+    assert numbers["draft_length_histogram"] == [0, 1, 0, 2]  # index n: steps that drafted n tokens
+    assert numbers["tau"] == pytest.approx(7 / 3)
