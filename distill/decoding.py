@@ -355,7 +355,8 @@ class Decoder:
             draft_started = time.perf_counter()
             if config.method == Method.chain:
                 drafted, draft_probs = self.draft_chain(draft_logits, generator)
-                result.drafter_calls += len(drafted) - 1
+                # a chain cut short also ran the drafter for the position it stopped before (to read its confidence)
+                result.drafter_calls += min(len(drafted), config.gamma - 1)
                 result.draft_lengths.append(len(drafted))
                 reachable = len(drafted)
                 _sync(self.device)

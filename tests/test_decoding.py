@@ -122,8 +122,9 @@ def test_greedy_equals_plain_decoding_with_a_dynamic_draft_length(draft_length, 
         assert len(generation.draft_lengths) == len(generation.accept_lengths)
         assert generation.reached[0] == len(generation.accept_lengths)  # every step drafts at least one token
         assert sum(generation.reached) <= sum(generation.draft_lengths)
-        assert generation.drafter_calls == 1 + sum(length - 1 for length in generation.draft_lengths) + sum(
-            1 for _ in generation.accept_lengths[:-1])  # begin, the chains' steps, one catch-up per step but the last
+        # begin, each chain's steps (a cut chain's include the position it stopped before), a catch-up per step but the last
+        chain_steps = sum(min(length, config.gamma - 1) for length in generation.draft_lengths)
+        assert generation.drafter_calls == 1 + chain_steps + len(generation.accept_lengths) - 1
         lengths += generation.draft_lengths
         fixed_generation = Decoder(target, LMDrafting(drafter_model, "cpu"), fixed).generate(prompt)
         assert fixed_generation.draft_lengths == [4] * len(fixed_generation.accept_lengths)
