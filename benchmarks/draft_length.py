@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import platform
 import sys
 import tempfile
@@ -71,7 +70,7 @@ def main() -> None:
     runs: dict[str, list] = {label: [] for label in labels}
     for index in range(len(recipe.prompts)):
         order = labels[index % len(labels):] + labels[: index % len(labels)]
-        conversations = {label: recipe._converse(index, functools.partial(decoders[label].generate)) for label in order}
+        conversations = {label: recipe._converse(index, decoders[label].generate) for label in order}
         plain_outputs = [turn.generation.output_ids for turn in conversations["plain"]]
         for label, conversation in conversations.items():
             if [turn.generation.output_ids for turn in conversation] != plain_outputs:

@@ -319,8 +319,8 @@ class EvalRecipe:
         speed, baseline_speed = tokens_per_second(generations), tokens_per_second(baseline_generations)
         same = all(outputs(mine) == outputs(plain) for mine, plain in zip(conversations, baseline))
         method = "plain" if name == HF_GENERATE else self.decoding.method.value  # assisted, prompt lookup: chains
-        return {**self._row_fields(name), "method": method, "tau": None, "alpha_per_position": [], "speedup": speed / baseline_speed,
-                "predicted_speedup": None, "tokens_per_s": speed, "baseline_tokens_per_s": baseline_speed,
+        return {**self._row_fields(name), "method": method, "tau": None, "alpha_per_position": [],
+                "speedup": speed / baseline_speed, "predicted_speedup": None, "tokens_per_s": speed, "baseline_tokens_per_s": baseline_speed,
                 "cost_ratio": None, "num_prompts": len(generations),
                 "new_tokens": sum(len(g.output_ids) for g in generations),
                 "lossless_check": "passed" if same else "failed", "lossless_check_method": LOSSLESS_GREEDY}

@@ -26,6 +26,14 @@ def _sum(values) -> float:
     return float(sum(values))
 
 
+def _histogram(values: list[int], smallest: int) -> list[int]:
+    """Counts of smallest, smallest + 1, … up to the largest value (one zero bin when there are no values)."""
+    counts = [0] * (max(values, default=smallest) - smallest + 1)
+    for value in values:
+        counts[value - smallest] += 1
+    return counts
+
+
 def tokens_per_second(generations: list[Generation]) -> float:
     return _sum(len(g.output_ids) for g in generations) / max(_sum(g.seconds for g in generations), 1e-12)
 
@@ -74,13 +82,7 @@ def summarize(
     cost_ratio = drafter_call / plain_step
     alpha = _sum(accepted) / max(_sum(reached), 1)
     speed, baseline_speed = tokens_per_second(generations), tokens_per_second(plain)
-    histogram = [0] * max(steps, default=1)
-    for length in steps:
-        histogram[length - 1] += 1
     draft_lengths = [length for g in generations for length in g.draft_lengths]
-    draft_histogram = [0] * (max(draft_lengths, default=0) + 1)  # index n: steps that drafted n tokens
-    for length in draft_lengths:
-        draft_histogram[length] += 1
     per_category = {}
     by_category: dict[str, list[int]] = defaultdict(list)
     for index, category in enumerate(categories):
@@ -104,8 +106,8 @@ def summarize(
         "cost_ratio": cost_ratio,
         "num_prompts": len(generations),
         "new_tokens": int(_sum(len(g.output_ids) for g in generations)),
-        "accept_length_histogram": histogram,
+        "accept_length_histogram": _histogram(steps, smallest=1),  # index 0: steps that committed 1 token
         "mean_draft_length": _sum(draft_lengths) / max(len(draft_lengths), 1),
-        "draft_length_histogram": draft_histogram,
+        "draft_length_histogram": _histogram(draft_lengths, smallest=0),  # index n: steps that drafted n tokens
         "per_category": per_category,
     }

@@ -61,6 +61,13 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _per_drafter_line(results: list[dict], title: str, key: str, spec: str, unit: str = "") -> list[str]:
+    """["", "title: label value, label value."] over the rows that have `key`; [] when none has it."""
+    values = [f"{label} {r[key]:{spec}}{unit}" for label, r in zip(_labels(results), results)
+              if r.get(key) is not None]
+    return ["", f"{title}: " + ", ".join(values) + "."] if values else []
+
+
 def _markdown(results: list[dict], plot_names: list[str]) -> str:
     lines = [
         f"# Speculative decoding: {_joined(results, 'target')} on {_joined(results, 'bench')}",
@@ -71,14 +78,9 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
         "",
         format_table(results),
     ]
-    over_transformers = [f"{label} {r['speedup_over_transformers']:.2f}×" for label, r in zip(_labels(results), results)
-                         if r.get("speedup_over_transformers") is not None]
-    if over_transformers:
-        lines += ["", "Speedup over transformers' plain greedy `generate`: " + ", ".join(over_transformers) + "."]
-    drafted = [f"{label} {r['mean_draft_length']:.2f}" for label, r in zip(_labels(results), results)
-               if r.get("mean_draft_length")]
-    if drafted:
-        lines += ["", "Tokens drafted per step (mean): " + ", ".join(drafted) + "."]
+    lines += _per_drafter_line(results, "Speedup over transformers' plain greedy `generate`",
+                               "speedup_over_transformers", ".2f", "×")
+    lines += _per_drafter_line(results, "Tokens drafted per step (mean)", "mean_draft_length", ".2f")
     methods = {str(r["lossless_check_method"]) for r in results if r.get("lossless_check_method")}
     if methods:
         lines += ["", "Lossless check: " + "; ".join(sorted(methods)) + "."]
