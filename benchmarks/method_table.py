@@ -51,6 +51,7 @@ ROWS = [
     Row("eagle3", "EAGLE-3", ["eagle3_toy"]),
     Row("hass_eagle3", "HASS on EAGLE-3 (stage A 240 + B 60)", ["hass_eagle3_stage_a_toy", "hass_eagle3_stage_b_toy"]),
     Row("medusa", "Medusa (5 heads)", ["medusa_toy"]),
+    Row("peagle", "P-EAGLE (2 layers, 6 depths, one forward per round)", ["peagle_toy"]),
 ]
 
 

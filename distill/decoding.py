@@ -11,6 +11,13 @@ One decoding step, after `prefill`:
     commit  the target's cache keeps the accepted entries (chain: a truncation; tree: the accepted path is copied
             into place), the proposer drops its drafts and commits the accepted tokens with the target's features
 
+A parallel drafter (P-EAGLE: `Drafting.parallel`) drafts a round's positions in one forward, position k from its
+marginal q_k, which reads the committed tokens only, never the drafts before k. Speculative sampling needs, at each
+position, the distribution the draft was actually drawn from given everything drafted before it; for such a drafter
+that is q_k itself (the draft at k is independent of the earlier drafts given the committed prefix), so accepting
+with min(1, p_k(x)/q_k(x)) and resampling from norm(max(0, p_k − q_k)) keeps the output ~ p exactly, as for Medusa's
+heads. Greedy verification never reads q.
+
 Tokens committed per target forward are the step's accept length (τ is their mean; plain decoding has τ = 1).
 EOS and max_new_tokens cut the committed tokens exactly where plain decoding would stop.
 """
@@ -179,6 +186,7 @@ class Decoder:
         self.target, self.proposer, self.config = target, proposer, config
         if proposer is not None:
             check_draft_depth(proposer.max_depth, config, group, type(proposer).__name__)
+            proposer.draft_depth = config.draft_depth
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(target.parameters()).device
         self.mask = PrefixMask(self.device)
@@ -355,8 +363,9 @@ class Decoder:
             draft_started = time.perf_counter()
             if config.method == Method.chain:
                 drafted, draft_probs = self.draft_chain(draft_logits, generator)
-                # a chain cut short also ran the drafter for the position it stopped before (to read its confidence)
-                result.drafter_calls += min(len(drafted), config.gamma - 1)
+                # a chain cut short also ran the drafter for the position it stopped before (to read its confidence);
+                # a parallel drafter drafted the whole chain in its begin/extend call
+                result.drafter_calls += 0 if self.proposer.parallel else min(len(drafted), config.gamma - 1)
                 result.draft_lengths.append(len(drafted))
                 reachable = len(drafted)
                 _sync(self.device)
@@ -364,7 +373,7 @@ class Decoder:
                 committed, rows, output = self.verify_chain(root, drafted, draft_probs, generator)
             else:
                 tree = self.draft_tree(draft_logits)
-                result.drafter_calls += config.tree_depth - 1
+                result.drafter_calls += 0 if self.proposer.parallel else config.tree_depth - 1
                 result.draft_lengths.append(len(tree.tokens))
                 reachable = depth
                 _sync(self.device)

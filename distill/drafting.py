@@ -12,6 +12,11 @@ that row's hidden state back); `depth` is the tokens' distance from the last com
 `block` is the boolean visibility among drafted entries (None: all of them, as in a chain). Logits are over the
 target's vocabulary. `feature_layers` names the target layers whose features `begin`/`extend` must receive.
 
+A parallel drafter (`parallel = True`: P-EAGLE) drafts every depth of a round in the one forward of `begin`/`extend`:
+the decoder sets `draft_depth` (the deepest draft a round makes) once, and `step` at depth d only reads row d of that
+forward, the same row for every fed token, since no draft position reads the tokens drafted before it. The decoder
+then counts one drafter call per round.
+
 Each drafter kind (distill/drafters/<kind>.py) returns its `Drafting` from `drafting(target, device)`. Feature-level
 heads (EAGLE-1, EAGLE-3 and their relatives) share `FeatureDrafting` and only supply a `FeatureHead`, their decoding
 forward on the fast ops of distill/lean.py.
@@ -33,6 +38,8 @@ class Drafting(ABC):
     # a Hugging Face model transformers' assisted generation can run as the assistant (its baselines); None: none
     assistant_model: Any = None
     max_depth: int | None = None  # the deepest draft it can make (Medusa: its number of heads); None: unbounded
+    parallel: bool = False  # every depth of a round comes from the one forward of begin/extend (module doc)
+    draft_depth: int = 1  # set by the decoder: the deepest draft of a round (what a parallel forward fills)
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)

@@ -310,7 +310,8 @@ class EvalRecipe:
 
     def _row(self, path: str, baseline: list[Conversation], conversations: list[Conversation], check: str) -> dict:
         categories = [prompt.category for prompt in self.prompts]
-        numbers = summarize(combined(conversations), combined(baseline), categories, self.decoding.draft_depth)
+        numbers = summarize(combined(conversations), combined(baseline), categories, self.decoding.draft_depth,
+                            parallel=self.drafters[path].parallel)
         return {**self._row_fields(path), **numbers, "lossless_check": check,
                 "lossless_check_method": self._lossless_check_method()}
 

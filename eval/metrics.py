@@ -6,8 +6,9 @@
     speedup = (new tokens ÷ seconds) speculative ÷ the same for plain decoding, same prompts and cache code
     c      = one drafter call's mean time ÷ one plain target step's mean time
     predicted (Leviathan et al.): α = Σ accepted ÷ Σ reached over all positions, τ̂ = (1 − α^{γ+1}) / (1 − α),
-             Ŝ = τ̂ / (γ·c + 1), with γ the drafting depth (chain: gamma, the cap of a dynamic draft length;
-             tree: tree_depth)
+             Ŝ = τ̂ / (n·c + 1), with γ the drafting depth (chain: gamma, the cap of a dynamic draft length;
+             tree: tree_depth) and n the drafter calls of a round: γ, or 1 for a parallel drafter (P-EAGLE), whose c
+             is then the cost of a whole round
     drafted = tokens drafted and verified per decoding step (mean_draft_length, draft_length_histogram: index n
              counts the steps that drafted n); a fixed chain drafts gamma every step
 
@@ -66,14 +67,17 @@ def predicted_tau(alpha: float, depth: int) -> float:
     return depth + 1.0 if alpha >= 1.0 else (1 - alpha ** (depth + 1)) / (1 - alpha)
 
 
-def predicted_speedup(alpha: float, depth: int, cost_ratio: float) -> float:
-    return predicted_tau(alpha, depth) / (depth * cost_ratio + 1)
+def predicted_speedup(alpha: float, depth: int, cost_ratio: float, calls_per_round: int | None = None) -> float:
+    """Ŝ (module doc); `calls_per_round` defaults to `depth` (one drafter call per drafted position)."""
+    calls = depth if calls_per_round is None else calls_per_round
+    return predicted_tau(alpha, depth) / (calls * cost_ratio + 1)
 
 
 def summarize(
-    generations: list[Generation], plain: list[Generation], categories: list[str], depth: int
+    generations: list[Generation], plain: list[Generation], categories: list[str], depth: int, parallel: bool = False
 ) -> dict:
-    """The measured numbers of one drafter against the plain baseline on the same prompts (report.json keys)."""
+    """The measured numbers of one drafter against the plain baseline on the same prompts (report.json keys);
+    `parallel`: the drafter drafts a round in one call."""
     steps = [length for g in generations for length in g.accept_lengths]
     reached = [sum(values) for values in zip(*(g.reached for g in generations))]
     accepted = [sum(values) for values in zip(*(g.accepted for g in generations))]
@@ -100,7 +104,7 @@ def summarize(
         "tau": _sum(steps) / max(len(steps), 1),
         "alpha_per_position": alpha_per_position(generations),
         "speedup": speed / baseline_speed,
-        "predicted_speedup": predicted_speedup(alpha, depth, cost_ratio),
+        "predicted_speedup": predicted_speedup(alpha, depth, cost_ratio, 1 if parallel else depth),
         "tokens_per_s": speed,
         "baseline_tokens_per_s": baseline_speed,
         "cost_ratio": cost_ratio,

@@ -123,7 +123,8 @@ def serve_commands(kind: registry.DrafterKind, format: str, target: str, drafter
         return {"sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm {method} "
                           f"--speculative-draft-model-path {drafter} --speculative-num-steps {gamma} "
                           f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {gamma + 1}"}
-    spec = json.dumps({"method": method, "model": drafter, "num_speculative_tokens": gamma})
+    settings = getattr(kind.model_class, "speculative_settings", {}).get(format, {})  # e.g. P-EAGLE's parallel_drafting
+    spec = json.dumps({"method": method, "model": drafter, "num_speculative_tokens": gamma, **settings})
     return {"vllm": f"vllm serve {target} --speculative-config '{spec}'"}
 
 

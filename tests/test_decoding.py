@@ -35,7 +35,7 @@ def untrained(kind: str, target: FrozenTarget):
 
 
 @pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3", "peagle"])
 def test_greedy_equals_plain_decoding_with_untrained_drafters(tiny, kind, config):
     expected = plain_outputs(tiny.target, tiny.prompts, config)
     decoder = Decoder(tiny.target, untrained(kind, tiny.target).drafting("cpu"), config)
@@ -233,6 +233,45 @@ def test_sampled_speculative_output_has_the_target_distribution(config):
         generator = torch.Generator().manual_seed(1)
         lengths = {length for _ in range(50) for length in decoder.generate(prompt, generator).draft_lengths}
         assert lengths == {1, 2}, lengths
+    statistic, critical = chi_square_test(counts, exact)
+    print(config.method, "chi-square", round(statistic, 1), "critical", round(critical, 1))
+    assert statistic < critical
+
+
+def parallel_drafter(target_model: LlamaForCausalLM):
+    """An untrained P-EAGLE (a parallel drafter: every depth from one forward) on a random_lm target, its LM head half
+    the target's, so that its drafts are peaked, and accepted often but not always."""
+    torch.manual_seed(3)
+    unit = drafter_kind("peagle")
+    options = unit.options(feature_layers=[0, -1], num_layers=1, parallel_depths=3, draft_vocab_size=None)
+    drafter = unit.model_class.build(options, BuildContext(FrozenTarget(target_model)))
+    with torch.no_grad():
+        drafter.lm_head.weight.mul_(0.5)
+    return drafter.drafting("cpu")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
+     pytest.param(DecodingConfig(method="chain", gamma=2, temperature=0.7, top_p=0.8, max_new_tokens=3),
+                  marks=pytest.mark.slow),
+     pytest.param(DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0,
+                                 max_new_tokens=3), marks=pytest.mark.slow),
+     DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=0.7, top_p=0.8,
+                    max_new_tokens=3)],
+    ids=["chain", "chain-T0.7-top-p", "tree", "tree-T0.7-top-p"],
+)
+def test_a_parallel_drafter_keeps_the_target_distribution(config):
+    """The G-test of `test_sampled_speculative_output_has_the_target_distribution` with a parallel drafter, whose
+    position-k draft is drawn from its marginal q_k (distill/decoding.py says why verifying against q_k is exact)."""
+    target_model = random_lm(scale=20.0)
+    prompt, draws = [1, 2, 3], 4000
+    exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
+    proposer = parallel_drafter(target_model)
+    assert proposer.parallel
+    decoder = Decoder(FrozenTarget(target_model), proposer, config)
+    counts, acceptance = sampled_joint_counts(decoder, prompt, draws)
+    assert 0.2 < acceptance < 0.9, "drafts must be accepted and rejected often, or the test proves little"
     statistic, critical = chi_square_test(counts, exact)
     print(config.method, "chi-square", round(statistic, 1), "critical", round(critical, 1))
     assert statistic < critical

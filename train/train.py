@@ -160,6 +160,7 @@ class TrainRecipe:
         model = load_target_model(cfg.target, cfg.cache_dir, device=self.accelerator.device)
         self.target = FrozenTarget(model)
         self.eos_token_ids = eos_token_ids(tokenizer, model)
+        self.mask_token_id = tokenizer.mask_token_id
         self.tau_prompts = validation_prompts(self.dataset["validation"], cfg.train.tau_prompts)
         if cfg.train.tau_prompts and len(self.tau_prompts) < cfg.train.tau_prompts:
             log.warning("train.tau_prompts=%d: the validation split has %d record(s) long enough to prompt the "
@@ -170,7 +171,8 @@ class TrainRecipe:
     def _setup_drafter(self, kind: Any, token_counts: torch.Tensor | None) -> nn.Module:
         """The drafter of `drafter.kind`, built for this target (and started from init_from's weights when set)."""
         cfg = self.cfg
-        context = BuildContext(self.target, token_counts, str(cfg.target.name_or_path), cfg.target.revision)
+        context = BuildContext(self.target, token_counts, str(cfg.target.name_or_path), cfg.target.revision,
+                               self.mask_token_id)
         drafter = kind.model_class.build(OmegaConf.to_object(cfg.drafter), context)
         drafter.check_target(self.target, "drafter")
         if cfg.init_from is not None:

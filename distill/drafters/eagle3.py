@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -120,6 +120,16 @@ def log_draft_vocab_coverage(token_counts: torch.Tensor, draft_ids: torch.Tensor
              len(draft_ids), 100 * covered / total, total, distinct)
 
 
+@dataclass
+class TargetSide:
+    """The target's side of EAGLE-3's token loss ([batch, T] or [batch, T, draft vocabulary])."""
+
+    argmax: torch.Tensor
+    argmax_in_vocab: torch.Tensor
+    restricted: torch.Tensor  # logits over the draft vocabulary
+    probs: torch.Tensor  # their softmax, float32
+
+
 class Eagle3Drafter(FeatureDrafter):
     config_class = Eagle3Config
     Options = Eagle3Options
@@ -155,10 +165,11 @@ class Eagle3Drafter(FeatureDrafter):
         layers = list(options.feature_layers or cls.default_feature_layers(target.num_layers))
         check_taps(layers, target.num_layers, "drafter.feature_layers")
         draft_vocab_size = min(options.draft_vocab_size or vocab_size, vocab_size)
-        config = draft_config_from_target(Eagle3Config, target.config, layers, num_hidden_layers=options.num_layers,
+        config = draft_config_from_target(cls.config_class, target.config, layers, num_hidden_layers=options.num_layers,
                                           draft_vocab_size=draft_vocab_size,
                                           norm_before_residual=options.norm_before_residual,
-                                          norm_before_fc=options.norm_before_fc, fc_norm=options.fc_norm)
+                                          norm_before_fc=options.norm_before_fc, fc_norm=options.fc_norm,
+                                          **cls.config_fields(options, context))
         drafter = cls(config)
         counts = context.token_counts if context.token_counts is not None else torch.zeros(vocab_size, dtype=torch.long)
         draft_ids = select_draft_vocab(counts, draft_vocab_size, vocab_size)
@@ -167,6 +178,11 @@ class Eagle3Drafter(FeatureDrafter):
         drafter.record_target(context)
         drafter.attach_target(target)
         return drafter
+
+    @classmethod
+    def config_fields(cls, options: Eagle3Options, context: BuildContext) -> dict:
+        """Config fields a kind built on EAGLE-3 adds to its config (none here)."""
+        return {}
 
     def set_draft_vocab(self, draft_ids: torch.Tensor, target_lm_head: nn.Linear | None = None) -> None:
         """Use the (sorted) target ids `draft_ids` as the draft vocabulary; optionally start the LM head from the
@@ -185,7 +201,10 @@ class Eagle3Drafter(FeatureDrafter):
 
     def fuse(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """g = fc(taps), the taps normalised first where the config says so."""
-        taps = torch.cat([features[layer_id] for layer_id in self.config.feature_layers], dim=-1)
+        return self.combine(torch.cat([features[layer_id] for layer_id in self.config.feature_layers], dim=-1))
+
+    def combine(self, taps: torch.Tensor) -> torch.Tensor:
+        """`fuse` of the taps already concatenated in `feature_layers` order (vLLM's combine_hidden_states)."""
         if self.input_norm is not None:
             taps = self.input_norm(taps)
         if self.fc_norm is not None:
@@ -247,12 +266,27 @@ class Eagle3Drafter(FeatureDrafter):
         objective: FeatureObjective,
         generator: torch.Generator | None = None,
     ) -> DraftLoss:
-        taps = {layer_id: objectives.uniform_noise(f, objective.noise, generator) for layer_id, f in target.features.items()}
-        hidden = self.fuse(taps)
+        hidden = self.fuse(self.noisy_taps(target, objective, generator))
         bias = causal_bias(attention_mask, hidden.dtype)
+        side = self.target_side(target)
+
+        def step_loss(step, token_part, fed_back, selected):
+            # row i of step s predicts token i + 2 + s from the target's logits at i + 1 + s
+            return self.token_loss(self.logits(token_part), side, lambda x: rows(x, 1 + step, selected), objective)
+
+        return self.unrolled_loss(input_ids, loss_mask, hidden, bias, objective, step_loss)
+
+    @staticmethod
+    def noisy_taps(target: TargetOutput, objective: FeatureObjective,
+                   generator: torch.Generator | None) -> dict[int, torch.Tensor]:
+        return {layer_id: objectives.uniform_noise(feature, objective.noise, generator)
+                for layer_id, feature in target.features.items()}
+
+    def target_side(self, target: TargetOutput) -> "TargetSide":
+        """The target's side of the loss, once for every step: its argmax, whether that lies in the draft vocabulary
+        (positions whose best token the drafter cannot propose are not trained on), its logits over that vocabulary
+        and their softmax."""
         draft_to_target = self.draft_to_target
-        # the target's side once for every step: its argmax, whether that lies in the draft vocabulary (positions
-        # whose best token the drafter cannot propose are not trained on) and its distribution over that vocabulary
         if getattr(target, "argmax", None) is not None:  # the feature cache: the LM head's draft-vocabulary rows only
             target_argmax, restricted = target.argmax, target.logits_over(draft_to_target)
             argmax_in_vocab = self.t2d[target_argmax]
@@ -260,22 +294,21 @@ class Eagle3Drafter(FeatureDrafter):
             target_argmax = target.logits.argmax(dim=-1)
             restricted, argmax_in_vocab = objectives.restrict_to_draft_vocab(target.logits, draft_to_target,
                                                                              target_argmax)
-        target_probs = restricted.float().softmax(dim=-1)
+        return TargetSide(target_argmax, argmax_in_vocab, restricted, restricted.float().softmax(dim=-1))
 
-        def step_loss(step, token_part, fed_back, selected):
-            # row i of step s predicts token i + 2 + s from the target's logits at i + 1 + s
-            draft_logits = self.logits(token_part)
-            in_vocab = rows(argmax_in_vocab, 1 + step, selected).to(draft_logits.dtype)
-            per_row = objective.token_weight * objectives.cross_entropy_with_probs(
-                draft_logits, rows(target_probs, 1 + step, selected))
-            if objective.top_k_weight:
-                per_row = per_row + objective.top_k_weight * objectives.top_k_cross_entropy(
-                    draft_logits, rows(restricted, 1 + step, selected), objective.top_k)
-            # agreement in the target's vocabulary, over every masked position (an honest acceptance proxy)
-            draft_tokens = draft_to_target[draft_logits.argmax(dim=-1)]
-            return per_row * in_vocab, draft_tokens == rows(target_argmax, 1 + step, selected)
-
-        return self.unrolled_loss(input_ids, loss_mask, hidden, bias, objective, step_loss)
+    def token_loss(self, draft_logits: torch.Tensor, side: "TargetSide", pick: Callable[[torch.Tensor], torch.Tensor],
+                   objective: FeatureObjective) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row soft cross-entropy over the draft vocabulary (+ top-K, HASS) of `draft_logits` against the target's
+        rows `pick` selects from its [batch, T, …] tensors → (loss per row, zero where the target's argmax lies outside
+        the draft vocabulary; agreement of the drafter's argmax with the target's, in the target's vocabulary, over
+        every row: an honest acceptance proxy)."""
+        in_vocab = pick(side.argmax_in_vocab).to(draft_logits.dtype)
+        per_row = objective.token_weight * objectives.cross_entropy_with_probs(draft_logits, pick(side.probs))
+        if objective.top_k_weight:
+            per_row = per_row + objective.top_k_weight * objectives.top_k_cross_entropy(
+                draft_logits, pick(side.restricted), objective.top_k)
+        draft_tokens = self.draft_to_target[draft_logits.argmax(dim=-1)]
+        return per_row * in_vocab, draft_tokens == pick(side.argmax)
 
     @classmethod
     def check_objective(cls, objective: FeatureObjective) -> None:
@@ -449,7 +482,9 @@ class Eagle3Head(LeanFeatureHead):
             self.draft_to_target = None if identity else draft_to_target
 
     def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        taps = torch.cat([features[layer_id] for layer_id in self.feature_layers], dim=-1)
+        return self.combine(torch.cat([features[layer_id] for layer_id in self.feature_layers], dim=-1))
+
+    def combine(self, taps: torch.Tensor) -> torch.Tensor:
         if self.input_norm is not None:
             taps = rms_norm(taps, self.input_norm, self.eps)
         if self.fc_norms is not None:
@@ -458,6 +493,11 @@ class Eagle3Head(LeanFeatureHead):
         return self.fc(taps)
 
     def __call__(self, input_ids, hidden, position_ids, cache: KVCache, mask, last_logits_only: bool = False):
+        hidden = self.hidden_states(input_ids, hidden, position_ids, cache, mask)
+        return hidden, self.read_out(hidden[:, -1:] if last_logits_only else hidden)
+
+    def hidden_states(self, input_ids, hidden, position_ids, cache: KVCache, mask) -> torch.Tensor:
+        """The draft layers' output rows (fed back as the next position's feature)."""
         embeds, rotary = self.embed_and_rotary(input_ids, hidden, position_ids, cache)
         input_norm, hidden_norm = self.first_norms
         normed = rms_norm(hidden, hidden_norm, self.eps)
@@ -466,12 +506,16 @@ class Eagle3Head(LeanFeatureHead):
             hidden = normed
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, rotary, cache.layer(index), mask, attention_input if index == 0 else None)
-        draft_logits = self.lm_head(rms_norm(hidden[:, -1:] if last_logits_only else hidden, self.norm, self.eps))
+        return hidden
+
+    def read_out(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the target's vocabulary of output rows (−inf outside the draft vocabulary)."""
+        draft_logits = self.lm_head(rms_norm(hidden, self.norm, self.eps))
         if self.draft_to_target is None:
-            return hidden, draft_logits
+            return draft_logits
         logits = draft_logits.new_full((*draft_logits.shape[:-1], self.vocab_size), float("-inf"))
         logits[..., self.draft_to_target] = draft_logits
-        return hidden, logits
+        return logits
 
 
 register_kind("eagle3", Eagle3Drafter)

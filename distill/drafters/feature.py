@@ -162,6 +162,7 @@ class BuildContext:
     token_counts: Optional[torch.Tensor] = None  # masked-token frequencies of the training data (prep's token_counts)
     target_name_or_path: Optional[str] = None
     target_revision: Optional[str] = None
+    mask_token_id: Optional[int] = None  # the tokenizer's mask token (a parallel drafter's placeholder), if it has one
 
 
 class FeatureDrafter(PreTrainedModel):
