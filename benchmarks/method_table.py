@@ -52,6 +52,7 @@ ROWS = [
     Row("hass_eagle3", "HASS on EAGLE-3 (stage A 240 + B 60)", ["hass_eagle3_stage_a_toy", "hass_eagle3_stage_b_toy"]),
     Row("medusa", "Medusa (5 heads)", ["medusa_toy"]),
     Row("peagle", "P-EAGLE (2 layers, 6 depths, one forward per round)", ["peagle_toy"]),
+    Row("dflash", "DFlash (2 layers, blocks of 8, one forward per round)", ["dflash_toy"]),
 ]
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from stages import REPO, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
+from specdistill.distill.drafters import drafter_kind
 from specdistill.distill.reports import read_report
 
 sys.path.insert(0, str(REPO / "benchmarks" / "serving"))
@@ -38,6 +39,8 @@ COMMON_TRAIN = ["optim.lr=1e-3", "optim.warmup_ratio=0.1", "train.batch_size=8",
 KINDS = {
     "eagle3": (["drafter=eagle3", "objective=eagle3", "objective.ttt_steps=3"], {"vllm": "eagle3", "speculators": None}),
     "eagle1": (["drafter=eagle1", "objective=eagle1"], {"vllm": "eagle"}),
+    "peagle": (["drafter=peagle", "objective=peagle", "drafter.num_layers=2", "drafter.parallel_depths=6"],
+               {"vllm": "eagle3", "speculators": None}),
 }
 
 
@@ -117,8 +120,10 @@ def main() -> None:
     request = {"target": target, "prompts": eval_prompts(out_dir / "eval"), "max_tokens": args.max_new_tokens,
                "num_speculative_tokens": args.gamma}
     plain = vllm_generate(python, {**request, "drafter": None, "method": None}, out_dir, "vllm_plain")
+    settings = getattr(drafter_kind(args.kind).model_class, "speculative_settings", {})  # P-EAGLE: parallel_drafting
     runs = {format: vllm_generate(python, {**request, "drafter": str(out_dir / f"export_{format}"),
-                                           "method": method or "speculators"}, out_dir, f"vllm_{format}")
+                                           "method": method or "speculators", "settings": settings.get(format, {})},
+                                  out_dir, f"vllm_{format}")
             for format, method in formats.items()}
     rows = {"specdistill eval": {"tau": report["tau"], "alpha": report["alpha_per_position"],
                                  "lossless": report["lossless_check"] == "passed"}}

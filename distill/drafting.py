@@ -69,6 +69,17 @@ class Drafting(ABC):
         return None if block is None else self.mask(self.length, block)
 
 
+class ParallelRounds:
+    """What a parallel drafter's `Drafting` shares (module doc): `begin`/`extend` store the round's logits, one row
+    per depth, in `round_logits`; `step` reads them."""
+
+    parallel = True
+    round_logits: torch.Tensor | None = None  # [draft_depth, V]
+
+    def step(self, tokens: torch.Tensor, parents: torch.Tensor, depth: int, block: torch.Tensor | None) -> torch.Tensor:
+        return self.round_logits[depth].expand(len(tokens), -1)
+
+
 class FeatureHead(ABC):
     """A feature-level head's decoding forward. At position i it reads (t_{i+1}, h_i): h_i is `decode_input` of the
     target's features where the target has run, and the head's own output hidden state of position i−1 where it

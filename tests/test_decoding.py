@@ -27,15 +27,19 @@ def plain_outputs(target: FrozenTarget, prompts, config: DecodingConfig, eos=fro
     return [decoder.generate(prompt).output_ids for prompt in prompts]
 
 
+UNTRAINED_OPTIONS = {"eagle1": {}, "eagle3": {"feature_layers": [0, 1, -1], "draft_vocab_size": 512},
+                     "peagle": {"feature_layers": [0, 1, -1], "draft_vocab_size": 512},
+                     "dflash": {"feature_layers": [1, -1], "block_size": 6}}
+
+
 def untrained(kind: str, target: FrozenTarget):
     torch.manual_seed(0)
     unit = drafter_kind(kind)
-    options = unit.options() if kind == "eagle1" else unit.options(feature_layers=[0, 1, -1], draft_vocab_size=512)
-    return unit.model_class.build(options, BuildContext(target))
+    return unit.model_class.build(unit.options(**UNTRAINED_OPTIONS[kind]), BuildContext(target))
 
 
 @pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3", "peagle"])
+@pytest.mark.parametrize("kind", list(UNTRAINED_OPTIONS))
 def test_greedy_equals_plain_decoding_with_untrained_drafters(tiny, kind, config):
     expected = plain_outputs(tiny.target, tiny.prompts, config)
     decoder = Decoder(tiny.target, untrained(kind, tiny.target).drafting("cpu"), config)
@@ -238,15 +242,20 @@ def test_sampled_speculative_output_has_the_target_distribution(config):
     assert statistic < critical
 
 
-def parallel_drafter(target_model: LlamaForCausalLM):
-    """An untrained P-EAGLE (a parallel drafter: every depth from one forward) on a random_lm target, its LM head half
-    the target's, so that its drafts are peaked, and accepted often but not always."""
+def parallel_drafter(kind: str, target_model: LlamaForCausalLM):
+    """An untrained parallel drafter (every depth of a round from one forward) on a random_lm target: P-EAGLE with
+    its LM head half the target's, DFlash with the target's own, so that drafts are peaked and accepted often but not
+    always."""
     torch.manual_seed(3)
-    unit = drafter_kind("peagle")
-    options = unit.options(feature_layers=[0, -1], num_layers=1, parallel_depths=3, draft_vocab_size=None)
+    unit = drafter_kind(kind)
+    if kind == "peagle":
+        options = unit.options(feature_layers=[0, -1], num_layers=1, parallel_depths=3, draft_vocab_size=None)
+    else:
+        options = unit.options(feature_layers=[0, -1], num_layers=1, block_size=3)
     drafter = unit.model_class.build(options, BuildContext(FrozenTarget(target_model)))
-    with torch.no_grad():
-        drafter.lm_head.weight.mul_(0.5)
+    if kind == "peagle":
+        with torch.no_grad():
+            drafter.lm_head.weight.mul_(0.5)
     return drafter.drafting("cpu")
 
 
@@ -261,13 +270,14 @@ def parallel_drafter(target_model: LlamaForCausalLM):
                     max_new_tokens=3)],
     ids=["chain", "chain-T0.7-top-p", "tree", "tree-T0.7-top-p"],
 )
-def test_a_parallel_drafter_keeps_the_target_distribution(config):
+@pytest.mark.parametrize("kind", ["peagle", "dflash"])
+def test_a_parallel_drafter_keeps_the_target_distribution(kind, config):
     """The G-test of `test_sampled_speculative_output_has_the_target_distribution` with a parallel drafter, whose
     position-k draft is drawn from its marginal q_k (distill/decoding.py says why verifying against q_k is exact)."""
     target_model = random_lm(scale=20.0)
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
-    proposer = parallel_drafter(target_model)
+    proposer = parallel_drafter(kind, target_model)
     assert proposer.parallel
     decoder = Decoder(FrozenTarget(target_model), proposer, config)
     counts, acceptance = sampled_joint_counts(decoder, prompt, draws)

@@ -4,8 +4,9 @@ vLLM's offline `LLM`, with or without a drafter, and vLLM's own speculative-deco
     <vllm env python> vllm_generate.py request.json result.json
 
 request.json: {"target": path, "drafter": path | null, "method": "eagle3" | "eagle" | "speculators" | null,
-"num_speculative_tokens": int, "prompts": [[ids]], "max_tokens": int}. With "speculators" the drafter folder is
-served on its own (`vllm serve <folder>`: the target comes from its speculators_config).
+"num_speculative_tokens": int, "prompts": [[ids]], "max_tokens": int, "settings": {…} (optional: more
+speculative_config fields, e.g. P-EAGLE's "parallel_drafting": true)}. With "speculators" the drafter folder is served
+on its own (`vllm serve <folder>`: the target comes from its speculators_config).
 result.json: {"outputs": [[ids]], "spec": {num_drafts, num_draft_tokens, num_accepted_tokens,
 accepted_per_position}}.
 """
@@ -39,8 +40,9 @@ def main() -> None:
     if request["method"] == "speculators":
         llm = LLM(model=request["drafter"], **common)
     elif request["drafter"]:
-        llm = LLM(model=request["target"], speculative_config={"method": request["method"], "model": request["drafter"],
-                                                               "num_speculative_tokens": tokens}, **common)
+        speculative_config = {"method": request["method"], "model": request["drafter"], "num_speculative_tokens": tokens,
+                              **request.get("settings", {})}
+        llm = LLM(model=request["target"], speculative_config=speculative_config, **common)
     else:
         llm = LLM(model=request["target"], **common)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]

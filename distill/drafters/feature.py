@@ -11,6 +11,7 @@ The target's embedding (and, where a kind uses it, its LM head) are shared froze
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -29,6 +30,8 @@ from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, position_bo
 from specdistill.distill.errors import UserError
 from specdistill.distill.objectives import FeatureObjective, HassObjective
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget, check_feature_layers
+
+log = logging.getLogger(__name__)
 
 
 class FeatureDrafterConfig(PretrainedConfig):
@@ -163,6 +166,29 @@ class BuildContext:
     target_name_or_path: Optional[str] = None
     target_revision: Optional[str] = None
     mask_token_id: Optional[int] = None  # the tokenizer's mask token (a parallel drafter's placeholder), if it has one
+
+
+def choose_mask_token(requested: Optional[int], context: BuildContext, vocab_size: int) -> int:
+    """The placeholder token a parallel drafter (P-EAGLE, DFlash) feeds where a draft is yet unknown: `requested`
+    (drafter.mask_token_id) if set, else the tokenizer's mask token, else the id the training data uses least (the
+    highest among equals: vocabularies keep their rarely used special ids at the end). Its embedding is the target's,
+    so any id works once trained with; it is saved in config.json and exported for the engines."""
+    if requested is not None:
+        if not 0 <= requested < vocab_size:
+            raise UserError(f"drafter.mask_token_id={requested} is out of range: it must be a token id in "
+                            f"0..{vocab_size - 1} (or null: the tokenizer's mask token, else an unused id)")
+        return requested
+    if context.mask_token_id is not None:
+        log.info("mask token: the tokenizer's, id %d", context.mask_token_id)
+        return int(context.mask_token_id)
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    if context.token_counts is not None:
+        usable = min(len(context.token_counts), vocab_size)
+        counts[:usable] = context.token_counts[:usable]
+    chosen = int(vocab_size - 1 - torch.argmin(counts.flip(0)))
+    log.info("mask token: the tokenizer has none, so id %d (used %d times in the training data); set "
+             "drafter.mask_token_id to choose another", chosen, int(counts[chosen]))
+    return chosen
 
 
 class FeatureDrafter(PreTrainedModel):

@@ -15,15 +15,14 @@ of the depth-(d−1) anchors, a fraction max(r^d, r_min) of the trained position
 its whole chain as in decoding. The loss is EAGLE-3's soft cross-entropy over the draft vocabulary at every entry,
 depth d weighted by 1 / (K · its kept fraction), so each depth counts equally (speculators' per-depth mean).
 
-Mask token: the tokenizer's own mask token where it has one, else `drafter.mask_token_id`, else the id the training
-data uses least (the highest such id); recorded in config.json as `mask_token_id`, which vLLM reads.
+Mask token (feature.py's `choose_mask_token`): `drafter.mask_token_id`, else the tokenizer's own mask token, else the
+id the training data uses least; recorded in config.json as `mask_token_id`, which vLLM reads.
 
     specdistill train drafter=peagle objective=peagle data_dir=...       # experiment=peagle: the paper's knobs
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,14 +31,19 @@ from torch import nn
 
 from specdistill.distill.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Head, Eagle3Options
 from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported, ascending_taps
-from specdistill.distill.drafters.feature import BuildContext, DraftLoss, rows, shift_left, trained_rows
+from specdistill.distill.drafters.feature import (
+    BuildContext,
+    DraftLoss,
+    choose_mask_token,
+    rows,
+    shift_left,
+    trained_rows,
+)
 from specdistill.distill.drafters.registry import register_kind
-from specdistill.distill.drafting import FeatureDrafting
+from specdistill.distill.drafting import FeatureDrafting, ParallelRounds
 from specdistill.distill.errors import UserError
 from specdistill.distill.objectives import FeatureObjective
 from specdistill.distill.target import TargetOutput
-
-log = logging.getLogger(__name__)
 
 
 class PEagleConfig(Eagle3Config):
@@ -82,27 +86,6 @@ def cod_anchors(candidates: torch.Tensor, depths: int, ratio: float, ratio_min: 
     return anchors
 
 
-def choose_mask_token(options: PEagleOptions, context: BuildContext, vocab_size: int) -> int:
-    """The mask token (module doc), checked against the vocabulary."""
-    if options.mask_token_id is not None:
-        if not 0 <= options.mask_token_id < vocab_size:
-            raise UserError(f"drafter.mask_token_id={options.mask_token_id} is out of range: it must be a token id in "
-                            f"0..{vocab_size - 1} (or null: the tokenizer's mask token, else an unused id)")
-        return options.mask_token_id
-    if context.mask_token_id is not None:
-        log.info("P-EAGLE mask token: the tokenizer's mask token, id %d", context.mask_token_id)
-        return int(context.mask_token_id)
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    if context.token_counts is not None:
-        usable = min(len(context.token_counts), vocab_size)
-        counts[:usable] = context.token_counts[:usable]
-    # the least used id, the highest among equals (vocabularies keep their rarely used special ids at the end)
-    chosen = int(vocab_size - 1 - torch.argmin(counts.flip(0)))
-    log.info("P-EAGLE mask token: the tokenizer has none, so id %d (used %d times in the training data); set "
-             "drafter.mask_token_id to choose another", chosen, int(counts[chosen]))
-    return chosen
-
-
 class PEagleDrafter(Eagle3Drafter):
     config_class = PEagleConfig
     Options = PEagleOptions
@@ -121,7 +104,7 @@ class PEagleDrafter(Eagle3Drafter):
                             "integer ≥ 1 (the tokens one forward drafts; the paper trains 8)")
         vocab_size = context.target.config.vocab_size
         return {"parallel_depths": options.parallel_depths,
-                "mask_token_id": choose_mask_token(options, context, vocab_size)}
+                "mask_token_id": choose_mask_token(options.mask_token_id, context, vocab_size)}
 
     @classmethod
     def check_objective(cls, objective: PEagleObjective) -> None:
@@ -256,17 +239,14 @@ class PEagleHead(Eagle3Head):
             self.mask_feature = self.combine(drafter.mask_hidden.detach())[None]  # [1, 1, H]
 
 
-class PEagleDrafting(FeatureDrafting):
+class PEagleDrafting(ParallelRounds, FeatureDrafting):
     """`begin`/`extend` commit the new pairs and append draft_depth − 1 mask entries in the same causal forward; its
     last draft_depth rows are the round's drafts, which `step` reads by depth."""
-
-    parallel = True
 
     def __init__(self, head: PEagleHead, device: torch.device | str, mask_token_id: int, parallel_depths: int):
         super().__init__(head, device)
         self.mask_token_id = mask_token_id
         self.max_depth = self.draft_depth = parallel_depths
-        self.round_logits: torch.Tensor | None = None  # [draft_depth, V]
 
     def extend(self, tokens, features):
         self.kv_cache.truncate(self.length)  # drop the previous round's mask entries
@@ -279,9 +259,6 @@ class PEagleDrafting(FeatureDrafting):
         self.length += count
         self.round_logits = self.head.read_out(out[0, count - 1 :])
         return self.round_logits[0]
-
-    def step(self, tokens, parents, depth, block):
-        return self.round_logits[depth].expand(len(tokens), -1)
 
 
 register_kind("peagle", PEagleDrafter)
