@@ -156,8 +156,11 @@ def test_training_from_an_fp32_cache_equals_online_training(kind: str, prepared:
         if "val_top1" in record:
             assert again["val_top1"] == pytest.approx(record["val_top1"], abs=1e-6)
     assert cached_weights.keys() == online_weights.keys()
-    for name, weight in online_weights.items():  # 8 Adam steps on features equal to ~1e-7
-        torch.testing.assert_close(cached_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    # 8 Adam steps on features equal to ~1e-7. Adam divides each update by √v, so where a gradient is near zero (an
+    # embedding row of a rare token) a 1e-7 difference in it moves the weight visibly: token_lm's embeddings differ by
+    # up to 5e-5, under 1 % of the 1.6e-2 that 8 steps at lr 2e-3 can move a weight. The losses above agree to 1e-5.
+    for name, weight in online_weights.items():
+        torch.testing.assert_close(cached_weights[name], weight, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_bf16_and_fp8_caches_train_close_to_online_at_a_fraction_of_the_bytes(prepared: Path, caches: dict,
