@@ -1,6 +1,7 @@
-"""Does vLLM serve our exported drafter as the drafter we trained? Train (or take) an EAGLE-3 (or EAGLE-1) drafter on the
-toy target, export it (EAGLE-3: format=vllm and format=speculators; EAGLE-1: format=vllm, its fc bias folded into
-attention biases), and on the same toy-bench prompts, greedy, with the same number of speculative tokens, compare:
+"""Does vLLM serve our exported drafter as the drafter we trained? Train (or take) an EAGLE-3 (EAGLE-1, P-EAGLE, DFlash)
+drafter on the toy target, export it (EAGLE-3 and P-EAGLE: format=vllm and format=speculators; EAGLE-1: format=vllm,
+its fc bias folded into attention biases; DFlash: format=vllm), and on the same toy-bench prompts, greedy, with the
+same number of speculative tokens, compare:
 
   (a) vLLM's outputs with the drafter == vLLM's outputs without it (lossless inside the engine);
   (b) vLLM's acceptance (its spec-decode counters: τ = 1 + accepted / drafts, α_k = accepted at k ÷ reached k) with
@@ -41,6 +42,8 @@ KINDS = {
     "eagle1": (["drafter=eagle1", "objective=eagle1"], {"vllm": "eagle"}),
     "peagle": (["drafter=peagle", "objective=peagle", "drafter.num_layers=2", "drafter.parallel_depths=6"],
                {"vllm": "eagle3", "speculators": None}),
+    "dflash": (["drafter=dflash", "objective=dflash", "drafter.num_layers=2", "drafter.block_size=8",
+                "objective.max_anchors=64"], {"vllm": "dflash"}),
 }
 
 

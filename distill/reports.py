@@ -14,7 +14,10 @@ baseline, each with `ROW_KEYS` (DESIGN.md's definitions):
 
 and may add `accept_length_histogram` (list[int]: decoding steps that committed 1, 2, 3, … tokens),
 `mean_draft_length` and `draft_length_histogram` (list[int]: decoding steps that drafted 0, 1, 2, … tokens),
-`per_category` (category → {"tau", "alpha_per_position", "speedup", "num_prompts"}) and `speedup_over_transformers`
+`round_ms` ({"draft", "verify"}: milliseconds per decoding step spent drafting, the drafter's catch-up included, and
+on the rest, the target's verify, acceptance and commit with the prefill spread over the steps: a round's cost
+breakdown), `per_category` (category → {"tau",
+"alpha_per_position", "speedup", "num_prompts"}) and `speedup_over_transformers`
 (a drafter's tokens/s ÷ that of transformers' plain greedy `generate` on the same prompts). A number that does not
 apply (a baseline's τ) or is not finite is null.
 """

@@ -9,6 +9,8 @@
              Ŝ = τ̂ / (n·c + 1), with γ the drafting depth (chain: gamma, the cap of a dynamic draft length;
              tree: tree_depth) and n the drafter calls of a round: γ, or 1 for a parallel drafter (P-EAGLE), whose c
              is then the cost of a whole round
+    round_ms = per decoding step: drafting time (the drafter's catch-up on the accepted tokens included) and the rest
+             of the wall time (the target's verify, acceptance, commit; the prefill spread over the steps), in ms
     drafted = tokens drafted and verified per decoding step (mean_draft_length, draft_length_histogram: index n
              counts the steps that drafted n); a fixed chain drafts gamma every step
 
@@ -111,6 +113,8 @@ def summarize(
         "num_prompts": len(generations),
         "new_tokens": int(_sum(len(g.output_ids) for g in generations)),
         "accept_length_histogram": _histogram(steps, smallest=1),  # index 0: steps that committed 1 token
+        "round_ms": {"draft": 1000 * _sum(g.draft_seconds for g in generations) / max(len(steps), 1),
+                     "verify": 1000 * _sum(g.verify_seconds for g in generations) / max(len(steps), 1)},
         "mean_draft_length": _sum(draft_lengths) / max(len(draft_lengths), 1),
         "draft_length_histogram": _histogram(draft_lengths, smallest=0),  # index n: steps that drafted n tokens
         "per_category": per_category,
