@@ -26,21 +26,22 @@ TAU_TOLERANCE = 0.1
 ALPHA_TOLERANCE = 0.08
 
 
-# per kind: vLLM rows (one per export format) and the τ below which 200 steps learned too little for the comparison to
-# mean anything (the parallel drafters learn their deeper positions slowly: BENCHMARKS.md)
-KINDS = {"eagle3": (2, 1.3), "eagle1": (1, 1.3), "peagle": (2, 1.2), "dflash": (1, 1.1)}
+# per kind: vLLM rows (one per export format), training steps, and the τ below which they learned too little for the
+# comparison to mean anything (the parallel drafters learn their deeper positions slowly, BENCHMARKS.md; 100 steps
+# keep CI's serving step short: their check is the exact agreement, not τ)
+KINDS = {"eagle3": (2, 200, 1.3), "eagle1": (1, 200, 1.3), "peagle": (2, 100, 1.2), "dflash": (1, 100, 1.1)}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_vllm_serves_the_exported_drafter_as_trained(tmp_path, cache_dir, kind):
+    formats, steps, least_tau = KINDS[kind]
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "vllm_agreement.py"), "--kind", kind,
-                             "--out-dir", str(tmp_path), "--train-steps", "200", "--num-prompts", "10",
+                             "--out-dir", str(tmp_path), "--train-steps", str(steps), "--num-prompts", "10",
                              "--max-new-tokens", "64", "--gamma", "3"],
                             capture_output=True, text=True, timeout=3000)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "agreement.json").read_text())["rows"]
     ours = rows.pop("specdistill eval")
-    formats, least_tau = KINDS[kind]
     assert ours["tau"] > least_tau, "the drafter learned too little for the comparison to mean anything"
     assert len(rows) == formats, sorted(rows)  # one vLLM row per export format of the kind: none may be missing
     assert len(ours["alpha"]) == 3, ours["alpha"]  # --gamma 3: an α per draft position
