@@ -56,4 +56,9 @@ def as_model_mask(mask: torch.Tensor | None, model_config, dtype: torch.dtype) -
     """SDPA takes the boolean mask as is; transformers' eager attention adds it to the scores."""
     if mask is None or getattr(model_config, "_attn_implementation", "sdpa") != "eager":
         return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return additive_bias(mask, dtype)
+
+
+def additive_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean visibility mask (True: visible) as the additive bias attention adds to its scores."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)

@@ -47,6 +47,7 @@ from specdistill.distill.drafters.registry import register_kind
 from specdistill.distill.drafting import Drafting, ParallelRounds
 from specdistill.distill.errors import UserError
 from specdistill.distill.kv_cache import KVCache
+from specdistill.distill.masks import additive_bias
 from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, fused_linear, rms_norm
 from specdistill.distill.drafters.modules import rope_inv_freq
 from specdistill.distill.objectives import FeatureObjective
@@ -241,9 +242,9 @@ class DFlashDrafter(FeatureDrafter):
         context_cos, context_sin = self._rotary(context_positions[None].expand(batch, -1), dtype)
         sees = context_positions[None] < anchors.repeat_interleave(block_size)[:, None]  # [blocks · B, T]
         sees = sees[None] & context_mask.bool()[:, None, :]
-        bias = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+        bias = additive_bias(sees, dtype)[:, None]
         for layer in self.layers:
-            x = layer(x, cos, sin, context, context_cos, context_sin, bias[:, None], block_size)
+            x = layer(x, cos, sin, context, context_cos, context_sin, bias, block_size)
         return self.norm(x).view(batch, blocks, block_size, -1)
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -262,9 +263,7 @@ class DFlashDrafter(FeatureDrafter):
         over random anchors (the same anchors for every row; a row with nothing trained there adds nothing), scaled
         so that loss_sum ÷ trained_rows is the weighted mean over the drafted rows."""
         length, block_size = input_ids.shape[1], self.config.block_size
-        taps = {layer_id: objectives.uniform_noise(feature, objective.noise, generator)
-                for layer_id, feature in target.features.items()}
-        context = self.context_states(taps)
+        context = self.context_states(self.noisy_taps(target, objective, generator))
         candidates = loss_mask[:, 1:].bool().any(dim=0).nonzero().flatten()  # anchors whose next token is trained
         order = torch.randperm(len(candidates), generator=generator, device=candidates.device)
         anchors = candidates[order[: objective.max_anchors]].sort().values
@@ -278,12 +277,13 @@ class DFlashDrafter(FeatureDrafter):
         rows_of, blocks_of, offsets_of = selected.nonzero(as_tuple=True)
         # the target's distribution of token a + k, read at the selected rows only (not a [batch, blocks, B, V] copy)
         target_logits = target.logits[rows_of, clamped[blocks_of, offsets_of] - 1]
-        per_row = objective.token_weight * objectives.soft_cross_entropy(self.vocab_logits(drafts), target_logits)
+        draft_logits = self.vocab_logits(drafts)
+        per_row = objective.token_weight * objectives.soft_cross_entropy(draft_logits, target_logits)
         weights = torch.exp(-(offsets - 1).float() / objective.position_decay).expand_as(selected)[selected]
         trained = self.trained_rows(loss_mask).sum().float()
         loss_sum = (weights * per_row).sum() / weights.sum().clamp(min=1e-6) * trained
         with torch.no_grad():
-            agreeing = (self.vocab_logits(drafts).argmax(dim=-1) == target_logits.argmax(dim=-1)).float()
+            agreeing = (draft_logits.argmax(dim=-1) == target_logits.argmax(dim=-1)).float()
             position = offsets.expand_as(selected)[selected] - 1
             agree = torch.zeros(block_size - 1, device=drafts.device).index_add_(0, position, agreeing)
             counted = torch.zeros(block_size - 1, device=drafts.device).index_add_(0, position,

@@ -276,12 +276,6 @@ class Eagle3Drafter(FeatureDrafter):
 
         return self.unrolled_loss(input_ids, loss_mask, hidden, bias, objective, step_loss)
 
-    @staticmethod
-    def noisy_taps(target: TargetOutput, objective: FeatureObjective,
-                   generator: torch.Generator | None) -> dict[int, torch.Tensor]:
-        return {layer_id: objectives.uniform_noise(feature, objective.noise, generator)
-                for layer_id, feature in target.features.items()}
-
     def target_side(self, target: TargetOutput) -> "TargetSide":
         """The target's side of the loss, once for every step: its argmax, whether that lies in the draft vocabulary
         (positions whose best token the drafter cannot propose are not trained on), its logits over that vocabulary

@@ -28,7 +28,7 @@ from specdistill.distill.drafting import FeatureDrafting, FeatureHead
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, position_bound
 from specdistill.distill.errors import UserError
-from specdistill.distill.objectives import FeatureObjective, HassObjective
+from specdistill.distill.objectives import FeatureObjective, HassObjective, uniform_noise
 from specdistill.distill.target import FINAL_NORMED, FrozenTarget, check_feature_layers
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,13 @@ class FeatureDrafter(PreTrainedModel):
         if not weights.is_file():
             raise UserError(f"init_from: {path} has no model.safetensors; point at a complete drafter folder")
         self.load_state_dict(load_file(str(weights)), strict=True)
+
+    @staticmethod
+    def noisy_taps(target: Any, objective: FeatureObjective,
+                   generator: torch.Generator | None) -> dict[int, torch.Tensor]:
+        """The target's tapped features with EAGLE's U(−noise, noise) augmentation (`objective.noise`)."""
+        return {layer_id: uniform_noise(feature, objective.noise, generator)
+                for layer_id, feature in target.features.items()}
 
     def prepare_batch(self, batch: dict, objective: Any, generator: torch.Generator) -> dict:
         """A training micro-batch before the target scores it: unchanged for feature-level heads."""

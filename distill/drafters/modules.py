@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdistill.distill.masks import additive_bias
+
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +62,7 @@ def causal_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     seq = attention_mask.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
     visible = causal[None, None] & attention_mask.bool()[:, None, None, :]
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+    return additive_bias(visible, dtype)
 
 
 class DraftAttention(nn.Module):

@@ -42,6 +42,7 @@ from specdistill.distill.drafters.feature import (
 from specdistill.distill.drafters.registry import register_kind
 from specdistill.distill.drafting import FeatureDrafting, ParallelRounds
 from specdistill.distill.errors import UserError
+from specdistill.distill.masks import additive_bias
 from specdistill.distill.objectives import FeatureObjective
 from specdistill.distill.target import TargetOutput
 
@@ -145,10 +146,8 @@ class PEagleDrafter(Eagle3Drafter):
         visible = (((depth_of == 0) & (anchor_of <= query_anchor))
                    | ((anchor_of == query_anchor) & (depth_of >= 1) & (depth_of <= query_depth)))
         visible = visible[None] & attention_mask.bool()[:, anchor_of][:, None, :]  # no padded key
-        bias = torch.zeros(visible.shape, dtype=hidden.dtype, device=device).masked_fill(~visible,
-                                                                                       torch.finfo(hidden.dtype).min)
         positions = (anchor_of + depth_of)[None].expand(batch, -1)
-        return self.step(fed, hidden, positions, bias[:, None])
+        return self.step(fed, hidden, positions, additive_bias(visible, hidden.dtype)[:, None])
 
     def training_loss(
         self,
@@ -163,11 +162,12 @@ class PEagleDrafter(Eagle3Drafter):
         hidden = self.fuse(self.noisy_taps(target, objective, generator))
         side = self.target_side(target)
         selected = trained_rows(loss_mask)  # depth 0: position i predicts token i + 2
-        anchors = cod_anchors(selected.any(dim=0), depths, objective.cod_ratio, objective.cod_ratio_min, generator)
+        candidates = selected.any(dim=0)
+        anchors = cod_anchors(candidates, depths, objective.cod_ratio, objective.cod_ratio_min, generator)
         out = self.parallel_forward(shift_left(input_ids, 1), hidden, attention_mask, anchors)
         per_row, agreeing = self.token_loss(self.logits(rows(out, 0, selected)), side, lambda x: rows(x, 1, selected),
                                             objective)
-        trained = max(int(selected.any(dim=0).sum()), 1)
+        trained = max(int(candidates.sum()), 1)
         loss_sum = per_row.sum() / depths
         agree, counted = [agreeing.sum().float()], [selected.sum().float()]
         start = length
