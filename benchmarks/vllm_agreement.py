@@ -20,6 +20,7 @@ Writes <out-dir>/agreement.json and agreement.md (the table in BENCHMARKS.md). t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import subprocess
@@ -47,8 +48,7 @@ KINDS = {
 }
 
 
-def train_drafter(out_dir: Path, kind: str, steps: int) -> Path:
-    prep = out_dir / "prep"
+def train_drafter(out_dir: Path, prep: Path, kind: str, steps: int) -> Path:
     if not (prep / "dataset" / "dataset_dict.json").is_file():
         specdistill("prep", "target=toy", "data=toy_chat", f"out_dir={prep}", log=out_dir / "prep.log")
     specdistill("train", "target=toy", *KINDS[kind][0], *COMMON_TRAIN, f"train.max_steps={steps}", f"train.eval_every={steps}",
@@ -87,6 +87,22 @@ def vllm_generate(python: Path, request: dict, out_dir: Path, name: str) -> dict
     return json.loads((out_dir / f"{name}.json").read_text())
 
 
+def vllm_plain(python: Path, request: dict, out_dir: Path, cache: Path | None) -> dict:
+    """vLLM without a drafter on `request`'s prompts: from `cache` when an identical request (target, prompts,
+    max_tokens) ran before (greedy decoding of the same engine gives the same outputs), else run and store it."""
+    request = {**request, "drafter": None, "method": None}
+    key = hashlib.sha256(json.dumps([request[k] for k in ("target", "prompts", "max_tokens")]).encode()).hexdigest()
+    stored = cache / f"vllm_plain_{key[:16]}.json" if cache is not None else None
+    if stored is not None and stored.is_file():
+        return json.loads(stored.read_text())
+    plain = vllm_generate(python, request, out_dir, "vllm_plain")
+    if stored is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        stored.with_suffix(".tmp").write_text(json.dumps(plain))
+        stored.with_suffix(".tmp").replace(stored)
+    return plain
+
+
 def vllm_acceptance(counters: dict) -> tuple[float, list[float | None]]:
     """τ and α per position from vLLM's counters: drafts = verification steps with a draft; accepted_per_position[k]
     counts drafts whose position k was accepted, which needs positions < k accepted, so position k was reached
@@ -102,6 +118,10 @@ def main() -> None:
     parser.add_argument("--kind", choices=list(KINDS), default="eagle3")
     parser.add_argument("--drafter", type=Path, help="a drafter of --kind trained on target=toy (default: train one)")
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--prep-dir", type=Path, help="toy-chat prep output to train on (default: <out-dir>/prep, "
+                                                      "made when missing)")
+    parser.add_argument("--plain-cache", type=Path, help="a folder keeping vLLM's outputs without a drafter, reused "
+                                                         "by later runs on the same prompts (tests/test_serving.py)")
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--gamma", type=int, default=3, help="drafted tokens per step (eval.gamma, export's gamma)")
@@ -109,7 +129,8 @@ def main() -> None:
     out_dir = args.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     python = ensure_vllm_env()
-    drafter = args.drafter.resolve() if args.drafter else train_drafter(out_dir, args.kind, args.train_steps)
+    prep = (args.prep_dir or out_dir / "prep").resolve()
+    drafter = args.drafter.resolve() if args.drafter else train_drafter(out_dir, prep, args.kind, args.train_steps)
     target = toy_target_folder()
     formats = KINDS[args.kind][1]
     for format in formats:
@@ -122,7 +143,7 @@ def main() -> None:
     report = read_report(out_dir / "eval", "eval out_dir")["rows"][0]  # the drafter's row (transformers' follow)
     request = {"target": target, "prompts": eval_prompts(out_dir / "eval"), "max_tokens": args.max_new_tokens,
                "num_speculative_tokens": args.gamma}
-    plain = vllm_generate(python, {**request, "drafter": None, "method": None}, out_dir, "vllm_plain")
+    plain = vllm_plain(python, request, out_dir, args.plain_cache)
     settings = getattr(drafter_kind(args.kind).model_class, "speculative_settings", {})  # P-EAGLE: parallel_drafting
     runs = {format: vllm_generate(python, {**request, "drafter": str(out_dir / f"export_{format}"),
                                            "method": method or "speculators", "settings": settings.get(format, {})},

@@ -19,8 +19,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One toy-target cache for the whole session (and for the CLI processes the tests start)."""
+    """One cache for the whole session (and for the CLI processes the tests start). Its toy_target folder is shared by
+    every test session on the machine ($SPECDISTILL_TEST_CACHE, default ~/.cache/specdistill-tests): the default
+    toy target takes minutes to build, and CI's slow and serving sessions both need it. Builds are keyed by their
+    settings and build version, locked, and renamed into place when complete (distill/toy.py ensure_toy_target)."""
     path = tmp_path_factory.mktemp("specdistill_cache")
+    shared = Path(os.environ.get("SPECDISTILL_TEST_CACHE", Path.home() / ".cache" / "specdistill-tests")) / "toy_target"
+    shared.mkdir(parents=True, exist_ok=True)
+    (path / "toy_target").symlink_to(shared, target_is_directory=True)
     os.environ["SPECDISTILL_CACHE"] = str(path)
     return path
 

@@ -32,11 +32,19 @@ ALPHA_TOLERANCE = 0.08
 KINDS = {"eagle3": (2, 200, 1.3), "eagle1": (1, 200, 1.3), "peagle": (2, 100, 1.2), "dflash": (1, 100, 1.1)}
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """What every kind's run shares: one prep of the toy chat data, and vLLM's outputs without a drafter (the same
+    prompts for every kind), so each is made once."""
+    return tmp_path_factory.mktemp("serving_shared")
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_vllm_serves_the_exported_drafter_as_trained(tmp_path, cache_dir, kind):
+def test_vllm_serves_the_exported_drafter_as_trained(tmp_path, cache_dir, shared, kind):
     formats, steps, least_tau = KINDS[kind]
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "vllm_agreement.py"), "--kind", kind,
-                             "--out-dir", str(tmp_path), "--train-steps", str(steps), "--num-prompts", "10",
+                             "--out-dir", str(tmp_path), "--prep-dir", str(shared / "prep"),
+                             "--plain-cache", str(shared / "vllm_plain"), "--train-steps", str(steps), "--num-prompts", "10",
                              "--max-new-tokens", "64", "--gamma", "3"],
                             capture_output=True, text=True, timeout=3000)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
