@@ -19,17 +19,13 @@ import argparse
 import dataclasses
 import platform
 import sys
-import tempfile
 from datetime import date
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from specdistill.data_prep.config import register_configs
-from specdistill.distill.config import CONFIG_DIR
+from side_by_side import eval_recipe, interleaved
 from specdistill.distill.decoding import Decoder, DraftLength
-from specdistill.eval.eval import EvalRecipe
-from specdistill.eval.metrics import combine_turns, summarize
+from specdistill.eval.metrics import summarize
 
 
 def settings(gammas: list[int], thresholds: list[float]) -> dict[str, dict]:
@@ -54,31 +50,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
-    register_configs()
-    with tempfile.TemporaryDirectory() as out_dir, initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[
-            *args.override, f"drafter_path={args.drafter_path}", f"out_dir={out_dir}",
-            f"eval.num_prompts={args.num_prompts + args.warmup}", f"eval.max_new_tokens={args.max_new_tokens}",
-            "eval.temperature=0", f"eval.gamma={max(args.gammas)}"])
-        recipe = EvalRecipe(cfg)
-        recipe.setup()
+    recipe = eval_recipe(args.drafter_path, [
+        *args.override, f"eval.num_prompts={args.num_prompts + args.warmup}",
+        f"eval.max_new_tokens={args.max_new_tokens}", "eval.temperature=0", f"eval.gamma={max(args.gammas)}"])
+    cfg = recipe.cfg
     proposer = recipe.drafters[str(args.drafter_path)]
     decoders = {label: Decoder(recipe.target, None if changes is None else proposer,
                                dataclasses.replace(recipe.decoding, **(changes or {})), recipe.eos)
                 for label, changes in settings(args.gammas, args.thresholds).items()}
     labels = list(decoders)
-    runs: dict[str, list] = {label: [] for label in labels}
-    for index in range(len(recipe.prompts)):
-        order = labels[index % len(labels):] + labels[: index % len(labels)]
-        conversations = {label: recipe._converse(index, decoders[label].generate) for label in order}
+
+    def same_as_plain(index: int, conversations: dict[str, list]) -> None:
         plain_outputs = [turn.generation.output_ids for turn in conversations["plain"]]
         for label, conversation in conversations.items():
             if [turn.generation.output_ids for turn in conversation] != plain_outputs:
                 sys.exit(f"{label}: output differs from plain decoding on prompt {recipe.prompts[index].id}")
-        if index >= args.warmup:
-            for label, conversation in conversations.items():
-                runs[label].append(combine_turns([turn.generation for turn in conversation]))
-        print(f"prompt {index + 1}/{len(recipe.prompts)} done", file=sys.stderr)
+
+    runs = interleaved(recipe, decoders, args.warmup, check=same_as_plain)
 
     categories = [prompt.category for prompt in recipe.prompts[args.warmup:]]
     plain = runs["plain"]

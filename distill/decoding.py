@@ -11,6 +11,14 @@ One decoding step, after `prefill`:
     commit  the target's cache keeps the accepted entries (chain: a truncation; tree: the accepted path is copied
             into place), the proposer drops its drafts and commits the accepted tokens with the target's features
 
+At T > 0 a tree's children can also be sampled (`tree_candidates=sampled`, Multi-Candidate SD / SpecInfer): each
+expanded node draws m ≤ top_k tokens i.i.d. from its draft distribution q, keeps the distinct ones as children, and
+verification checks the draws in turn against the residual (distill/verification.py). Exactness needs every node's
+draws to be i.i.d. from q given how many there are, so nothing prunes a node's children by their values: m is fixed
+before the draws (top_k, or what is left of the budget of total_tokens − 1 nodes), and only the choice of which
+nodes to expand next reads scores. Repeated draws cost no node: a rejected token has residual probability 0, so a
+repeat of it is always rejected (it still updates the residual).
+
 A parallel drafter (P-EAGLE: `Drafting.parallel`) drafts a round's positions in one forward, position k from its
 marginal q_k, which reads the committed tokens only, never the drafts before k. Speculative sampling needs, at each
 position, the distribution the draft was actually drawn from given everything drafted before it; for such a drafter
@@ -46,6 +54,13 @@ class Method(str, Enum):  # a str, so code and tests may also write the plain na
     tree = "tree"
 
 
+class TreeCandidates(str, Enum):
+    """How a tree node's children are proposed."""
+
+    top_k = "top_k"  # EAGLE-2: the drafter's top_k most likely tokens, reranked to total_tokens − 1 nodes
+    sampled = "sampled"  # Multi-Candidate SD: top_k i.i.d. draws from q, recursive rejection sampling (T > 0)
+
+
 class DraftLength(str, Enum):
     """How many tokens a chain step drafts: always gamma, or fewer when the drafter is unsure (`draft_chain`)."""
 
@@ -66,6 +81,7 @@ class DecodingConfig:
     tree_depth: int = 6  # tree (EAGLE-2): draft levels
     tree_top_k: int = 10  # tree: children per expanded node and nodes expanded per level
     tree_total_tokens: int = 60  # tree: verified tokens per step (root included)
+    tree_candidates: TreeCandidates = TreeCandidates.top_k  # tree: top_k (EAGLE-2) or sampled (T > 0 only)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     max_new_tokens: int = 256
@@ -73,6 +89,7 @@ class DecodingConfig:
     def __post_init__(self) -> None:
         self.method = Method(self.method)
         self.draft_length = DraftLength(self.draft_length)
+        self.tree_candidates = TreeCandidates(self.tree_candidates)
 
     @property
     def draft_depth_key(self) -> str:
@@ -105,7 +122,8 @@ def config_key(group: str, key: str) -> str:
     return f"{group}.{key}" if group else key
 
 
-def check_decoding(config: Any, group: str, keys: tuple[str, ...] = (*DECODING_RANGES, "draft_length")) -> None:
+def check_decoding(config: Any, group: str,
+                   keys: tuple[str, ...] = (*DECODING_RANGES, "draft_length", "tree_candidates")) -> None:
     """The one range check of the decoding settings: a UserError naming the first of `keys` outside its range, as
     the user writes it (`group`: the config group holding the settings, e.g. `eval` or `train.tau`; a DictConfig or a
     DecodingConfig). Run it before anything loads."""
@@ -120,6 +138,14 @@ def check_decoding(config: Any, group: str, keys: tuple[str, ...] = (*DECODING_R
         raise UserError(f"{config_key(group, 'draft_length')}={DraftLength(config.draft_length).value} applies to "
                         f"chains only (an EAGLE-2 tree already sizes itself by the draft scores); set "
                         f"{config_key(group, 'method')}=chain or {config_key(group, 'draft_length')}=fixed")
+    if "tree_candidates" in keys and TreeCandidates(config.tree_candidates) == TreeCandidates.sampled:
+        name = config_key(group, "tree_candidates")
+        if Method(config.method) != Method.tree:
+            raise UserError(f"{name}=sampled applies to trees only; set {config_key(group, 'method')}=tree or "
+                            f"{name}=top_k")
+        if config.temperature <= 0:
+            raise UserError(f"{name}=sampled draws children from the drafter's distribution, which needs sampling; set "
+                            f"{config_key(group, 'temperature')} > 0 or {name}=top_k")
 
 
 @dataclass
@@ -142,6 +168,11 @@ class Tree:
     parents: torch.Tensor  # [N] index of the parent node, −1 for children of the root
     depths: torch.Tensor  # [N] 1 for children of the root
     ancestors: torch.Tensor  # [N, N] bool: node j is node i or one of its ancestors
+    drafter_steps: int  # proposer.step calls that drafted it
+    # sampled trees: per row (0 = root, then the nodes) the tokens drawn there in order, repeats included, and the
+    # draft distribution q they were drawn from (None: a top-k tree)
+    draws: list[list[int]] | None = None
+    draft_probs: dict[int, torch.Tensor] | None = None
 
 
 def check_draft_depth(limit: int | None, config: DecodingConfig, group: str, drafter: str) -> None:
@@ -293,7 +324,65 @@ class Decoder:
         selected_parents = parents[selected]
         selected_parents = torch.where(selected_parents >= 0, new_index[selected_parents.clamp_min(0)], -1)
         ancestors = _ancestors(selected_parents, self.config.tree_depth)
-        return Tree(tokens[selected], selected_parents, depths[selected], ancestors)
+        return Tree(tokens[selected], selected_parents, depths[selected], ancestors, self.config.tree_depth - 1)
+
+    def draft_sampled_tree(self, logits: torch.Tensor, generator) -> Tree:
+        """A tree of i.i.d. draws (module doc): level by level, the top_k best-scoring nodes of the last level (path
+        log-probability, as in EAGLE-2) are expanded, in score order, each with m = min(top_k, nodes left) draws from
+        its q; the distinct draws become its children."""
+        config, device = self.config, self.device
+        budget = config.tree_total_tokens - 1
+        tokens: list[int] = []
+        parents: list[int] = []
+        depths: list[int] = []
+        scores: list[float] = []
+        draws: list[list[int]] = [[]]
+        draft_probs: dict[int, torch.Tensor] = {}
+
+        def expand(node: int, probs: torch.Tensor, depth: int) -> list[int]:
+            """Draw node's children (node −1: the root) → the new nodes."""
+            nonlocal budget
+            count = min(config.tree_top_k, budget)
+            if count == 0:
+                return []
+            drawn = torch.multinomial(probs, count, replacement=True, generator=generator).tolist()
+            draws[node + 1], draft_probs[node + 1] = drawn, probs
+            log_probs = probs.log()
+            children = []
+            for token in dict.fromkeys(drawn):  # distinct, in draw order
+                children.append(len(tokens))
+                tokens.append(token)
+                parents.append(node)
+                depths.append(depth)
+                scores.append((scores[node] if node >= 0 else 0.0) + float(log_probs[token]))
+                draws.append([])
+            budget -= len(children)
+            return children
+
+        level = expand(-1, self._probs(logits), 1)
+        frontier: list[int] = []
+        block = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        steps = 0
+        for depth in range(1, config.tree_depth):
+            if budget == 0 or not level:
+                break
+            chosen = sorted(level, key=lambda node: -scores[node])[: config.tree_top_k]
+            # each chosen node's row in the proposer's last output (−1: the last committed entry's), and what it sees
+            # of the entries fed so far: its parent's view and itself
+            eye = torch.eye(len(chosen), dtype=torch.bool, device=device)
+            if frontier:
+                parent_rows = torch.tensor([frontier.index(parents[node]) for node in chosen], device=device)
+                block = torch.cat([block[parent_rows], eye], dim=1)
+            else:
+                parent_rows, block = torch.full((len(chosen),), -1, device=device), eye
+            frontier = chosen
+            fed = torch.tensor([tokens[node] for node in chosen], device=device)
+            probs = self._probs(self.proposer.step(fed, parent_rows, depth=depth, block=block))
+            steps += 1
+            level = [child for row, node in enumerate(chosen) for child in expand(node, probs[row], depth + 1)]
+        parents_tensor = torch.tensor(parents, device=device)
+        return Tree(torch.tensor(tokens, device=device), parents_tensor, torch.tensor(depths, device=device),
+                    _ancestors(parents_tensor, config.tree_depth), steps, draws, draft_probs)
 
     # -- one step --------------------------------------------------------------------------------------------
 
@@ -330,6 +419,9 @@ class Decoder:
             children[parent + 1].append(node + 1)
         if self.greedy:
             path, next_token = verification.accept_tree_greedy(row_tokens, children, logits.argmax(dim=-1).tolist())
+        elif tree.draws is not None:
+            path, next_token = verification.accept_tree_multi_candidate(
+                row_tokens, children, tree.draws, tree.draft_probs, self._probs(logits), generator)
         else:
             path, next_token = verification.accept_tree_sampling(row_tokens, children, self._probs(logits), generator)
         rows = [0] + path
@@ -372,8 +464,11 @@ class Decoder:
                 verify_started = time.perf_counter()
                 committed, rows, output = self.verify_chain(root, drafted, draft_probs, generator)
             else:
-                tree = self.draft_tree(draft_logits)
-                result.drafter_calls += 0 if self.proposer.parallel else config.tree_depth - 1
+                if config.tree_candidates == TreeCandidates.sampled:
+                    tree = self.draft_sampled_tree(draft_logits, generator)
+                else:
+                    tree = self.draft_tree(draft_logits)
+                result.drafter_calls += 0 if self.proposer.parallel else tree.drafter_steps
                 result.draft_lengths.append(len(tree.tokens))
                 reachable = depth
                 _sync(self.device)

@@ -9,7 +9,12 @@ Sampling (Leviathan et al. / Chen et al.), p the target's and q the drafter's di
     tree:  children are proposed deterministically (top-k), so q is one-hot per child: try the siblings in order,
            accepting x with probability p(x); on a rejection set p(x) = 0 and renormalise; when every sibling is
            rejected sample from what is left of p.
-Both leave the output distributed exactly as sampling from the target.
+    sampled tree (Multi-Candidate SD, SpecInfer's multi-step speculative sampling): a node's children come from
+           x_1 … x_m drawn i.i.d. from q; check them in draw order, accepting x_i with probability
+           min(1, r_i(x_i) / q(x_i)) where r_1 = p and r_{i+1} = norm(max(0, r_i − q)) after each rejection; when all
+           are rejected sample from r_{m+1}. A rejected x has r(x) ≤ q(x), so r_{i+1}(x) = 0: a repeated draw is
+           always rejected, and one child per distinct token suffices.
+All of them leave the output distributed exactly as sampling from the target.
 """
 
 from __future__ import annotations
@@ -103,3 +108,25 @@ def accept_tree_sampling(
             residual = residual / residual.sum().clamp_min(torch.finfo(residual.dtype).tiny)
         else:  # every sibling rejected; nothing left of p happens only through float rounding (as in the chain)
             return path, int(sample(residual if float(residual.sum()) > 0 else probs[row], generator))
+
+
+def accept_tree_multi_candidate(
+    tokens: list[int], children: list[list[int]], draws: list[list[int]], draft_probs: dict[int, torch.Tensor],
+    probs: torch.Tensor, generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """Recursive rejection over each row's i.i.d. draws (module doc); `draws[row]` the tokens drawn at that row in
+    order, `draft_probs[row]` the q they came from, probs [rows, V] the target's distribution after each row."""
+    row, path = 0, []
+    while True:
+        residual = probs[row]
+        child_of = {tokens[child]: child for child in children[row]}
+        for token in draws[row]:
+            q = draft_probs[row]
+            # u < r(x) / q(x) without dividing (q(x) > 0: x was drawn from q)
+            if float(torch.rand((), generator=generator, device=probs.device)) * float(q[token]) < float(residual[token]):
+                path.append(child_of[token])
+                row = child_of[token]
+                break
+            residual = residual_distribution(residual, q)
+        else:
+            return path, int(sample(residual, generator))

@@ -153,11 +153,31 @@ def chi_square_test(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, f
     return statistic, critical
 
 
+P_ONE_STEP = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.15, 0.05])  # the target's distribution in the one-step tests
+Q_ONE_STEP = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])  # the drafter's
+
+
+def one_step_multi_candidate_counts(draws: int) -> torch.Tensor:
+    """The token a sampled tree's root emits, `draws` times: 3 i.i.d. drafts from q (repeats kept), a child per
+    distinct token, each child with draws of its own, so an accepted child is a real tree row."""
+    generator = torch.Generator().manual_seed(0)
+    p, q = P_ONE_STEP, Q_ONE_STEP
+    counts = torch.zeros(6)
+    for _ in range(draws):
+        drawn = verification.sample(q.expand(3, -1), generator).tolist()
+        distinct = list(dict.fromkeys(drawn))
+        tokens = [9, *distinct]
+        children = [list(range(1, len(tokens))), *[[] for _ in distinct]]
+        path, next_token = verification.accept_tree_multi_candidate(
+            tokens, children, [drawn, *[[] for _ in distinct]], {0: q}, p.expand(len(tokens), -1), generator)
+        counts[tokens[path[0]] if path else next_token] += 1
+    return counts
+
+
 def test_chain_and_tree_rejection_sampling_keep_the_target_distribution():
     """One verification with fixed p (target) and q (drafter) over 6 tokens: the emitted token ~ p."""
     generator = torch.Generator().manual_seed(0)
-    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.15, 0.05])
-    q = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+    p, q = P_ONE_STEP, Q_ONE_STEP
     draws = 20000
     chain, tree = torch.zeros(6), torch.zeros(6)
     tokens, children = [9, 0, 3], [[1, 2], [], []]  # root, then two deterministic siblings: tokens 0 and 3
@@ -167,9 +187,23 @@ def test_chain_and_tree_rejection_sampling_keep_the_target_distribution():
         chain[int(drafted) if accepted else next_token] += 1
         path, next_token = verification.accept_tree_sampling(tokens, children, torch.stack([p, p, p]), generator)
         tree[tokens[path[0]] if path else next_token] += 1
-    for counts in (chain, tree):
+    for counts in (chain, tree, one_step_multi_candidate_counts(draws)):
         statistic, critical = chi_square_test(counts, p)
         assert statistic < critical
+
+
+@pytest.mark.parametrize("planted_bug", ["no residual update", "residual from p each time"])
+def test_the_multi_candidate_check_catches_a_planted_bug(monkeypatch, planted_bug):
+    """The same one-step test with the residual update broken: checking every draw against p itself, or resetting
+    the residual to p − q each time (forgetting earlier rejections); the chi-square test must reject both."""
+    p = P_ONE_STEP
+    if planted_bug == "no residual update":
+        monkeypatch.setattr(verification, "residual_distribution", lambda residual, q: residual)
+    else:
+        residual_distribution = verification.residual_distribution
+        monkeypatch.setattr(verification, "residual_distribution", lambda residual, q: residual_distribution(p, q))
+    statistic, critical = chi_square_test(one_step_multi_candidate_counts(20000), p)
+    assert statistic > critical, (statistic, critical)
 
 
 def random_lm(scale: float, noise: float = 0.0, vocab: int = 5) -> LlamaForCausalLM:
@@ -221,8 +255,13 @@ def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tup
      DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3, draft_length="confidence",
                     draft_threshold=0.6),
      DecodingConfig(method="chain", gamma=2, temperature=0.7, top_p=0.8, max_new_tokens=3,
-                    draft_length="cumulative", draft_threshold=0.5)],
-    ids=["chain", "chain-top-p", "tree", "chain-confidence", "chain-cumulative-top-p"],
+                    draft_length="cumulative", draft_threshold=0.5),
+     DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=2, tree_top_k=2, tree_total_tokens=5,
+                    temperature=1.0, max_new_tokens=3),
+     DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=3, tree_top_k=3, tree_total_tokens=6,
+                    temperature=0.7, top_p=0.8, max_new_tokens=3)],
+    ids=["chain", "chain-top-p", "tree", "chain-confidence", "chain-cumulative-top-p", "sampled-tree",
+         "sampled-tree-T0.7-top-p"],
 )
 def test_sampled_speculative_output_has_the_target_distribution(config):
     """End to end on a 5-token vocabulary: the joint distribution of 3 sampled tokens matches the target's exactly
@@ -266,8 +305,10 @@ def parallel_drafter(kind: str, target_model: LlamaForCausalLM):
      pytest.param(DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0,
                                  max_new_tokens=3), marks=pytest.mark.slow),
      DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=0.7, top_p=0.8,
-                    max_new_tokens=3)],
-    ids=["chain", "chain-T0.7-top-p", "tree", "tree-T0.7-top-p"],
+                    max_new_tokens=3),
+     pytest.param(DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=2, tree_top_k=2,
+                                 tree_total_tokens=5, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow)],
+    ids=["chain", "chain-T0.7-top-p", "tree", "tree-T0.7-top-p", "sampled-tree"],
 )
 @pytest.mark.parametrize("kind", ["peagle", "dflash"])
 def test_a_parallel_drafter_keeps_the_target_distribution(kind, config):

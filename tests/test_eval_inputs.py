@@ -159,6 +159,19 @@ def test_a_tree_wider_than_the_vocabulary_is_refused_naming_the_key(group: str) 
     check_tree_width(DecodingConfig(method="chain", tree_top_k=5000), 4096, group)  # a chain does not branch
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.method=chain", "eval.temperature=1"], r"^eval\.tree_candidates=sampled applies to trees only; set "
+                                                  r"eval\.method=tree or eval\.tree_candidates=top_k$"),
+    (["eval.method=tree", "eval.temperature=0"], r"^eval\.tree_candidates=sampled draws children .* set "
+                                                 r"eval\.temperature > 0 or eval\.tree_candidates=top_k$"),
+])
+def test_sampled_tree_candidates_need_a_tree_and_sampling(tmp_path: Path, overrides, message) -> None:
+    cfg = compose("eval", [*FAST, "drafter_path=/nope", f"out_dir={tmp_path}", "eval.tree_candidates=sampled",
+                           *overrides])
+    with pytest.raises(UserError, match=message):
+        EvalRecipe(cfg).setup()
+
+
 def test_a_dynamic_draft_length_with_a_tree_names_both_keys(tmp_path: Path) -> None:
     cfg = compose("eval", [*FAST, "drafter_path=/nope", f"out_dir={tmp_path}", "eval.method=tree",
                            "eval.draft_length=confidence"])
