@@ -160,7 +160,7 @@ def test_build_folder_layout(tiny_target, cache_dir, build_info):
         assert (tiny_target / name).is_file(), name
     # the folder is shared by test sessions (conftest.py), so other builds may sit beside it; none of this key's
     # staging leftovers may
-    siblings = {p.name for p in tiny_target.parent.iterdir() if p.name.startswith(tiny_target.name)}
+    siblings = {p.name for p in tiny_target.parent.iterdir() if tiny_target.name in p.name}
     assert siblings == {tiny_target.name, f"{tiny_target.name}.lock"}
     assert build_info["key"] == tiny_target.name
     assert build_info["config"] == build_settings(TINY)
