@@ -15,7 +15,6 @@ stops otherwise). The goal: a dynamic setting at or above the best fixed γ, whi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import platform
 import sys
@@ -23,7 +22,7 @@ from datetime import date
 
 import torch
 
-from side_by_side import eval_recipe, interleaved
+from side_by_side import argument_parser, eval_recipe, interleaved
 from specdistill.distill.decoding import Decoder, DraftLength
 from specdistill.eval.metrics import summarize
 
@@ -40,19 +39,12 @@ def settings(gammas: list[int], thresholds: list[float]) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--drafter-path", required=True)
-    parser.add_argument("--override", nargs="*", default=[], help="eval config overrides (target=…, bench=…)")
-    parser.add_argument("--num-prompts", type=int, default=20)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser = argument_parser(__doc__, warmup=2)
     parser.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
-    recipe = eval_recipe(args.drafter_path, [
-        *args.override, f"eval.num_prompts={args.num_prompts + args.warmup}",
-        f"eval.max_new_tokens={args.max_new_tokens}", "eval.temperature=0", f"eval.gamma={max(args.gammas)}"])
+    recipe = eval_recipe(args, ["eval.temperature=0", f"eval.gamma={max(args.gammas)}"])
     cfg = recipe.cfg
     proposer = recipe.drafters[str(args.drafter_path)]
     decoders = {label: Decoder(recipe.target, None if changes is None else proposer,

@@ -4,6 +4,7 @@ all alike."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from typing import Callable
@@ -18,11 +19,26 @@ from specdistill.eval.eval import EvalRecipe
 from specdistill.eval.metrics import combine_turns
 
 
-def eval_recipe(drafter_path: str, overrides: list[str]) -> EvalRecipe:
-    """`specdistill eval drafter_path=… <overrides>`, set up (target, drafter, prompts loaded), without running."""
+def argument_parser(description: str, warmup: int) -> argparse.ArgumentParser:
+    """The arguments every side-by-side benchmark takes: the drafter, eval overrides, prompts, tokens, warm-up."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--drafter-path", required=True)
+    parser.add_argument("--override", nargs="*", default=[], help="eval config overrides (target=…, bench=…)")
+    parser.add_argument("--num-prompts", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=warmup, help="prompts decoded untimed first")
+    return parser
+
+
+def eval_recipe(args: argparse.Namespace, overrides: list[str]) -> EvalRecipe:
+    """`specdistill eval` with `argument_parser`'s arguments and `overrides`, set up (target, drafter, prompts loaded),
+    without running; its prompts are the --warmup ones followed by --num-prompts measured ones."""
     register_configs()
     with tempfile.TemporaryDirectory() as out_dir, initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[*overrides, f"drafter_path={drafter_path}", f"out_dir={out_dir}"])
+        cfg = compose(config_name="eval", overrides=[
+            *args.override, f"eval.num_prompts={args.num_prompts + args.warmup}",
+            f"eval.max_new_tokens={args.max_new_tokens}", *overrides, f"drafter_path={args.drafter_path}",
+            f"out_dir={out_dir}"])
         recipe = EvalRecipe(cfg)
         recipe.setup()
     return recipe

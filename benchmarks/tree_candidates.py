@@ -16,37 +16,28 @@ repeated draws share a node), tokens/s = Σ new tokens ÷ Σ seconds, speedup = 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import platform
 from datetime import date
 
 import torch
 
-from side_by_side import eval_recipe, interleaved
+from side_by_side import argument_parser, eval_recipe, interleaved
 from specdistill.distill.decoding import Decoder, TreeCandidates
 from specdistill.eval.metrics import summarize
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--drafter-path", required=True)
-    parser.add_argument("--override", nargs="*", default=[], help="eval config overrides (target=…, bench=…)")
-    parser.add_argument("--num-prompts", type=int, default=20)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser = argument_parser(__doc__, warmup=1)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--depth", type=int, default=6, help="eval.tree_depth")
     parser.add_argument("--top-ks", type=int, nargs="+", default=[4, 10], help="eval.tree_top_k values")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 60], help="eval.tree_total_tokens values")
     parser.add_argument("--gamma", type=int, default=5, help="the reference chain's eval.gamma")
     parser.add_argument("--samples", type=int, default=2, help="decodings per prompt and setting")
-    parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
 
-    recipe = eval_recipe(args.drafter_path, [
-        *args.override, f"eval.num_prompts={args.num_prompts + args.warmup}",
-        f"eval.max_new_tokens={args.max_new_tokens}", f"eval.temperature={args.temperature}", "eval.method=tree",
-        f"eval.tree_depth={args.depth}"])
+    recipe = eval_recipe(args, [f"eval.temperature={args.temperature}", "eval.method=tree", f"eval.tree_depth={args.depth}"])
     proposer = recipe.drafters[str(args.drafter_path)]
     decoders = {"plain": Decoder(recipe.target, None, recipe.decoding, recipe.eos),
                 f"chain γ={args.gamma}": Decoder(recipe.target, proposer, dataclasses.replace(

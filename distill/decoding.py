@@ -347,14 +347,13 @@ class Decoder:
                 return []
             drawn = torch.multinomial(probs, count, replacement=True, generator=generator).tolist()
             draws[node + 1], draft_probs[node + 1] = drawn, probs
-            log_probs = probs.log()
             children = []
             for token in dict.fromkeys(drawn):  # distinct, in draw order
                 children.append(len(tokens))
                 tokens.append(token)
                 parents.append(node)
                 depths.append(depth)
-                scores.append((scores[node] if node >= 0 else 0.0) + float(log_probs[token]))
+                scores.append((scores[node] if node >= 0 else 0.0) + math.log(float(probs[token])))
                 draws.append([])
             budget -= len(children)
             return children

@@ -120,8 +120,8 @@ def accept_tree_multi_candidate(
     while True:
         residual = probs[row]
         child_of = {tokens[child]: child for child in children[row]}
+        q = draft_probs.get(row)  # None where nothing was drawn
         for token in draws[row]:
-            q = draft_probs[row]
             # u < r(x) / q(x) without dividing (q(x) > 0: x was drawn from q)
             if float(torch.rand((), generator=generator, device=probs.device)) * float(q[token]) < float(residual[token]):
                 path.append(child_of[token])
