@@ -442,7 +442,7 @@ class Decoder:
         done = self._commit(result, [token], decoding_step=False)
         if self.proposer is not None and not done:
             draft_logits = self.proposer.begin(prompt, output.features, torch.tensor([[token]], device=self.device))
-            result.drafter_calls += 1
+            result.drafter_calls += self.proposer.calls_per_commit
         while not done:
             root = result.output_ids[-1]
             result.target_calls += 1
@@ -473,6 +473,7 @@ class Decoder:
                 _sync(self.device)
                 verify_started = time.perf_counter()
                 committed, rows, output = self.verify_tree(root, tree, generator)
+            self.proposer.observe(output.logits[0, 0], config.temperature, config.top_p)
             accepted = len(committed) - 1
             for position in range(min(accepted + 1, reachable)):
                 result.reached[position] += 1
@@ -484,7 +485,7 @@ class Decoder:
                 rows_tensor = torch.tensor(rows, device=self.device)
                 features = {layer_id: feature[:, rows_tensor] for layer_id, feature in output.features.items()}
                 draft_logits = self.proposer.extend(torch.tensor([committed], device=self.device), features)
-                result.drafter_calls += 1
+                result.drafter_calls += self.proposer.calls_per_commit
                 _sync(self.device)
             result.draft_seconds += (verify_started - draft_started) + (time.perf_counter() - verified)
         _sync(self.device)

@@ -6,6 +6,8 @@ A `Drafting` keeps its own KV cache over the committed sequence and drafts on to
     step(tokens, parents, depth, block)  feed drafted tokens (a chain link, or one tree level) → their logits
     extend(tokens, features)  drop everything drafted (the rollback), commit the tokens the target accepted (+ its
                               bonus) → logits of the next draft
+    observe(logits, T, top_p)  the target's logits at the step's first position, before `extend` (a no-op but for
+                              online selection, distill/selection.py)
 
 `parents` picks, for each fed token, the output row of the previous call that proposed it (feature-level heads feed
 that row's hidden state back); `depth` is the tokens' distance from the last committed token (1 = first draft);
@@ -40,6 +42,7 @@ class Drafting(ABC):
     max_depth: int | None = None  # the deepest draft it can make (Medusa: its number of heads); None: unbounded
     parallel: bool = False  # every depth of a round comes from the one forward of begin/extend (module doc)
     draft_depth: int = 1  # set by the decoder: the deepest draft of a round (what a parallel forward fills)
+    calls_per_commit: int = 1  # drafter forwards one `extend` runs (online selection: one per member)
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
@@ -57,6 +60,10 @@ class Drafting(ABC):
     @abstractmethod
     def step(self, tokens: torch.Tensor, parents: torch.Tensor, depth: int, block: torch.Tensor | None) -> torch.Tensor:
         ...
+
+    def observe(self, target_logits: torch.Tensor, temperature: float, top_p: float) -> None:
+        """The target's logits at a step's first drafted position, once verified; online selection
+        (distill/selection.py) scores its drafters with them, other drafters ignore them."""
 
     def _positions(self, count: int, offset: int = 0) -> torch.Tensor:
         return torch.arange(self.length + offset, self.length + offset + count, device=self.device)[None]

@@ -18,8 +18,10 @@ and may add `accept_length_histogram` (list[int]: decoding steps that committed 
 on the rest, the target's verify, acceptance and commit with the prefill spread over the steps: a round's cost
 breakdown), `per_category` (category → {"tau",
 "alpha_per_position", "speedup", "num_prompts"}) and `speedup_over_transformers`
-(a drafter's tokens/s ÷ that of transformers' plain greedy `generate` on the same prompts). A number that does not
-apply (a baseline's τ) or is not finite is null.
+(a drafter's tokens/s ÷ that of transformers' plain greedy `generate` on the same prompts). The row of online
+selection (eval.selection=hedge) adds `selection` ({"method": "hedge", "members": {drafter: {"lead_fraction",
+"first_position_acceptance"}}, "regret_per_category": {category: {"oracle", "oracle_tau", "tau", "regret"}},
+"best_fixed", "regret_overall"}). A number that does not apply (a baseline's τ) or is not finite is null.
 """
 
 from __future__ import annotations

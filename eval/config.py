@@ -20,6 +20,14 @@ class LongPrompts(Enum):
     skip = "skip"
 
 
+class Selection(Enum):
+    """Several drafters: each decodes alone (a row each); hedge adds a row drafting with the online leader among
+    them (distill/selection.py, HedgeSpec)."""
+
+    none = "none"
+    hedge = "hedge"
+
+
 @dataclass
 class EvalLoopConfig(DecodingConfig):
     """`eval.*`: the decoding settings (distill/decoding.py's DecodingConfig, the decoder takes this whole) and what
@@ -34,6 +42,8 @@ class EvalLoopConfig(DecodingConfig):
     # a prompt whose decoding would read positions past the target's context window (max_position_embeddings): error
     # refuses the run naming it; skip leaves it out, counted in report.json's skipped_prompts and the log
     long_prompts: LongPrompts = LongPrompts.error
+    selection: Selection = Selection.none  # hedge: also decode with online drafter selection among drafter_path's
+    hedge_prior_steps: float = 16.0  # hedge: a prompt starts from the stream's mean losses worth this many steps
 
 
 @dataclass
@@ -50,6 +60,9 @@ def check_loop_ranges(loop: DictConfig | EvalLoopConfig) -> None:
     if loop.num_prompts is not None and loop.num_prompts < 1:
         raise UserError(f"eval.num_prompts={loop.num_prompts} is out of range: it must be an integer ≥ 1, or null for "
                         "the whole bench")
+    if loop.hedge_prior_steps < 0:
+        raise UserError(f"eval.hedge_prior_steps={loop.hedge_prior_steps} is out of range: it must be a number ≥ 0 "
+                        "(0: every prompt's weights start afresh)")
     if loop.warmup_prompts < 0:
         raise UserError(f"eval.warmup_prompts={loop.warmup_prompts} is out of range: it must be an integer ≥ 0")
 

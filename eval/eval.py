@@ -4,6 +4,7 @@
     specdistill eval ... eval.method=tree eval.tree_depth=6 eval.tree_top_k=10 eval.tree_total_tokens=60
     specdistill eval ... eval.temperature=1.0 eval.top_p=0.9            # lossless speculative sampling
     specdistill eval ... drafter_path='[run_a/drafter,run_b/drafter]'   # one side-by-side table
+    specdistill eval ... drafter_path='[run_a/drafter,run_b/drafter]' eval.selection=hedge   # + online selection
     specdistill eval target=llama3_8b_instruct drafter_path=... bench=mt_bench
 
 setup (target, prompts, drafters) → evaluate (warm-up, then prompt by prompt: plain decoding, then each drafter,
@@ -44,11 +45,12 @@ from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import claim_out_dir, replace_folder, write_text_atomic
 from specdistill.distill.reports import report_document, report_rows
 from specdistill.distill.drafters import load_drafting
+from specdistill.distill.selection import HedgeDrafting
 from specdistill.distill.target import FrozenTarget
 from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
 from specdistill.eval.benches import (ContextWindow, check_turns_renderable, fit_context_window, load_bench,
                                       render_prompt)
-from specdistill.eval.config import EvalLoopConfig, LongPrompts, check_loop_ranges, register_configs
+from specdistill.eval.config import EvalLoopConfig, LongPrompts, Selection, check_loop_ranges, register_configs
 from specdistill.distill.decoding import Decoder, Generation, check_tree_width
 from specdistill.eval.metrics import combine_turns, summarize, tokens_per_second
 from specdistill.eval.report import REPORT_FILES, format_table, write_report
@@ -61,6 +63,7 @@ DRAFTER_PATH_HINT = (
     "folder sharing the target's tokenizer), or drafter_path='[a/drafter,b/drafter]' to compare several"
 )
 HF_GENERATE = "transformers generate"  # the report row of transformers' plain greedy `generate`
+HEDGE = "hedge: online selection"  # the report row of eval.selection=hedge (distill/selection.py)
 # What `lossless_check` compared, by how the run decoded (report.json's `lossless_check_method`).
 LOSSLESS_GREEDY = "greedy output equals plain decoding"
 LOSSLESS_RE_DECODE = (
@@ -128,6 +131,9 @@ class EvalRecipe:
         # or a malformed prompt file fails fast.
         paths = drafter_paths(cfg)
         check_loop_ranges(loop)
+        if loop.selection == Selection.hedge and len(paths) < 2:
+            raise UserError(f"eval.selection=hedge chooses among several drafters, but drafter_path names "
+                            f"{len(paths)}; pass drafter_path='[a/drafter,b/drafter]' or set eval.selection=none")
         if loop.top_p < 1.0 and loop.temperature == 0:
             log.warning("eval.top_p=%s has no effect at eval.temperature=0 (greedy); set a temperature to sample",
                         loop.top_p)
@@ -151,6 +157,8 @@ class EvalRecipe:
         self.drafters = {
             path: load_drafting(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths
         }
+        if loop.selection == Selection.hedge:  # one more row, drafting with the leader among the others
+            self.drafters[HEDGE] = HedgeDrafting(dict(self.drafters), self.device, loop.hedge_prior_steps)
         verify = loop.verify_lossless
         self.verify_lossless = cfg.bench.name == "toy" if verify is None else verify
         log.info("eval: %d prompts from bench '%s', %d drafter(s), %s", len(self.prompts), cfg.bench.name,
@@ -188,6 +196,9 @@ class EvalRecipe:
             plain.generate(prompt, generator)
             for decoder in speculative.values():
                 decoder.generate(prompt, generator)
+        hedge = self.drafters.get(HEDGE)
+        if hedge is not None:
+            hedge.reset_statistics()  # the report counts the measured prompts only
         decoders: dict[str, Decode] = {
             path: functools.partial(decoder.generate, generator=generator) for path, decoder in speculative.items()
         }
@@ -210,9 +221,12 @@ class EvalRecipe:
                             "the answers before it, so eval.long_prompts=skip leaves none; lower eval.max_new_tokens "
                             "or set bench.num_turns=1")
         self._keep(kept)
+        selection = hedge.summary() if hedge is not None else None  # before the lossless check decodes again
         results = {path: runs[path] for path in self.drafters}
         checks = {path: self._lossless_check(path, baseline, results[path]) for path in self.drafters}
         rows = [self._row(path, baseline, results[path], checks[path]) for path in self.drafters]
+        if selection is not None:
+            rows[-1]["selection"] = selection_report(selection, rows[-1], rows[:-1])
         rows += [self._hf_row(name, runs[name], baseline) for name in decoders if name not in self.drafters]
         if HF_GENERATE in runs:  # the speedup users quote: over transformers' plain greedy generate
             hf_speed = tokens_per_second(combined(runs[HF_GENERATE]))
@@ -344,6 +358,20 @@ class EvalRecipe:
         print("\n" + format_table(report_rows(report)))
         print(f"\nreport: {self.out_dir / 'report.md'}  (report.json, generations.jsonl, plots beside it)")
         return written
+
+
+def selection_report(members: dict, hedge_row: dict, fixed_rows: list[dict]) -> dict:
+    """The hedge row's `selection` (report.json): each member's share of the steps and first-position acceptance,
+    and per category the regret against the best fixed drafter there (the oracle): (τ_oracle − τ_hedge) ÷ τ_oracle."""
+    regret = {}
+    for category, stats in (hedge_row.get("per_category") or {}).items():
+        oracle = max(fixed_rows, key=lambda row: row["per_category"][category]["tau"])
+        oracle_tau = oracle["per_category"][category]["tau"]
+        regret[category] = {"oracle": oracle["drafter"], "oracle_tau": oracle_tau, "tau": stats["tau"],
+                            "regret": (oracle_tau - stats["tau"]) / oracle_tau}
+    best = max(fixed_rows, key=lambda row: row["tau"])
+    return {"method": "hedge", "members": members, "regret_per_category": regret, "best_fixed": best["drafter"],
+            "regret_overall": (best["tau"] - hedge_row["tau"]) / best["tau"]}
 
 
 def hardware(device: torch.device) -> str:

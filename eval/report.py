@@ -94,6 +94,7 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
         lines += ["", "## Per category", "", "| drafter | category | prompts | τ | α per position (α1 / α2 / …) | "
                   "speedup |", "|---|---|---|---|---|---|"]
         lines += category_rows
+    lines += _selection_lines(results)
     positions = max(len(r["alpha_per_position"] or []) for r in results)
     if positions:
         lines += ["", "## Acceptance α per draft position", ""]
@@ -105,6 +106,25 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
     if plot_names:
         lines += ["", "## Plots"] + [f"\n![{PLOTS[name]}]({name})" for name in plot_names]
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(results: list[dict]) -> list[str]:
+    """eval.selection=hedge: who drafted how often, and the regret against the best fixed drafter per category."""
+    lines = []
+    for r in results:
+        selection = r.get("selection")
+        if not selection:
+            continue
+        lines += ["", "## Online drafter selection (HedgeSpec)", "",
+                  "| drafter | share of steps drafted | first-position acceptance |", "|---|---|---|"]
+        lines += [f"| {name} | {_num(stats['lead_fraction'], '.1%')} | {_num(stats['first_position_acceptance'], '.3f')} |"
+                  for name, stats in selection["members"].items()]
+        lines += ["", "| category | best fixed drafter | its τ | hedge τ | regret |", "|---|---|---|---|---|"]
+        lines += [f"| {category} | {stats['oracle']} | {_num(stats['oracle_tau'], '.3f')} | {_num(stats['tau'], '.3f')} "
+                  f"| {_num(stats['regret'], '.1%')} |" for category, stats in sorted(selection["regret_per_category"].items())]
+        lines += ["", f"Against the best fixed drafter overall ({selection['best_fixed']}): regret "
+                  f"{_num(selection['regret_overall'], '.1%')} in τ."]
+    return lines
 
 
 def _figures(results: list[dict]) -> dict[str, Figure | None]:

@@ -174,6 +174,7 @@ def one_step_multi_candidate_counts(draws: int) -> torch.Tensor:
     return counts
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_chain_and_tree_rejection_sampling_keep_the_target_distribution():
     """One verification with fixed p (target) and q (drafter) over 6 tokens: the emitted token ~ p."""
     generator = torch.Generator().manual_seed(0)
@@ -192,6 +193,7 @@ def test_chain_and_tree_rejection_sampling_keep_the_target_distribution():
         assert statistic < critical
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("planted_bug", ["no residual update", "residual from p each time"])
 def test_the_multi_candidate_check_catches_a_planted_bug(monkeypatch, planted_bug):
     """The same one-step test with the residual update broken: checking every draw against p itself, or resetting
@@ -206,14 +208,14 @@ def test_the_multi_candidate_check_catches_a_planted_bug(monkeypatch, planted_bu
     assert statistic > critical, (statistic, critical)
 
 
-def random_lm(scale: float, noise: float = 0.0, vocab: int = 5) -> LlamaForCausalLM:
-    """A 1-layer random Llama with peaked distributions (LM head scaled); `noise` perturbs the head, so a drafter
-    built with other scale and noise agrees with the target often but not always."""
+def random_lm(scale: float, noise: float = 0.0, vocab: int = 5, noise_seed: int = 2) -> LlamaForCausalLM:
+    """A 1-layer random Llama with peaked distributions (LM head scaled); `noise` perturbs the head (drawn with
+    `noise_seed`), so a drafter built with other scale and noise agrees with the target often but not always."""
     torch.manual_seed(1)
     config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(noise_seed)
     with torch.no_grad():
         head = model.lm_head.weight
         head.add_(noise * head.std() * torch.randn(head.shape, generator=generator)).mul_(scale)
@@ -247,6 +249,7 @@ def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tup
     return counts, accepted / reached
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize(
     "config",
     [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
@@ -297,6 +300,7 @@ def parallel_drafter(kind: str, target_model: LlamaForCausalLM):
     return drafter.drafting("cpu")
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize(
     "config",
     [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),

@@ -172,6 +172,7 @@ def test_tau_during_training_refuses_a_draft_deeper_than_the_heads_as_eval_does(
         decode_counts(drafter.drafting("cpu"), tiny.target, tiny.prompts[:1], DecodingConfig(), set(), seed=0)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize(
     "config",
     [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
