@@ -22,7 +22,13 @@ P-EAGLE predict from the last committed position only). It needs no target pass 
 
 Lossless: the leader of a step is fixed by earlier steps only, before its drafts are drawn, and verification is exact
 for whichever drafter drafted, so the output keeps the target's distribution (greedy: equals plain decoding).
-Cost: every member's catch-up forward runs each step (`calls_per_commit`), the price of always holding every q_i.
+
+Cost: a member's catch-up forward (`extend`) is the price of holding its q_i. With `score_every` = k > 1 (the paper's
+"skipping update") the members that do not lead hold the accepted tokens back and commit k steps' worth in one
+forward every k-th step, so they are scored on every k-th step only; the leader always commits at once, and a member
+that becomes leader catches up first. The leader is then the least *mean* loss per scored step (prior included:
+(prior_steps · stream mean + the prompt's summed losses) ÷ (prior_steps + the prompt's scored steps)), which is the
+least cumulative loss when every member is scored every step (k = 1).
 """
 
 from __future__ import annotations
@@ -45,12 +51,13 @@ def acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor, temperat
 class HedgeDrafting(Drafting):
     """Drafting by the current leader of `members` (name → Drafting), every member kept in step (module doc).
 
-    `lead_steps[name]`: decoding steps that name drafted; `acceptance_sum[name]`, `scored_steps`: its summed
-    acceptance over the scored steps, across all prompts (the report's per-drafter numbers)."""
+    `lead_steps[name]`: decoding steps that name drafted; `acceptance_sum[name]`, `scored[name]`: its summed
+    acceptance and its scored steps, across all prompts (the report's per-drafter numbers)."""
 
-    def __init__(self, members: dict[str, Drafting], device: torch.device | str, prior_steps: float = 0.0):
+    def __init__(self, members: dict[str, Drafting], device: torch.device | str, prior_steps: float = 0.0,
+                 score_every: int = 1):
         super().__init__(device)
-        self.prior_steps = prior_steps
+        self.prior_steps, self.score_every = prior_steps, score_every
         if len(members) < 2:
             raise ValueError("online selection needs at least two drafters")
         self.members = members
@@ -59,15 +66,19 @@ class HedgeDrafting(Drafting):
                                                   for layer in member.feature_layers))
         depths = [member.max_depth for member in members.values() if member.max_depth is not None]
         self.max_depth = min(depths) if depths else None
-        self.calls_per_commit = len(members)
+        self.calls_per_commit = len(members)  # member forwards of the last begin/extend
         self.lead_steps = dict.fromkeys(self.names, 0)
         self.acceptance_sum = dict.fromkeys(self.names, 0.0)
-        self.scored_steps = 0
+        self.scored = dict.fromkeys(self.names, 0)
         self.stream_acceptance = dict.fromkeys(self.names, 0.0)  # every prompt so far: the next prompt's prior
-        self.stream_steps = 0
+        self.stream_scored = dict.fromkeys(self.names, 0)
         self.prompt_losses = dict.fromkeys(self.names, 0.0)
+        self.prompt_scored = dict.fromkeys(self.names, 0)
+        self.prior = {name: (0.0, 0.0) for name in self.names}
         self.leader = self.names[0]
-        self.next_logits: dict[str, torch.Tensor] = {}
+        self.next_logits: dict[str, torch.Tensor] = {}  # the members holding the committed prefix's q: the fresh ones
+        self.pending: dict[str, list[tuple[torch.Tensor, dict[int, torch.Tensor]]]] = {name: [] for name in self.names}
+        self.commits = 0  # extends in this prompt
 
     @property
     def parallel(self) -> bool:  # the leader's: it alone drafts
@@ -85,28 +96,61 @@ class HedgeDrafting(Drafting):
     def begin(self, prompt_ids, features, first_token):
         self.next_logits = {name: member.begin(prompt_ids, features, first_token)
                             for name, member in self.members.items()}
-        # a new prompt: the stream's prior (module doc); its first leader the best over earlier prompts
-        steps = max(self.stream_steps, 1)
-        self.prompt_losses = {name: self.prior_steps * (1.0 - self.stream_acceptance[name] / steps) if self.stream_steps
-                              else 0.0 for name in self.names}
-        self.leader = max(self.names, key=lambda name: self.stream_acceptance[name])  # first listed on a tie
+        self.calls_per_commit = len(self.members)
+        self.pending = {name: [] for name in self.names}
+        self.commits = 0
+        self.prompt_losses = dict.fromkeys(self.names, 0.0)  # a new prompt: its own losses on the stream's prior
+        self.prompt_scored = dict.fromkeys(self.names, 0)
+        self.prior = {name: (self.prior_steps if self.stream_scored[name] else 0.0, self._stream_mean_loss(name))
+                      for name in self.names}  # (weight in steps, mean loss), fixed for the prompt
+        self.leader = min(self.names, key=self._stream_mean_loss)  # the best so far (first listed on a tie)
         return self.next_logits[self.leader]
 
+    def _stream_mean_loss(self, name: str) -> float:
+        scored = self.stream_scored[name]
+        return 1.0 - self.stream_acceptance[name] / scored if scored else 0.0
+
+    def _mean_loss(self, name: str) -> float:
+        """The prompt's mean loss per scored step with the stream's prior worth prior_steps steps (module doc)."""
+        prior_weight, prior_loss = self.prior[name]
+        weight = prior_weight + self.prompt_scored[name]
+        return (prior_weight * prior_loss + self.prompt_losses[name]) / weight if weight else 0.0
+
     def observe(self, target_logits: torch.Tensor, temperature: float, top_p: float) -> None:
-        """Score every member's prediction of the step's first position against the target's (module doc)."""
+        """Score every fresh member's prediction of the step's first position against the target's (module doc)."""
         self.lead_steps[self.leader] += 1
-        self.scored_steps += 1
-        self.stream_steps += 1
         for name, logits in self.next_logits.items():
             score = acceptance(target_logits, logits, temperature, top_p)
             self.acceptance_sum[name] += score
+            self.scored[name] += 1
             self.stream_acceptance[name] += score
+            self.stream_scored[name] += 1
             self.prompt_losses[name] += 1.0 - score
+            self.prompt_scored[name] += 1
 
     def extend(self, tokens, features):
-        self.next_logits = {name: member.extend(tokens, features) for name, member in self.members.items()}
-        self.leader = min(self.names, key=lambda name: self.prompt_losses[name])  # the first listed on a tie
+        self.commits += 1
+        for name in self.names:
+            self.pending[name].append((tokens, features))
+        catch_up = self.names if self.commits % self.score_every == 0 else [self.leader]
+        self.next_logits = {}
+        self.calls_per_commit = 0
+        for name in catch_up:
+            self._catch_up(name)
+        self.leader = min(self.names, key=self._mean_loss)  # the first listed on a tie
+        if self.leader not in self.next_logits:  # a new leader holding tokens back commits them first
+            self._catch_up(self.leader)
         return self.next_logits[self.leader]
+
+    def _catch_up(self, name: str) -> None:
+        """Commit the tokens `name` held back, in one forward → its q of the next position (now fresh)."""
+        held = self.pending[name]
+        tokens = torch.cat([tokens for tokens, _ in held], dim=1)
+        features = {layer: torch.cat([step_features[layer] for _, step_features in held], dim=1)
+                    for layer in held[0][1]}
+        self.next_logits[name] = self.members[name].extend(tokens, features)
+        self.pending[name] = []
+        self.calls_per_commit += 1
 
     def step(self, tokens, parents, depth, block):
         return self.members[self.leader].step(tokens, parents, depth, block)
@@ -116,11 +160,11 @@ class HedgeDrafting(Drafting):
         every prompt decoded."""
         self.lead_steps = dict.fromkeys(self.names, 0)
         self.acceptance_sum = dict.fromkeys(self.names, 0.0)
-        self.scored_steps = 0
+        self.scored = dict.fromkeys(self.names, 0)
 
     def summary(self) -> dict:
         """For the report: per member, the share of decoding steps it drafted and its mean first-position acceptance."""
         steps = max(sum(self.lead_steps.values()), 1)
         return {name: {"lead_fraction": self.lead_steps[name] / steps,
-                       "first_position_acceptance": self.acceptance_sum[name] / max(self.scored_steps, 1)}
+                       "first_position_acceptance": self.acceptance_sum[name] / max(self.scored[name], 1)}
                 for name in self.names}

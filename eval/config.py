@@ -44,6 +44,7 @@ class EvalLoopConfig(DecodingConfig):
     long_prompts: LongPrompts = LongPrompts.error
     selection: Selection = Selection.none  # hedge: also decode with online drafter selection among drafter_path's
     hedge_prior_steps: float = 16.0  # hedge: a prompt starts from the stream's mean losses worth this many steps
+    hedge_score_every: int = 4  # hedge: the drafters not leading commit (and are scored) every this many steps
 
 
 @dataclass
@@ -63,6 +64,9 @@ def check_loop_ranges(loop: DictConfig | EvalLoopConfig) -> None:
     if loop.hedge_prior_steps < 0:
         raise UserError(f"eval.hedge_prior_steps={loop.hedge_prior_steps} is out of range: it must be a number ≥ 0 "
                         "(0: every prompt's weights start afresh)")
+    if loop.hedge_score_every < 1:
+        raise UserError(f"eval.hedge_score_every={loop.hedge_score_every} is out of range: it must be an integer ≥ 1 "
+                        "(1: every drafter commits and is scored every step)")
     if loop.warmup_prompts < 0:
         raise UserError(f"eval.warmup_prompts={loop.warmup_prompts} is out of range: it must be an integer ≥ 0")
 

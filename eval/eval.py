@@ -158,7 +158,8 @@ class EvalRecipe:
             path: load_drafting(path, self.target, self.device, cfg.target.trust_remote_code) for path in paths
         }
         if loop.selection == Selection.hedge:  # one more row, drafting with the leader among the others
-            self.drafters[HEDGE] = HedgeDrafting(dict(self.drafters), self.device, loop.hedge_prior_steps)
+            self.drafters[HEDGE] = HedgeDrafting(dict(self.drafters), self.device, loop.hedge_prior_steps,
+                                                 loop.hedge_score_every)
         verify = loop.verify_lossless
         self.verify_lossless = cfg.bench.name == "toy" if verify is None else verify
         log.info("eval: %d prompts from bench '%s', %d drafter(s), %s", len(self.prompts), cfg.bench.name,

@@ -176,7 +176,8 @@ def test_tau_during_training_refuses_a_draft_deeper_than_the_heads_as_eval_does(
 @pytest.mark.parametrize(
     "config",
     [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
-     DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0, max_new_tokens=3)],
+     pytest.param(DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0,
+                                 max_new_tokens=3), marks=pytest.mark.slow)],
     ids=["chain", "tree"],
 )
 def test_sampled_speculative_output_has_the_target_distribution(config):

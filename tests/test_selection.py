@@ -50,6 +50,9 @@ class FixedDrafting(Drafting):
         return self.logits.expand(len(tokens), -1)
 
 
+TOKEN = torch.zeros(1, 1, dtype=torch.long)  # what a step commits (FixedDrafting ignores it)
+
+
 def test_a_prompt_starts_from_the_streams_prior_worth_prior_steps_steps():
     good, lucky = FixedDrafting(), FixedDrafting()
     right, wrong = torch.tensor([0.0, 5.0, 0.0]), torch.tensor([5.0, 0.0, 0.0])
@@ -58,7 +61,7 @@ def test_a_prompt_starts_from_the_streams_prior_worth_prior_steps_steps():
     def step(hedge: HedgeDrafting, good_logits: torch.Tensor, lucky_logits: torch.Tensor, begin: bool = False):
         """The members predict, then the step is verified and scored."""
         good.logits, lucky.logits = good_logits, lucky_logits
-        hedge.begin(None, {}, None) if begin else hedge.extend(None, {})
+        hedge.begin(None, {}, None) if begin else hedge.extend(TOKEN, {})
         hedge.observe(target, 0.0, 1.0)
 
     hedge = HedgeDrafting({"good": good, "lucky": lucky}, "cpu", prior_steps=4)
@@ -67,22 +70,22 @@ def test_a_prompt_starts_from_the_streams_prior_worth_prior_steps_steps():
         step(hedge, right, wrong)
     step(hedge, right, right)
     good.logits = lucky.logits = right
-    hedge.begin(None, {}, None)  # a new prompt: prior losses 4 × (0, 9/10)
+    hedge.begin(None, {}, None)  # a new prompt: a prior of 4 steps at the stream's mean losses, 0 and 9/10
     assert hedge.leader == "good"
-    assert hedge.prompt_losses == pytest.approx({"good": 0.0, "lucky": 4 * 9 / 10})
+    assert hedge.prior == {"good": (4, 0.0), "lucky": (4, pytest.approx(0.9))}
     hedge.observe(target, 0.0, 1.0)
     step(hedge, wrong, right)  # one unlucky step for good does not hand lucky the prompt
     assert hedge.leader == "good"
     for _ in range(3):  # but a prompt where lucky is truly better does, within about prior_steps steps
         step(hedge, wrong, right)
-    hedge.extend(None, {})
+    hedge.extend(TOKEN, {})
     assert hedge.leader == "lucky"
     # without a prior (the paper's per-query reset) one step decides
     afresh = HedgeDrafting({"good": good, "lucky": lucky}, "cpu", prior_steps=0)
-    afresh.stream_acceptance, afresh.stream_steps = {"good": 9.0, "lucky": 1.0}, 10
+    afresh.stream_acceptance, afresh.stream_scored = {"good": 9.0, "lucky": 1.0}, {"good": 10, "lucky": 10}
     step(afresh, wrong, right, begin=True)
     assert afresh.leader == "good"  # the best so far starts the prompt
-    afresh.extend(None, {})
+    afresh.extend(TOKEN, {})
     assert afresh.leader == "lucky"
 
 
@@ -94,9 +97,13 @@ def members(target: FrozenTarget, model) -> dict[str, object]:
             "target": LMDrafting(model, "cpu")}
 
 
-@pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
-def test_greedy_hedge_equals_plain_decoding_and_follows_the_best_drafter(tiny, config):
-    hedge = HedgeDrafting(members(tiny.target, tiny.model), "cpu")
+@pytest.mark.parametrize(("config", "score_every"), [(CHAIN, 1), (TREE, 1), (CHAIN, 3)],
+                         ids=["chain", "tree", "chain-score-every-3"])
+def test_greedy_hedge_equals_plain_decoding_and_follows_the_best_drafter(tiny, config, score_every):
+    hedge = HedgeDrafting(members(tiny.target, tiny.model), "cpu", score_every=score_every)
+    commits = []  # every member's commit forwards after the prompt's first
+    catch_up = hedge._catch_up
+    hedge._catch_up = lambda name: commits.append(name) or catch_up(name)
     assert set(hedge.feature_layers) == {0, 1, -1}  # every member's taps reach it
     decoder = Decoder(tiny.target, hedge, config)
     expected = plain_outputs(tiny.target, tiny.prompts, config)
@@ -109,6 +116,10 @@ def test_greedy_hedge_equals_plain_decoding_and_follows_the_best_drafter(tiny, c
     assert summary["eagle3"]["first_position_acceptance"] < 0.5
     steps = sum(len(generation.accept_lengths) for generation in generations)
     assert hedge.lead_steps["target"] + hedge.lead_steps["eagle3"] + hedge.lead_steps["dflash"] == steps
+    # the leader commits every step, the others every score_every-th (in one forward for the steps held back)
+    committing_steps = steps - len(tiny.prompts)  # a prompt's last step ends it without a commit
+    assert len(commits) < 2 * committing_steps if score_every > 1 else len(commits) == 3 * committing_steps
+    assert hedge.scored["target"] > hedge.scored["eagle3"] if score_every > 1 else len(set(hedge.scored.values())) == 1
     # a later prompt drafts with the best drafter so far from its first step
     hedge.reset_statistics()
     assert decoder.generate(tiny.prompts[0]).output_ids == expected[0]
@@ -125,12 +136,14 @@ def test_greedy_hedge_equals_plain_decoding_and_follows_the_best_drafter(tiny, c
 )
 def test_hedge_keeps_the_target_distribution_while_the_leader_changes(config):
     """The G-test of test_decoding with two token-level drafters, each better than the other after some first
-    tokens, so the leader changes within generations (b drafts ~15 % of the steps)."""
+    tokens, so the leader changes within generations (b drafts ~15 % of the steps); the one not leading commits every
+    second step, so a new leader sometimes catches up before drafting."""
     target_model = random_lm(scale=60.0)
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
     hedge = HedgeDrafting({"a": LMDrafting(random_lm(scale=30.0, noise=0.5), "cpu"),
-                           "b": LMDrafting(random_lm(scale=30.0, noise=0.8, noise_seed=13), "cpu")}, "cpu")
+                           "b": LMDrafting(random_lm(scale=30.0, noise=0.8, noise_seed=13), "cpu")}, "cpu",
+                          score_every=2)
     counts, acceptance_rate = sampled_joint_counts(Decoder(FrozenTarget(target_model), hedge, config), prompt, draws)
     assert 0.2 < acceptance_rate < 0.9, "drafts must be accepted and rejected often, or the test proves little"
     shares = hedge.summary()
