@@ -46,6 +46,7 @@ BAD_VALUES = [
     ("gamma", "0"), ("gamma", "-2"), ("tree_depth", "0"), ("tree_top_k", "0"), ("tree_total_tokens", "1"),
     ("temperature", "-1"), ("temperature", "nan"), ("top_p", "0"), ("top_p", "1.5"), ("max_new_tokens", "0"),
     ("num_prompts", "0"), ("warmup_prompts", "-1"), ("draft_threshold", "1.5"), ("draft_threshold", "-0.1"),
+    ("hedge_prior_steps", "-1"), ("hedge_score_every", "0"),
 ]
 
 
