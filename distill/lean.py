@@ -78,6 +78,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of heads x [..., head_dim] with `RotaryTable`'s cos, sin± (module doc)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
 class RotaryTable:
     """cos and sin± of every position up to a capacity that grows by doubling; a lookup per forward."""
 
@@ -164,7 +169,7 @@ class LeanLayer:
                 dim=2,
             )
         cos, sin = rotary
-        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
+        qk = rotate(qk, cos, sin)
         causal = mask is None and rows > 1
         if causal and cache.length:
             raise ValueError("several rows after cached ones need an explicit mask")

@@ -48,7 +48,7 @@ from specdistill.distill.drafting import Drafting, ParallelRounds
 from specdistill.distill.errors import UserError
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.masks import additive_bias
-from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, fused_linear, rms_norm
+from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, fused_linear, rms_norm, rotate
 from specdistill.distill.drafters.modules import rope_inv_freq
 from specdistill.distill.objectives import FeatureObjective
 from specdistill.distill.target import TargetOutput, check_feature_layers
@@ -386,7 +386,7 @@ class DFlashDrafting(ParallelRounds, Drafting):
         for index, (layer, context_kv) in enumerate(zip(self.layers, self.context_kv)):
             keys, values = context_kv(context).view(1, count, 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
             keys = rms_norm(keys, layer.k_norm, self.eps)
-            keys = keys * cos + keys.roll(self.head_dim // 2, dims=-1) * sin
+            keys = rotate(keys, cos, sin)
             self.cache.layer(index).update(keys.transpose(1, 2), values.transpose(1, 2))
         self.length += count
         block = torch.cat([anchor, anchor.new_full((1, rows - 1), self.mask_token_id)], dim=1)
