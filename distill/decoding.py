@@ -102,10 +102,12 @@ class DecodingConfig:
         return getattr(self, self.draft_depth_key)
 
 
-# DecodingConfig field → (the test a valid value passes, the valid range in words). Out-of-range values otherwise end
-# deep in decoding (an empty reshape, a division by zero, NaN probabilities) or, for a negative temperature, silently
-# decode greedily.
-DECODING_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+# A config field → (the test a valid value passes, the valid range in words): what `check_ranges` reads.
+Ranges = dict[str, tuple[Callable[[Any], bool], str]]
+
+# DecodingConfig's ranges. Out-of-range values otherwise end deep in decoding (an empty reshape, a division by zero, NaN
+# probabilities) or, for a negative temperature, silently decode greedily.
+DECODING_RANGES: Ranges = {
     "gamma": (lambda v: v >= 1, "an integer ≥ 1"),
     "tree_depth": (lambda v: v >= 1, "an integer ≥ 1"),
     "tree_top_k": (lambda v: v >= 1, "an integer ≥ 1"),
@@ -122,18 +124,21 @@ def config_key(group: str, key: str) -> str:
     return f"{group}.{key}" if group else key
 
 
+def check_ranges(config: Any, group: str, ranges: Ranges) -> None:
+    """A UserError naming the first of `ranges`' keys whose value in `config` is outside its range, as the user writes
+    it (`group`: the config group holding the settings)."""
+    for key, (valid, valid_range) in ranges.items():
+        value = getattr(config, key)
+        if not valid(value):
+            raise UserError(f"{config_key(group, key)}={value} is out of range: it must be {valid_range}")
+
+
 def check_decoding(config: Any, group: str,
                    keys: tuple[str, ...] = (*DECODING_RANGES, "draft_length", "tree_candidates")) -> None:
     """The one range check of the decoding settings: a UserError naming the first of `keys` outside its range, as
     the user writes it (`group`: the config group holding the settings, e.g. `eval` or `train.tau`; a DictConfig or a
     DecodingConfig). Run it before anything loads."""
-    for key in keys:
-        if key not in DECODING_RANGES:
-            continue
-        valid, valid_range = DECODING_RANGES[key]
-        value = getattr(config, key)
-        if not valid(value):
-            raise UserError(f"{config_key(group, key)}={value} is out of range: it must be {valid_range}")
+    check_ranges(config, group, {key: DECODING_RANGES[key] for key in keys if key in DECODING_RANGES})
     if "draft_length" in keys and Method(config.method) == Method.tree and DraftLength(config.draft_length) != DraftLength.fixed:
         raise UserError(f"{config_key(group, 'draft_length')}={DraftLength(config.draft_length).value} applies to "
                         f"chains only (an EAGLE-2 tree already sizes itself by the draft scores); set "

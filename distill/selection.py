@@ -51,8 +51,9 @@ def acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor, temperat
 class HedgeDrafting(Drafting):
     """Drafting by the current leader of `members` (name → Drafting), every member kept in step (module doc).
 
-    `lead_steps[name]`: decoding steps that name drafted; `acceptance_sum[name]`, `scored[name]`: its summed
-    acceptance and its scored steps, across all prompts (the report's per-drafter numbers)."""
+    `lead_steps[name]`: decoding steps that name drafted since `reset_statistics`; `stream_acceptance[name]`,
+    `stream_scored[name]`: its summed acceptance and its scored steps over every prompt (the next prompt's prior; the
+    report's numbers are their growth since `reset_statistics`)."""
 
     def __init__(self, members: dict[str, Drafting], device: torch.device | str, prior_steps: float = 0.0,
                  score_every: int = 1):
@@ -67,11 +68,9 @@ class HedgeDrafting(Drafting):
         depths = [member.max_depth for member in members.values() if member.max_depth is not None]
         self.max_depth = min(depths) if depths else None
         self.calls_per_commit = len(members)  # member forwards of the last begin/extend
-        self.lead_steps = dict.fromkeys(self.names, 0)
-        self.acceptance_sum = dict.fromkeys(self.names, 0.0)
-        self.scored = dict.fromkeys(self.names, 0)
-        self.stream_acceptance = dict.fromkeys(self.names, 0.0)  # every prompt so far: the next prompt's prior
+        self.stream_acceptance = dict.fromkeys(self.names, 0.0)
         self.stream_scored = dict.fromkeys(self.names, 0)
+        self.reset_statistics()
         self.prompt_losses = dict.fromkeys(self.names, 0.0)
         self.prompt_scored = dict.fromkeys(self.names, 0)
         self.prior = {name: (0.0, 0.0) for name in self.names}
@@ -121,8 +120,6 @@ class HedgeDrafting(Drafting):
         self.lead_steps[self.leader] += 1
         for name, logits in self.next_logits.items():
             score = acceptance(target_logits, logits, temperature, top_p)
-            self.acceptance_sum[name] += score
-            self.scored[name] += 1
             self.stream_acceptance[name] += score
             self.stream_scored[name] += 1
             self.prompt_losses[name] += 1.0 - score
@@ -156,15 +153,17 @@ class HedgeDrafting(Drafting):
         return self.members[self.leader].step(tokens, parents, depth, block)
 
     def reset_statistics(self) -> None:
-        """Forget the report's counts so far (after a warm-up); the next prompt's first leader still comes from
-        every prompt decoded."""
+        """Start the report's counts here (after a warm-up); the next prompt's prior still comes from every prompt
+        decoded."""
         self.lead_steps = dict.fromkeys(self.names, 0)
-        self.acceptance_sum = dict.fromkeys(self.names, 0.0)
-        self.scored = dict.fromkeys(self.names, 0)
+        self.counted_from = (dict(self.stream_acceptance), dict(self.stream_scored))
 
     def summary(self) -> dict:
-        """For the report: per member, the share of decoding steps it drafted and its mean first-position acceptance."""
+        """For the report: per member, the share of decoding steps it drafted and its mean first-position acceptance,
+        since `reset_statistics`."""
         steps = max(sum(self.lead_steps.values()), 1)
+        acceptance_before, scored_before = self.counted_from
         return {name: {"lead_fraction": self.lead_steps[name] / steps,
-                       "first_position_acceptance": self.acceptance_sum[name] / max(self.scored[name], 1)}
+                       "first_position_acceptance": (self.stream_acceptance[name] - acceptance_before[name])
+                       / max(self.stream_scored[name] - scored_before[name], 1)}
                 for name in self.names}

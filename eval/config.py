@@ -10,8 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from specdistill.distill.config import StageConfig
-from specdistill.distill.decoding import DecodingConfig, check_decoding
-from specdistill.distill.errors import UserError
+from specdistill.distill.decoding import DecodingConfig, Ranges, check_decoding, check_ranges
 from specdistill.eval.benches import BenchConfig
 
 
@@ -54,21 +53,20 @@ class EvalConfig(StageConfig):
     eval: EvalLoopConfig = field(default_factory=EvalLoopConfig)
 
 
+# eval's own ranges, beside the decoding settings' (distill/decoding.py DECODING_RANGES)
+EVAL_RANGES: Ranges = {
+    "num_prompts": (lambda v: v is None or v >= 1, "an integer ≥ 1, or null for the whole bench"),
+    "hedge_prior_steps": (lambda v: v >= 0, "a number ≥ 0 (0: every prompt's weights start afresh)"),
+    "hedge_score_every": (lambda v: v >= 1, "an integer ≥ 1 (1: every drafter commits and is scored every step)"),
+    "warmup_prompts": (lambda v: v >= 0, "an integer ≥ 0"),
+}
+
+
 def check_loop_ranges(loop: DictConfig | EvalLoopConfig) -> None:
     """Raise a UserError naming the first `eval.*` key outside its valid range (checked before anything loads): the
     decoding settings by distill's one check, then eval's own."""
     check_decoding(loop, "eval")
-    if loop.num_prompts is not None and loop.num_prompts < 1:
-        raise UserError(f"eval.num_prompts={loop.num_prompts} is out of range: it must be an integer ≥ 1, or null for "
-                        "the whole bench")
-    if loop.hedge_prior_steps < 0:
-        raise UserError(f"eval.hedge_prior_steps={loop.hedge_prior_steps} is out of range: it must be a number ≥ 0 "
-                        "(0: every prompt's weights start afresh)")
-    if loop.hedge_score_every < 1:
-        raise UserError(f"eval.hedge_score_every={loop.hedge_score_every} is out of range: it must be an integer ≥ 1 "
-                        "(1: every drafter commits and is scored every step)")
-    if loop.warmup_prompts < 0:
-        raise UserError(f"eval.warmup_prompts={loop.warmup_prompts} is out of range: it must be an integer ≥ 0")
+    check_ranges(loop, "eval", EVAL_RANGES)
 
 
 def register_configs() -> None:

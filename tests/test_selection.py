@@ -119,7 +119,8 @@ def test_greedy_hedge_equals_plain_decoding_and_follows_the_best_drafter(tiny, c
     # the leader commits every step, the others every score_every-th (in one forward for the steps held back)
     committing_steps = steps - len(tiny.prompts)  # a prompt's last step ends it without a commit
     assert len(commits) < 2 * committing_steps if score_every > 1 else len(commits) == 3 * committing_steps
-    assert hedge.scored["target"] > hedge.scored["eagle3"] if score_every > 1 else len(set(hedge.scored.values())) == 1
+    scored = hedge.stream_scored
+    assert scored["target"] > scored["eagle3"] if score_every > 1 else len(set(scored.values())) == 1
     # a later prompt drafts with the best drafter so far from its first step
     hedge.reset_statistics()
     assert decoder.generate(tiny.prompts[0]).output_ids == expected[0]
