@@ -2,6 +2,7 @@
 
     specdistill run experiment=quickstart                      # the toy target end to end, < 15 min on 2 CPU cores
     specdistill run experiment=quickstart 'train=["drafter=eagle1","train.max_steps=600"]'   # replace a stage's list
+    specdistill run experiment=smollm2_eagle1 prep_from=runs/smollm2_eagle3/prep   # reuse an earlier run's prep
 
 Each stage is composed from its own config (conf/prep.yaml, train.yaml, eval.yaml) with `common` + its own override
 list, so everything a stage accepts on its command line it accepts here. All three are composed, and train's and
@@ -9,6 +10,9 @@ eval's value ranges checked, before the first starts, so a typo or an out-of-ran
 once, not after prep and train have run:
 
     <out_dir>/prep/dataset   <out_dir>/train/drafter   <out_dir>/eval/report.md
+
+With prep_from=<an earlier run's out_dir>/prep the prep stage is not run: train reads that folder's dataset (and its
+feature cache), so presets sharing a prep (the smollm2_ ones) regenerate and cache the data once.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class RunConfig:
     init_from: Optional[str] = None
     # set by experiments that continue another run (HASS stage B): init_from is then required
     requires_init_from: bool = False
+    # an earlier run's prep folder (<out_dir>/prep): prep is skipped, train reads its dataset and feature cache
+    prep_from: Optional[str] = None
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -90,12 +96,13 @@ def compose_stages(cfg: DictConfig) -> dict[str, DictConfig]:
         raise UserError("run: this experiment continues another run's drafter (e.g. HASS stage B from stage A); pass "
                         "init_from=<that run's out_dir>/train/drafter")
     out_dir = Path(cfg.out_dir).expanduser()
+    prep_dir = out_dir / "prep" if cfg.prep_from is None else Path(cfg.prep_from).expanduser().resolve()
     common = [*cfg.common, f"cache_dir={quoted(cfg.cache_dir)}", f"seed={cfg.seed}"]
     start_from = [] if cfg.init_from is None else [f"init_from={quoted(Path(cfg.init_from).expanduser().resolve())}"]
     stages = {
-        "prep": compose_stage("prep", [*common, *cfg.prep, f"out_dir={quoted(out_dir / 'prep')}"]),
+        "prep": compose_stage("prep", [*common, *cfg.prep, f"out_dir={quoted(prep_dir)}"]),
         "train": compose_stage("train", [*common, *cfg.train, *start_from,
-                                         f"data_dir={quoted(out_dir / 'prep' / 'dataset')}",
+                                         f"data_dir={quoted(prep_dir / 'dataset')}",
                                          f"out_dir={quoted(out_dir / 'train')}"]),
         "eval": compose_stage("eval", [*common, *cfg.eval, f"drafter_path={quoted(out_dir / 'train' / 'drafter')}",
                                        f"out_dir={quoted(out_dir / 'eval')}"]),
@@ -114,14 +121,21 @@ def run(cfg: DictConfig) -> Path:
 
     stages = compose_stages(cfg)
     out_dir = Path(cfg.out_dir).expanduser()
+    if cfg.prep_from is not None and not (Path(stages["train"].data_dir) / "dataset_dict.json").is_file():
+        raise UserError(f"run: prep_from={cfg.prep_from} holds no finished dataset ({stages['train'].data_dir} has "
+                        "no dataset_dict.json); pass the prep folder of a finished run (<its out_dir>/prep), or drop "
+                        "prep_from to run prep here")
     with claim_out_dir(out_dir, "run", cfg.overwrite):  # the out_dir rule; each stage checks its own folder too
-        log.info("[1/3] prep → %s", out_dir / "prep")
-        prep(stages["prep"])
+        if cfg.prep_from is None:
+            log.info("[1/3] prep → %s", out_dir / "prep")
+            prep(stages["prep"])
+        else:
+            log.info("[1/3] prep: reusing %s", stages["prep"].out_dir)
         log.info("[2/3] train → %s", out_dir / "train")
         train(stages["train"])
         log.info("[3/3] eval → %s", out_dir / "eval")
         evaluate(stages["eval"])
-    log.info("done: %s", ", ".join(f"{stage}: {out_dir / stage}" for stage in stages))
+    log.info("done: %s", ", ".join(f"{stage}: {stage_cfg.out_dir}" for stage, stage_cfg in stages.items()))
     return out_dir / "eval"
 
 
