@@ -1,17 +1,27 @@
-"""The distillation family side by side on the toy target: the same training budget for every method (300 optimizer
-steps × 8 sequences, HASS split 240 + 60 over its two stages), each method's `_toy` preset (conf/experiment/), then
-`specdistill eval` on the toy bench (20 prompts, 96 new tokens, chain γ = 5) greedy and at T = 1.
+"""The distillation family side by side: the same training budget for every method, each method's preset
+(conf/experiment/), then `specdistill eval` greedy and at T = 1.
+
+On the toy targets: the `<method>_toy` presets (300 optimizer steps × 8 sequences, HASS split 240 + 60 over its two
+stages), the toy bench (20 prompts, 96 new tokens, chain γ = 5).
 
     python benchmarks/method_table.py --out-dir runs/method_table                 # every row (about an hour, 2 cores)
     python benchmarks/method_table.py --out-dir runs/method_table --rows eagle1 fspad
     python benchmarks/method_table.py --out-dir runs/method_table_tiny --target toy_tiny   # the tiny toy: ~5× faster
 
+On SmolLM2-135M-Instruct (after `specdistill setup`): the `smollm2_<method>` presets (the 999 regenerated Alpaca
+replies, the feature cache, 1,000 steps × 4, bf16), MT-Bench with both turns, chain γ = 5. `--steps` scales every row
+to a shorter shared budget (HASS keeps its 4 : 1 split), `--per-category` evaluates the first K questions of each
+MT-Bench category, `--max-new-tokens` shortens each turn:
+
+    python benchmarks/method_table.py --out-dir runs/smollm2_table --target smollm2 --steps 300 --per-category 1 \
+        --max-new-tokens 96
+
 Rows reuse what an earlier invocation finished (train resume=auto skips a finished run; an eval with a report.json is
 not rerun), so a killed run continues. Prints a Markdown table (also written to <out-dir>/method_table.md) with τ
 greedy, τ at T = 1 (τ includes the bonus token; plain decoding is 1), the drafter's validation top-1 agreement
-(train's last validation; the EAGLE-3 / HASS-on-EAGLE-3 rows count agreement in the target's vocabulary).
-method_table.json also keeps each greedy eval's cost ratio c (drafter call ÷ target call), which is only meaningful
-on an otherwise idle machine.
+(train's last validation; the EAGLE-3 / HASS-on-EAGLE-3 rows count agreement in the target's vocabulary), the greedy
+α per position, the cost ratio c (drafter call ÷ target call), the speedup over our plain decoding (greedy), the
+lossless checks and the training wall-clock. c and the speedups are only meaningful on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -19,102 +29,166 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from stages import REPO, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
+from stages import REPO, mt_bench_subset, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
 from specdistill.distill.reports import read_report
 
 EXPERIMENTS = REPO / "conf" / "experiment"
+TOY_TARGETS = ("toy", "toy_tiny")
 
 
 @dataclass
 class Row:
     name: str  # --rows key and folder name
     label: str  # the table's method column
-    presets: list[str]  # conf/experiment/<preset>.yaml, trained in order (a later one starts from the one before)
+    methods: list[str]  # presets trained in order (a later one starts from the one before): <method>_toy.yaml on the
+    # toy targets, smollm2_<method>.yaml on SmolLM2
     train_overrides: list[str] = field(default_factory=list)
 
 
 ROWS = [
-    Row("token_ce", "token_lm, hard-label CE", ["distillspec_toy"], ["objective=ce", "objective.data_source=fixed"]),
-    Row("token_fkl", "token_lm, forward KL", ["distillspec_toy"], ["objective=fkl", "objective.data_source=fixed"]),
-    Row("token_tvd", "token_lm, TVD", ["distillspec_toy"], ["objective=tvd", "objective.data_source=fixed"]),
-    Row("token_jsd_on_policy", "token_lm, JSD(0.5), on-policy λ = 0.5", ["distillspec_toy"]),
-    Row("eagle1", "EAGLE-1", ["eagle1_toy"]),
-    Row("fspad", "FSPAD", ["fspad_toy"]),
-    Row("fspad_no_sampling", "FSPAD without feature sampling", ["fspad_toy"], ["drafter.feature_sampling=false"]),
-    Row("hass_eagle1", "HASS on EAGLE-1 (stage A 240 + B 60)", ["hass_eagle1_stage_a_toy", "hass_eagle1_stage_b_toy"]),
-    Row("eagle3", "EAGLE-3", ["eagle3_toy"]),
-    Row("hass_eagle3", "HASS on EAGLE-3 (stage A 240 + B 60)", ["hass_eagle3_stage_a_toy", "hass_eagle3_stage_b_toy"]),
-    Row("medusa", "Medusa (5 heads)", ["medusa_toy"]),
-    Row("peagle", "P-EAGLE (2 layers, 6 depths, one forward per round)", ["peagle_toy"]),
-    Row("dflash", "DFlash (2 layers, blocks of 8, one forward per round)", ["dflash_toy"]),
+    Row("token_ce", "token_lm, hard-label CE", ["distillspec"], ["objective=ce", "objective.data_source=fixed"]),
+    Row("token_fkl", "token_lm, forward KL", ["distillspec"], ["objective=fkl", "objective.data_source=fixed"]),
+    Row("token_tvd", "token_lm, TVD", ["distillspec"], ["objective=tvd", "objective.data_source=fixed"]),
+    Row("token_jsd_on_policy", "token_lm, JSD(0.5), on-policy λ = 0.5", ["distillspec"]),
+    Row("eagle1", "EAGLE-1", ["eagle1"]),
+    Row("fspad", "FSPAD", ["fspad"]),
+    Row("fspad_no_sampling", "FSPAD without feature sampling", ["fspad"], ["drafter.feature_sampling=false"]),
+    Row("hass_eagle1", "HASS on EAGLE-1 (stages A + B, 4 : 1)", ["hass_eagle1_stage_a", "hass_eagle1_stage_b"]),
+    Row("eagle3", "EAGLE-3", ["eagle3"]),
+    Row("eagle3_31", "EAGLE-3 with the EAGLE 3.1 flags (fc_norm, norm_before_residual)", ["eagle3"],
+        ["drafter.fc_norm=true", "drafter.norm_before_residual=true"]),
+    Row("hass_eagle3", "HASS on EAGLE-3 (stages A + B, 4 : 1)", ["hass_eagle3_stage_a", "hass_eagle3_stage_b"]),
+    Row("medusa", "Medusa (5 heads)", ["medusa"]),
+    Row("peagle", "P-EAGLE (2 layers, 6 depths, one forward per round)", ["peagle"]),
+    Row("dflash", "DFlash (2 layers, blocks of 8, one forward per round)", ["dflash"]),
 ]
+TOY_ROWS = [row.name for row in ROWS if row.name not in ("token_tvd", "eagle3_31")]  # the table as first measured
+# Medusa has no SmolLM2 preset: its five heads each copy the 49k × 576 LM head, 5 × the target's own (28M
+# parameters), which makes it slower to draft than the target is to verify on this CPU.
+SMOLLM2_ROWS = ["eagle1", "fspad", "hass_eagle1", "eagle3", "eagle3_31", "hass_eagle3", "token_tvd", "peagle", "dflash"]
+
+
+def preset_name(method: str, target: str) -> str:
+    return f"{method}_toy" if target in TOY_TARGETS else f"{target}_{method}"
 
 
 def preset(name: str):
-    return OmegaConf.load(EXPERIMENTS / f"{name}.yaml")
+    path = EXPERIMENTS / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"no preset {path}: that row has no preset for this target")
+    return OmegaConf.load(path)
 
 
-def run_row(row: Row, out_dir: Path, data_dir: Path, target: str) -> dict:
+def max_steps(train_overrides: list[str]) -> int:
+    return int(next(item for item in train_overrides if item.startswith("train.max_steps=")).split("=", 1)[1])
+
+
+def stage_budgets(presets: list, steps: int | None) -> list[list[str]]:
+    """Each stage's budget overrides: none (the presets' own), or `steps` shared in the presets' proportions, with one
+    validation (and τ evaluation) at the end of each stage."""
+    if steps is None:
+        return [[] for _ in presets]
+    own = [max_steps(list(stage.train)) for stage in presets]
+    budgets = [max(1, round(steps * count / sum(own))) for count in own]
+    return [[f"train.max_steps={count}", f"train.eval_every={count}", f"train.checkpoint_every={count}"]
+            for count in budgets]
+
+
+def target_overrides(stage, target: str) -> list[str]:
+    return [f"target={target}"] if target in TOY_TARGETS else list(stage.common)
+
+
+def run_row(row: Row, out_dir: Path, data_dir: Path, args: argparse.Namespace, eval_extra: list[str]) -> dict:
     folder = out_dir / row.name
     folder.mkdir(parents=True, exist_ok=True)
+    presets = [preset(preset_name(method, args.target)) for method in row.methods]
     drafter: Path | None = None
-    for index, name in enumerate(row.presets):
+    train_seconds = 0.0
+    for index, (stage, budget) in enumerate(zip(presets, stage_budgets(presets, args.steps))):
         stage_dir = folder / f"train_{index}"
         init_from = [f"init_from={drafter}"] if drafter is not None else []
-        specdistill("train", f"target={target}", *preset(name).train, *row.train_overrides, *init_from,
-                    f"data_dir={data_dir}", f"out_dir={stage_dir}", log=folder / f"train_{index}.log")
+        seconds_file = folder / f"train_{index}.seconds"
+        if not (stage_dir / "drafter" / "summary.json").is_file():
+            started = time.perf_counter()
+            specdistill("train", *target_overrides(stage, args.target), *stage.train, *budget, *row.train_overrides,
+                        *init_from, f"data_dir={data_dir}", f"out_dir={stage_dir}", log=folder / f"train_{index}.log")
+            seconds_file.write_text(f"{time.perf_counter() - started:.1f}\n")
+        train_seconds += float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
         drafter = stage_dir / "drafter"
-    summary = json.loads((drafter / "summary.json").read_text())
-    result = {"row": row.name, "label": row.label, "val_top1": summary["final"].get("val_top1"),
-              "steps": sum(json.loads((folder / f"train_{i}" / "drafter" / "summary.json").read_text())["final"]["step"]
-                           for i in range(len(row.presets)))}
-    last = preset(row.presets[-1])
-    for key, temperature in (("tau_greedy", 0.0), ("tau_t1", 1.0)):
+    summaries = [json.loads((folder / f"train_{i}" / "drafter" / "summary.json").read_text())
+                 for i in range(len(presets))]
+    result = {"row": row.name, "label": row.label, "val_top1": summaries[-1]["final"].get("val_top1"),
+              "steps": sum(summary["final"]["step"] for summary in summaries),
+              "batch": summaries[-1]["settings"].get("train.batch_size"), "train_seconds": train_seconds}
+    last = presets[-1]
+    # the greedy eval checks losslessness (speculative output == plain decoding); at T = 1 that check would be two more
+    # greedy decodes of the same thing
+    for key, temperature, check in (("tau_greedy", 0.0, []), ("tau_t1", 1.0, ["eval.verify_lossless=false"])):
         eval_dir = folder / f"eval_{key}"
         if not (eval_dir / "report.json").is_file():
-            specdistill("eval", f"target={target}", *last.eval, f"drafter_path={drafter}", f"eval.temperature={temperature}",
-                        "eval.hf_baselines=false", f"out_dir={eval_dir}", log=folder / f"{key}.log")
+            specdistill("eval", *target_overrides(last, args.target), *last.eval, *eval_extra, *check,
+                        f"drafter_path={drafter}", f"eval.temperature={temperature}", "eval.hf_baselines=false",
+                        f"out_dir={eval_dir}", log=folder / f"{key}.log")
         report = read_report(eval_dir, "eval out_dir")["rows"][0]  # the drafter's row (transformers' follow)
         result[key] = report["tau"]
-        result[f"{key}_cost_ratio"] = report["cost_ratio"]
-        result[f"{key}_lossless"] = report["lossless_check"]
+        for name in ("cost_ratio", "lossless_check", "speedup", "alpha_per_position"):
+            result[f"{key}_{name}"] = report[name]
     return result
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| method | steps × batch | τ greedy | τ T = 1 | val top-1 |", "|---|---|---|---|---|"]
+    def number(value, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    lines = ["| method | steps × batch | τ greedy | τ T = 1 | α per position (greedy) | c | speedup greedy | "
+             "speedup T = 1 | val top-1 | lossless (greedy) | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['label']} | {r['steps']} × 8 | {r['tau_greedy']:.2f} | {r['tau_t1']:.2f} | "
-                     f"{r['val_top1']:.3f} |")
+        alphas = " / ".join(number(a, ".2f") for a in r["tau_greedy_alpha_per_position"])
+        lines.append(f"| {r['label']} | {r['steps']} × {r['batch']} | {r['tau_greedy']:.2f} | {r['tau_t1']:.2f} | "
+                     f"{alphas} | {number(r['tau_greedy_cost_ratio'], '.3f')} | {r['tau_greedy_speedup']:.2f}× | "
+                     f"{r['tau_t1_speedup']:.2f}× | {number(r['val_top1'], '.3f')} | {r['tau_greedy_lossless_check']} "
+                     f"| {r['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--target", default="toy", choices=["toy", "toy_tiny"], help="replaces the presets' target")
-    parser.add_argument("--rows", nargs="*", default=[row.name for row in ROWS], choices=[row.name for row in ROWS])
+    parser.add_argument("--target", default="toy", choices=[*TOY_TARGETS, "smollm2"],
+                        help="toy / toy_tiny: the _toy presets on that target; smollm2: the smollm2_ presets")
+    parser.add_argument("--rows", nargs="*", choices=[row.name for row in ROWS],
+                        help="default: the target's table (SMOLLM2_ROWS, TOY_ROWS)")
+    parser.add_argument("--steps", type=int, help="every row's optimizer steps (default: its presets' own)")
+    parser.add_argument("--per-category", type=int, help="MT-Bench: the first K questions of each category")
+    parser.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens (default: the presets')")
     args = parser.parse_args()
+    args.rows = args.rows or (SMOLLM2_ROWS if args.target == "smollm2" else TOY_ROWS)
     out_dir = args.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    eval_extra = [f"eval.max_new_tokens={args.max_new_tokens}"] if args.max_new_tokens else []
+    if args.per_category:
+        eval_extra.append(f"bench.path={mt_bench_subset(out_dir, args.per_category)}")
     data_dir = out_dir / "prep" / "dataset"
     if not (data_dir / "dataset_dict.json").is_file():
-        specdistill("prep", f"target={args.target}", "data=toy_chat", f"out_dir={out_dir / 'prep'}", log=out_dir / "prep.log")
+        first = preset(preset_name(next(row for row in ROWS if row.name == args.rows[0]).methods[0], args.target))
+        specdistill("prep", *target_overrides(first, args.target), *first.prep, f"out_dir={out_dir / 'prep'}",
+                    log=out_dir / "prep.log")
     results = []
     for row in [row for row in ROWS if row.name in args.rows]:
         started = time.perf_counter()
-        results.append(run_row(row, out_dir, data_dir, args.target))
+        results.append(run_row(row, out_dir, data_dir, args, eval_extra))
         print(f"{row.name}: {json.dumps(results[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
-    text = (f"{table(results)}\n\nTarget: {args.target}. Machine: {platform.processor() or platform.machine()}, {platform.platform()}; "
-            f"command: python benchmarks/method_table.py --out-dir {args.out_dir} --target {args.target} "
-            f"--rows {' '.join(args.rows)}; "
-            f"date: {time.strftime('%Y-%m-%d')}\n")
+    options = "".join(f" --{name.replace('_', '-')} {getattr(args, name)}"
+                      for name in ("steps", "per_category", "max_new_tokens") if getattr(args, name))
+    text = (f"{table(results)}\n\nTarget: {args.target}. Machine: {platform.processor() or platform.machine()}, "
+            f"{platform.platform()}; command: python benchmarks/method_table.py --out-dir {args.out_dir} "
+            f"--target {args.target}{options} --rows {' '.join(args.rows)}; date: {time.strftime('%Y-%m-%d')}\n")
     (out_dir / "method_table.md").write_text(text)
     (out_dir / "method_table.json").write_text(json.dumps(results, indent=1))
     print(text)

