@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdistill.distill import objectives
-from specdistill.distill.drafters.engine_layouts import EngineLayout, ExportUnsupported, ascending_taps
+from specdistill.distill.drafters.engine_layouts import (
+    EngineLayout,
+    ExportUnsupported,
+    ascending_taps,
+    llama_layer_config,
+)
 from specdistill.distill.drafters.feature import (
     BuildContext,
     DraftLoss,
@@ -324,19 +329,12 @@ class DFlashDrafter(FeatureDrafter):
                                     "which vLLM's DFlash cannot name (it counts layer outputs); train with taps ≥ 1")
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
         tensors["fc.weight"] = tensors["fc.weight"][:, columns].contiguous()
-        head_dim = config.hidden_size // config.num_attention_heads
         engine_config = {
-            "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim,
-            "intermediate_size": config.intermediate_size, "hidden_act": "silu", "rms_norm_eps": config.rms_norm_eps,
-            "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-            "max_position_embeddings": config.max_position_embeddings, "vocab_size": config.vocab_size,
-            "attention_bias": False, "tie_word_embeddings": False, "target_hidden_size": config.target_hidden_size,
+            **llama_layer_config(config, self.dtype),  # Qwen3's config reads the same fields (its q/k norms have none)
+            "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "target_hidden_size": config.target_hidden_size,
             "block_size": config.block_size,
             "dflash_config": {"mask_token_id": config.mask_token_id, "target_layer_ids": [tap - 1 for tap in taps],
                               "block_size": config.block_size, "causal": False},
-            "torch_dtype": str(self.dtype).removeprefix("torch."),
         }
         return EngineLayout(format, engine_config, tensors)
 
