@@ -36,7 +36,9 @@ TRAIN = ["target=toy_tiny", "train.batch_size=4", "train.max_steps=8", "train.ev
          "optim.warmup_ratio=0.1"]
 KINDS = {"eagle3": ["drafter=eagle3", *EAGLE3_FAST], "eagle1": ["drafter=eagle1"], "fspad": ["drafter=fspad"],
          "hass": ["drafter=eagle1", "objective=hass", "objective.top_k_loss_weight=1"], "medusa": ["drafter=medusa"],
-         "token_lm": ["drafter=token_lm", "drafter.num_layers=1"]}
+         "token_lm": ["drafter=token_lm", "drafter.num_layers=1"],
+         "peagle": ["drafter=peagle", "objective=peagle", "drafter.parallel_depths=3"],
+         "dflash": ["drafter=dflash", "objective=dflash", "drafter.block_size=4"]}
 SHARD_RECORDS = 16
 
 
