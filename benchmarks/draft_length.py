@@ -1,4 +1,4 @@
-"""Dynamic draft length (issue 22, item 1a) against every fixed chain length, side by side in one process.
+"""Dynamic draft length (issue 22, items 1a and 1b) against every fixed chain length, side by side in one process.
 
     python benchmarks/draft_length.py --drafter-path runs/q/drafter                        # toy target, toy bench
     python benchmarks/draft_length.py --drafter-path /tmp/bed/run/train/drafter \\
@@ -6,7 +6,8 @@
 
 Settings, all greedy chains on the same prompts (both turns of an MT-Bench question, as `specdistill eval` decodes
 them: `EvalRecipe._converse`): plain decoding (the baseline), fixed γ ∈ --gammas, and `eval.draft_length=confidence`
-and `cumulative` at each --thresholds value with γ = max(--gammas) as the cap. Prompt by prompt, every setting decodes
+and `cumulative` (and `learned`, when the drafter has a stop head: drafter.stop_head=true) at each --thresholds value
+with γ = max(--gammas) as the cap. Prompt by prompt, every setting decodes
 in turn (the order rotated each prompt, after --warmup untimed prompts), so machine noise falls on all alike.
 tokens/s = Σ new tokens ÷ Σ seconds (prefill included); speedup = ÷ plain's; τ = tokens committed per target forward;
 drafted = tokens drafted per step (mean). Every setting's output must equal plain decoding token for token (the run
@@ -27,11 +28,12 @@ from specdistill.distill.decoding import Decoder, DraftLength
 from specdistill.eval.metrics import summarize
 
 
-def settings(gammas: list[int], thresholds: list[float]) -> dict[str, dict]:
+def settings(gammas: list[int], thresholds: list[float], learned: bool) -> dict[str, dict]:
     """Setting label → DecodingConfig changes (None: plain decoding)."""
     rows: dict[str, dict | None] = {"plain": None}
     rows.update({f"fixed γ={gamma}": {"gamma": gamma} for gamma in gammas})
-    for rule in (DraftLength.confidence, DraftLength.cumulative):
+    rules = [DraftLength.confidence, DraftLength.cumulative] + ([DraftLength.learned] if learned else [])
+    for rule in rules:
         rows.update({f"{rule.value} ≥ {threshold} (γ ≤ {max(gammas)})":
                      {"gamma": max(gammas), "draft_length": rule, "draft_threshold": threshold}
                      for threshold in thresholds})
@@ -49,7 +51,7 @@ def main() -> None:
     proposer = recipe.drafters[str(args.drafter_path)]
     decoders = {label: Decoder(recipe.target, None if changes is None else proposer,
                                dataclasses.replace(recipe.decoding, **(changes or {})), recipe.eos)
-                for label, changes in settings(args.gammas, args.thresholds).items()}
+                for label, changes in settings(args.gammas, args.thresholds, proposer.has_stop_head).items()}
     labels = list(decoders)
 
     def same_as_plain(index: int, conversations: dict[str, list]) -> None:

@@ -67,6 +67,7 @@ class DraftLength(str, Enum):
     fixed = "fixed"
     confidence = "confidence"  # stop before a position whose top draft probability is below draft_threshold
     cumulative = "cumulative"  # stop when the product of the top probabilities so far is below draft_threshold
+    learned = "learned"  # stop when the product of the stop head's acceptance estimates is below draft_threshold
 
 
 @dataclass
@@ -76,7 +77,7 @@ class DecodingConfig:
 
     method: Method = Method.chain
     gamma: int = 5  # chain: drafted tokens per step (with a dynamic draft_length: at most)
-    draft_length: DraftLength = DraftLength.fixed  # chain: fixed, confidence or cumulative (dynamic draft length)
+    draft_length: DraftLength = DraftLength.fixed  # chain: fixed, confidence, cumulative or learned (dynamic length)
     draft_threshold: float = 0.4  # the dynamic draft length's stopping threshold, a probability
     tree_depth: int = 6  # tree (EAGLE-2): draft levels
     tree_top_k: int = 10  # tree: children per expanded node and nodes expanded per level
@@ -190,6 +191,15 @@ def check_draft_depth(limit: int | None, config: DecodingConfig, group: str, dra
                         f"step; set {name} ≤ {limit}")
 
 
+def check_stop_head(proposer: Drafting, config: DecodingConfig, group: str) -> None:
+    """draft_length=learned reads the drafter's stop head: refuse a drafter without one, naming what to do."""
+    if config.method == Method.chain and config.draft_length == DraftLength.learned and not proposer.has_stop_head:
+        raise UserError(f"{config_key(group, 'draft_length')}=learned reads the drafter's stop head, and this drafter "
+                        f"({type(proposer).__name__}) has none: train it with drafter.stop_head=true (EAGLE-1, "
+                        f"EAGLE-3, FSPAD, HASS), or set {config_key(group, 'draft_length')}=fixed, confidence or "
+                        "cumulative")
+
+
 def check_tree_width(config: DecodingConfig, vocab_size: int, group: str) -> None:
     """A tree cannot branch wider than the target's vocabulary: refuse tree_top_k above it, naming the key."""
     if config.method == Method.tree and config.tree_top_k > vocab_size:
@@ -222,6 +232,7 @@ class Decoder:
         self.target, self.proposer, self.config = target, proposer, config
         if proposer is not None:
             check_draft_depth(proposer.max_depth, config, group, type(proposer).__name__)
+            check_stop_head(proposer, config, group)
             proposer.draft_depth = config.draft_depth
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(target.parameters()).device
@@ -270,7 +281,8 @@ class Decoder:
 
         A dynamic draft length stops the chain before position k > 1 when the drafter is unsure there: its top
         probability p_k = max q_k (confidence; q_k at temperature 1 when greedy) or the running product p_1 ⋯ p_k,
-        an estimate of the chance that all k drafts are accepted (cumulative), is below draft_threshold. The rule
+        an estimate of the chance that all k drafts are accepted (cumulative), is below draft_threshold; learned
+        (SpecDec++) takes that product over the stop head's estimates a_k = P(draft k accepted) instead. The rule
         reads the drafter only, never the target, and every drafted prefix is verified exactly, so output stays
         lossless; what it saves is the drafter calls and verified positions that would likely be rejected."""
         config = self.config
@@ -280,11 +292,13 @@ class Decoder:
         last_row = torch.tensor([-1], device=self.device)
         for position in range(config.gamma):
             probs = None if self.greedy else self._probs(logits)
-            if dynamic:
+            if config.draft_length == DraftLength.learned:
+                chain_confidence *= self.proposer.acceptance()
+            elif dynamic:
                 top = float((torch.softmax(logits.float(), dim=-1) if probs is None else probs).max())
                 chain_confidence = top if config.draft_length == DraftLength.confidence else chain_confidence * top
-                if position > 0 and chain_confidence < config.draft_threshold:
-                    break
+            if dynamic and position > 0 and chain_confidence < config.draft_threshold:
+                break
             if probs is None:
                 token = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -61,6 +61,13 @@ class Drafting(ABC):
     def step(self, tokens: torch.Tensor, parents: torch.Tensor, depth: int, block: torch.Tensor | None) -> torch.Tensor:
         ...
 
+    has_stop_head: bool = False  # `acceptance` reads a learned estimate (drafter.stop_head)
+
+    def acceptance(self) -> float:
+        """The stop head's estimate that the token drafted from the logits of the last call is accepted
+        (eval.draft_length=learned); only where `has_stop_head`."""
+        raise NotImplementedError(f"{type(self).__name__} has no stop head")
+
     def observe(self, target_logits: torch.Tensor, temperature: float, top_p: float) -> None:
         """The target's logits at a step's first drafted position, once verified; online selection
         (distill/selection.py) scores its drafters with them, other drafters ignore them."""
@@ -118,6 +125,14 @@ class FeatureDrafting(Drafting):
         self.feature_layers = tuple(head.feature_layers)
         self.kv_cache = KVCache()
         self.last_hidden: torch.Tensor | None = None  # output rows of the previous call
+        self.stop_head = getattr(head, "stop_head", None)
+        self.has_stop_head = self.stop_head is not None
+
+    def acceptance(self) -> float:
+        # the logits of the last call were read from its last output row, which the stop head reads too
+        from specdistill.distill.drafters.feature import stop_head_logits  # drafters import this module
+
+        return float(torch.sigmoid(stop_head_logits(self.stop_head, self.last_hidden[0, -1:]).float()))
 
     def _run(self, tokens, hidden, positions, mask, last_only: bool = False) -> torch.Tensor:
         self.last_hidden, logits = self.head(tokens, hidden, positions, self.kv_cache, mask, last_only)

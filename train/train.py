@@ -61,7 +61,7 @@ from specdistill.train.checkpoints import (CHECKPOINT_PREFIX, checkpoints, finis
 from specdistill.train.config import check_ranges, register_configs
 from specdistill.train.data import (batches_per_epoch, collate, load_prepared_dataset, micro_batch_indices,
                                     row_lengths)
-from specdistill.train.distributed import end_run, make_accelerator
+from specdistill.train.distributed import end_run, make_accelerator, resolve_precision
 from specdistill.train.live_tau import decode_counts, tau_counts_size, tau_metrics, validation_prompts
 from specdistill.train.optim import build_optimizer
 
@@ -106,9 +106,7 @@ class TrainRecipe:
         self.data_dir = Path(cfg.data_dir).expanduser()
         if not self.data_dir.exists():
             raise UserError(f"data_dir: {self.data_dir} does not exist; point it at the dataset folder `specdistill prep` wrote")
-        precision = cfg.train.mixed_precision.name
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() else "no"
+        precision = resolve_precision(cfg.train.mixed_precision.name, torch.cuda.is_available())
         self.accelerator = make_accelerator(cfg, precision, None if cfg.logger.name == "none" else cfg.logger.name)
         refusal = None
         if self.accelerator.is_main_process:
@@ -203,6 +201,14 @@ class TrainRecipe:
         optimizer, self.scheduler, self.schedule = build_optimizer(self.drafter.parameters(), self.cfg.optim,
                                                                    self.cfg.train.max_steps)
         self.module, self.optimizer = self.accelerator.prepare(DraftTraining(self.drafter, self.objective), optimizer)
+        from accelerate.utils import DistributedType
+
+        # drafter.stop_head: its gradient-norm clip is its own, so the drafter trains exactly as without it (ZeRO and
+        # FSDP clip every parameter together)
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        parameters = list(self.module.named_parameters())
+        self.stop_head_parameters = [] if sharded else [p for name, p in parameters if "stop_head." in name]
+        self.clipped_parameters = [p for name, p in parameters if sharded or "stop_head." not in name]
         # the scheduler is not prepared: accelerate would step it once per process, and our schedule counts
         # optimizer steps
         self.accelerator.register_for_checkpointing(self.scheduler)
@@ -263,6 +269,7 @@ class TrainRecipe:
         step_tokens = sum(self.drafter.trained_rows(batch["loss_mask"]).sum() for batch in micro)
         step_tokens = accelerator.reduce(step_tokens.float(), reduction="sum").clamp(min=1)
         loss_total, local_tokens, agree, counted = 0.0, 0, 0, 0
+        stop_total, stop_rows = 0.0, 0.0  # the stop head's BCE (drafter.stop_head) and the rows it was scored on
         self.module.train()
         for batch in micro:
             target_output = self._target_output(batch, "train", for_training=True)
@@ -271,13 +278,20 @@ class TrainRecipe:
                 loss = self.module(batch, target_output)
                 # accelerate (or DeepSpeed) divides by grad_accum and the processes' gradients are averaged:
                 # scale back up so the step's gradient is a per-token mean
-                accelerator.backward(loss.loss_sum * accelerator.num_processes * grad_accum / step_tokens)
+                # the stop head reads detached features: its BCE trains it alone, the drafter's gradient is unchanged
+                trained = loss.loss_sum if loss.stop_loss_sum is None else loss.loss_sum + loss.stop_loss_sum
+                accelerator.backward(trained * accelerator.num_processes * grad_accum / step_tokens)
             loss_total += loss.loss_sum.item()
+            if loss.stop_loss_sum is not None:
+                stop_total, stop_rows = stop_total + loss.stop_loss_sum.item(), stop_rows + loss.counted.sum().item()
             agree, counted = agree + loss.agree, counted + loss.counted
             local_tokens += int(batch["attention_mask"].sum())
-        totals = accelerator.reduce(torch.tensor([loss_total, local_tokens], device=accelerator.device), "sum")
+        totals = accelerator.reduce(torch.tensor([loss_total, local_tokens, stop_total, stop_rows],
+                                                 device=accelerator.device), "sum")
         loss_value = totals[0].item() / step_tokens.item()
-        grad_norm = accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip_norm)
+        grad_norm = accelerator.clip_grad_norm_(self.clipped_parameters, self.cfg.optim.grad_clip_norm)
+        if self.stop_head_parameters:
+            torch.nn.utils.clip_grad_norm_(self.stop_head_parameters, self.cfg.optim.grad_clip_norm)
         self._stop_if_diverged(step + 1, loss_value, float(grad_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -287,6 +301,8 @@ class TrainRecipe:
         agreement = (agree / counted.clamp(min=1)).tolist()
         record = {"step": step + 1, "tokens_trained": self.tokens_trained, "loss": loss_value,
                   "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "train_top1": agreement[0]}
+        if totals[3].item():
+            record["stop_bce"] = totals[2].item() / totals[3].item()  # mean BCE per scored draft row
         return record, agreement
 
     def _note_records(self, step: int, micro: list[dict[str, torch.Tensor]]) -> None:

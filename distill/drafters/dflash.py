@@ -193,7 +193,7 @@ class DFlashDrafter(FeatureDrafter):
         vocab_size = target.config.vocab_size
         config = draft_config_from_target(
             DFlashConfig, target.config, layers, num_hidden_layers=options.num_layers, block_size=options.block_size,
-            mask_token_id=choose_mask_token(options.mask_token_id, context, vocab_size))
+            mask_token_id=choose_mask_token(options.mask_token_id, context, vocab_size), **cls.stop_head_field(options))
         drafter = cls(config)
         drafter.record_target(context)
         drafter.attach_target(target)
@@ -327,7 +327,7 @@ class DFlashDrafter(FeatureDrafter):
         if taps[0] < 1:
             raise ExportUnsupported(f"{where}: drafter.feature_layers {taps} taps layer 0's input (the embeddings), "
                                     "which vLLM's DFlash cannot name (it counts layer outputs); train with taps ≥ 1")
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        tensors = self.engine_tensors()
         tensors["fc.weight"] = tensors["fc.weight"][:, columns].contiguous()
         engine_config = {
             **llama_layer_config(config, self.dtype),  # Qwen3's config reads the same fields (its q/k norms have none)

@@ -52,6 +52,7 @@ class Eagle1Options(FeatureDrafterOptions):
 class Eagle1Drafter(FeatureDrafter):
     config_class = Eagle1Config
     Options = Eagle1Options
+    supports_stop_head = True
 
     def __init__(self, config: Eagle1Config):
         super().__init__(config)
@@ -73,7 +74,7 @@ class Eagle1Drafter(FeatureDrafter):
         target = context.target
         layers = list(options.feature_layers or cls.default_feature_layers(target.num_layers))
         config = draft_config_from_target(cls.config_class, target.config, layers, num_hidden_layers=options.num_layers,
-                                          **cls.config_overrides(options))
+                                          **cls.config_overrides(options), **cls.stop_head_field(options))
         drafter = cls(config)
         drafter.record_target(context)
         drafter.attach_target(target)
@@ -167,7 +168,7 @@ class Eagle1Drafter(FeatureDrafter):
         if list(self.config.feature_layers) != [FINAL_NORMED]:
             raise ExportUnsupported(f"{where}: serving engines feed EAGLE-1 the target's final normed state; this "
                                     f"drafter reads feature_layers {list(self.config.feature_layers)}")
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        tensors = self.engine_tensors()
         engine_config = llama_layer_config(self.config, self.dtype)
         if format == "sglang":
             return EngineLayout(format, {**engine_config, "architectures": ["LlamaForCausalLMEagle"]}, tensors)

@@ -133,6 +133,7 @@ class TargetSide:
 class Eagle3Drafter(FeatureDrafter):
     config_class = Eagle3Config
     Options = Eagle3Options
+    supports_stop_head = True
 
     def __init__(self, config: Eagle3Config):
         super().__init__(config)
@@ -169,7 +170,7 @@ class Eagle3Drafter(FeatureDrafter):
                                           draft_vocab_size=draft_vocab_size,
                                           norm_before_residual=options.norm_before_residual,
                                           norm_before_fc=options.norm_before_fc, fc_norm=options.fc_norm,
-                                          **cls.config_fields(options, context))
+                                          **cls.stop_head_field(options), **cls.config_fields(options, context))
         drafter = cls(config)
         counts = context.token_counts if context.token_counts is not None else torch.zeros(vocab_size, dtype=torch.long)
         draft_ids = select_draft_vocab(counts, draft_vocab_size, vocab_size)
@@ -334,7 +335,7 @@ class Eagle3Drafter(FeatureDrafter):
         the norms before fc, permuted to match), as engines concatenate them; SGLang reads layer-output ids. `gamma`
         (export's, the drafted tokens per step) goes into the speculators config."""
         config, where = self.config, f"format={format}"
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        tensors = self.engine_tensors()
         taps, order, columns = ascending_taps(list(config.feature_layers), config.target_hidden_size, where)
         tensors["fc.weight"] = tensors["fc.weight"][:, columns].contiguous()
         if config.norm_before_fc:

@@ -54,6 +54,7 @@ class FeatureDrafterConfig(PretrainedConfig):
     target_name_or_path: str | None = None
     target_revision: str | None = None
     target_fingerprint: str | None = None  # `target_fingerprint` of the target it was trained on
+    stop_head: bool = False  # SpecDec++'s acceptance head (drafter.stop_head; `FeatureDrafter.post_init`)
 
     def __post_init__(self, **kwargs: Any):
         self.draft_vocab_size = self.draft_vocab_size or self.vocab_size
@@ -62,12 +63,21 @@ class FeatureDrafterConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
 
 
+def stop_head_logits(stop_head: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """The stop head's logit per row: a linear probe on the RMS-normalised output feature (a residual stream's scale
+    drifts with depth and training; the probe should not have to follow it)."""
+    return stop_head(F.rms_norm(features, (features.shape[-1],))).squeeze(-1)
+
+
 @dataclass
 class DraftLoss:
     loss_sum: torch.Tensor  # Σ over masked positions (and decayed steps); divide by the batch's num_tokens
     num_tokens: torch.Tensor  # masked positions of step 0
     agree: torch.Tensor  # [ttt_steps] positions where the drafter's argmax equals the target's
     counted: torch.Tensor  # [ttt_steps] positions counted for agreement
+    # the stop head's binary cross-entropy, Σ over every step's trained rows (None: no stop head); it trains the stop
+    # head only, so train adds it to the backward but not to the reported loss
+    stop_loss_sum: torch.Tensor | None = None
 
 
 def shift_left(x: torch.Tensor, shift: int, fill: float | int = 0) -> torch.Tensor:
@@ -216,6 +226,17 @@ class FeatureDrafter(PreTrainedModel):
     # the deepest draft its `drafting` can make (its `Drafting.max_depth`); None: unbounded. Training checks τ's decoding
     # settings against it before the first step.
     max_depth: int | None = None
+    # whether drafter.stop_head applies: the kinds whose loss runs `unrolled_loss`, drafting one token per forward
+    supports_stop_head: bool = False
+
+    @classmethod
+    def stop_head_field(cls, options: Any) -> dict:
+        """The config's stop_head field from the options; one clear error where this kind cannot train one."""
+        if options.stop_head and not cls.supports_stop_head:
+            raise UserError(f"drafter.stop_head=true: a {options.kind} drafter does not draft one token per forward, "
+                            "and the stop head (eval.draft_length=learned) is trained and read along such chains: "
+                            "use drafter=eagle1, eagle3 or fspad (HASS included), or set drafter.stop_head=false")
+        return {"stop_head": bool(options.stop_head)}
 
     @classmethod
     def formats_for(cls, config: dict) -> tuple[str, ...]:
@@ -258,6 +279,7 @@ class FeatureDrafter(PreTrainedModel):
         # a drafter imported from an engine checkpoint (specdistill import) records no target depth or fingerprint:
         # unknown, not different (its shapes, taps and vocabulary are still compared)
         unrecorded = {key for key in ("target_num_layers", "target_fingerprint") if saved.get(key) is None}
+        saved = {"stop_head": False, **saved}  # drafters saved before the stop head existed have none
         different = [f"{key} {saved.get(key)!r} there vs {value!r} here" for key, value in mine.items()
                      if key != "target_name_or_path" and key not in unrecorded and saved.get(key) != value]
         if different:
@@ -282,6 +304,23 @@ class FeatureDrafter(PreTrainedModel):
     @classmethod
     def build(cls, options: Any, context: BuildContext) -> "FeatureDrafter":
         raise NotImplementedError
+
+    def engine_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights an engine layout starts from: the state dict on the CPU, less the stop head, which no engine
+        has (the hf folder keeps it for `specdistill eval`)."""
+        return {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()
+                if not name.startswith("stop_head.")}
+
+    def post_init(self) -> None:
+        """Adds the optional stop head last, so the other modules' initialisation (and so the drafter a seed gives)
+        does not depend on it, then initialises the weights. The stop head (SpecDec++): a linear probe on the output
+        feature a position's draft is read from, σ(w·x + b) = P(that draft token is accepted), trained by
+        `unrolled_loss` on detached inputs and read by `eval.draft_length=learned`."""
+        self.stop_head = None
+        if self.config.stop_head:
+            with torch.random.fork_rng(devices=[]):  # nn.Linear draws its own init: not from the drafter's stream
+                self.stop_head = nn.Linear(self.config.hidden_size, 1)
+        super().post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -332,7 +371,7 @@ class FeatureDrafter(PreTrainedModel):
     def identity(self) -> dict:
         """The config fields a checkpoint must share with this drafter to be resumed into it."""
         keys = ("model_type", "feature_layers", "num_hidden_layers", "hidden_size", "draft_vocab_size", "vocab_size",
-                "target_hidden_size", "target_num_layers", "target_name_or_path", "target_fingerprint")
+                "target_hidden_size", "target_num_layers", "target_name_or_path", "target_fingerprint", "stop_head")
         return {key: getattr(self.config, key, None) for key in keys}
 
     def unroll_step(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
@@ -367,18 +406,27 @@ class FeatureDrafter(PreTrainedModel):
     ) -> DraftLoss:
         """Σ_s weight_s · Σ_rows step_loss over the objective's unrolled steps. `step_loss(step, token rows, fed-back
         rows, selected)` gets the rows trained at that step (position i predicts token i + 2 + step) and returns
-        (per-row loss, per-row agreement of the drafter's argmax with the target's)."""
+        (per-row loss, per-row agreement of the drafter's argmax with the target's). With a stop head: its binary
+        cross-entropy against that agreement (the row's draft accepted at greedy, given the prefix), on the detached
+        output feature (what decoding feeds back) so the drafter trains exactly as without it, every step weighted equally (the estimate must
+        hold at every depth a chain reaches)."""
         weights = objective.step_weights()
         steps = self.unrolled_outputs(input_ids, hidden, bias, len(weights), objective.detach_steps)
         loss_sum, agree, counted = hidden.new_zeros((), dtype=torch.float32), [], []
+        stop_loss_sum = None if self.stop_head is None else hidden.new_zeros((), dtype=torch.float32)
         for step, (weight, (token_part, fed_back)) in enumerate(zip(weights, steps)):
             selected = trained_rows(loss_mask, step)
-            per_row, agreeing = step_loss(step, rows(token_part, 0, selected), rows(fed_back, 0, selected), selected)
+            fed_back_rows = rows(fed_back, 0, selected)
+            per_row, agreeing = step_loss(step, rows(token_part, 0, selected), fed_back_rows, selected)
             loss_sum = loss_sum + weight * per_row.sum()
+            if self.stop_head is not None:
+                stop_logits = stop_head_logits(self.stop_head, fed_back_rows.detach()).float()
+                stop_loss_sum = stop_loss_sum + F.binary_cross_entropy_with_logits(
+                    stop_logits, agreeing.float(), reduction="sum")
             # counts in float32: bfloat16 rounds integers above 256
             agree.append(agreeing.sum().to(torch.float32).detach())
             counted.append(selected.sum().to(torch.float32))
-        return DraftLoss(loss_sum, counted[0], torch.stack(agree), torch.stack(counted))
+        return DraftLoss(loss_sum, counted[0], torch.stack(agree), torch.stack(counted), stop_loss_sum)
 
     def vocab_logits(self, token_part: torch.Tensor) -> torch.Tensor:
         """Logits over the target's vocabulary of what the LM head reads (an `unroll_step` output)."""
@@ -418,6 +466,9 @@ class FeatureDrafterOptions:
     num_layers: int = 1  # decoder layers in the drafter
     # target layer ids read (input of layer i; -1: the final normed state); None: the kind's default
     feature_layers: Optional[list[int]] = None
+    # SpecDec++'s stop head: a learned P(draft accepted), trained beside the drafter (which it leaves unchanged),
+    # read by `eval.draft_length=learned`; the kinds that draft one token per forward (EAGLE-1, EAGLE-3, FSPAD, HASS)
+    stop_head: bool = False
 
 
 class LeanFeatureHead(FeatureHead):
@@ -433,6 +484,8 @@ class LeanFeatureHead(FeatureHead):
             self.embed = drafter.target_embed.weight.detach()
             self.fc = Linear(drafter.fc.weight, drafter.fc.bias)
             self.layers = [LeanLayer.from_layer(layer, config, head_dim) for layer in drafter.layers]
+            stop_head = drafter.stop_head
+            self.stop_head = None if stop_head is None else Linear(stop_head.weight, stop_head.bias)
         self.vocab_size, self.eps = config.vocab_size, config.rms_norm_eps
         self.rotary = RotaryTable(rope_inv_freq(head_dim, config.rope_theta, self.embed.device), 1.0, self.embed.dtype)
 

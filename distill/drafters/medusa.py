@@ -122,7 +122,8 @@ class MedusaDrafter(FeatureDrafter):
         target = context.target
         config = draft_config_from_target(cls.config_class, target.config, [FINAL_NORMED], num_hidden_layers=0,
                                           num_heads=options.num_heads,
-                                          num_residual_layers=options.num_residual_layers)
+                                          num_residual_layers=options.num_residual_layers,
+                                          **cls.stop_head_field(options))
         drafter = cls(config)
         drafter.record_target(context)
         drafter.attach_target(target)

@@ -91,6 +91,7 @@ class PEagleDrafter(Eagle3Drafter):
     config_class = PEagleConfig
     Options = PEagleOptions
     Objectives = {"peagle": PEagleObjective}
+    supports_stop_head = False  # one forward drafts every depth
 
     def __init__(self, config: PEagleConfig):
         super().__init__(config)
