@@ -59,7 +59,8 @@ ROWS = [
     Row("fspad", "FSPAD", ["fspad"]),
     Row("fspad_no_sampling", "FSPAD without feature sampling", ["fspad"], ["drafter.feature_sampling=false"]),
     Row("hass_eagle1", "HASS on EAGLE-1 (stages A + B, 4 : 1)", ["hass_eagle1_stage_a", "hass_eagle1_stage_b"]),
-    Row("eagle3", "EAGLE-3", ["eagle3"]),
+    # the stop head trains on detached features with its own clip: the EAGLE-3 drafter is the same as without it
+    Row("eagle3", "EAGLE-3 (with a stop head, which leaves it unchanged)", ["eagle3"], ["drafter.stop_head=true"]),
     Row("eagle3_31", "EAGLE-3 with the EAGLE 3.1 flags (fc_norm, norm_before_residual)", ["eagle3"],
         ["drafter.fc_norm=true", "drafter.norm_before_residual=true"]),
     Row("hass_eagle3", "HASS on EAGLE-3 (stages A + B, 4 : 1)", ["hass_eagle3_stage_a", "hass_eagle3_stage_b"]),
@@ -116,7 +117,7 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, args: argparse.Namespace, e
         if not (stage_dir / "drafter" / "summary.json").is_file():
             started = time.perf_counter()
             specdistill("train", *target_overrides(stage, args.target), *stage.train, *budget, *row.train_overrides,
-                        *init_from, f"data_dir={data_dir}", f"out_dir={stage_dir}", log=folder / f"train_{index}.log")
+                        *args.train_override, *init_from, f"data_dir={data_dir}", f"out_dir={stage_dir}", log=folder / f"train_{index}.log")
             seconds_file.write_text(f"{time.perf_counter() - started:.1f}\n")
         train_seconds += float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
         drafter = stage_dir / "drafter"
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="every row's optimizer steps (default: its presets' own)")
     parser.add_argument("--per-category", type=int, help="MT-Bench: the first K questions of each category")
     parser.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens (default: the presets')")
+    parser.add_argument("--train-override", nargs="*", default=[],
+                        help="extra train overrides for every row, e.g. train.mixed_precision=no on a CPU without bf16")
     args = parser.parse_args()
     args.rows = args.rows or (SMOLLM2_ROWS if args.target == "smollm2" else TOY_ROWS)
     out_dir = args.out_dir.resolve()
@@ -186,6 +189,8 @@ def main() -> None:
         print(f"{row.name}: {json.dumps(results[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
     options = "".join(f" --{name.replace('_', '-')} {getattr(args, name)}"
                       for name in ("steps", "per_category", "max_new_tokens") if getattr(args, name))
+    if args.train_override:
+        options += f" --train-override {' '.join(args.train_override)}"
     text = (f"{table(results)}\n\nTarget: {args.target}. Machine: {platform.processor() or platform.machine()}, "
             f"{platform.platform()}; command: python benchmarks/method_table.py --out-dir {args.out_dir} "
             f"--target {args.target}{options} --rows {' '.join(args.rows)}; date: {time.strftime('%Y-%m-%d')}\n")

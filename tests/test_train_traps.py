@@ -291,6 +291,19 @@ def test_warmup_ratio_decides_the_warm_up(caplog):
         announce_schedule(compose("train", ["optim.warmup_ratio=2"]).optim, 40)
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_auto_stays_fp32(caplog):
+    from specdistill.train.distributed import resolve_precision
+
+    with caplog.at_level("INFO", logger="specdistill.train"):
+        assert resolve_precision("auto", cuda=False) == "no" and resolve_precision("auto", cuda=True) == "bf16"
+        assert resolve_precision("bf16", cuda=False, native_bf16=True) == "bf16"
+        assert resolve_precision("bf16", cuda=True, native_bf16=False) == "bf16"
+        assert "WARNING" not in caplog.text
+        assert resolve_precision("bf16", cuda=False, native_bf16=False) == "bf16"  # kept: the user asked for it
+    assert "train.mixed_precision=bf16 on a CPU without native bf16 matmuls" in caplog.text
+    assert "Set train.mixed_precision=no (or auto)" in caplog.text
+
+
 # --- 10. a dataset without stats.json ----------------------------------------------------------------------------------
 
 
