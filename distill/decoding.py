@@ -194,10 +194,12 @@ def check_draft_depth(limit: int | None, config: DecodingConfig, group: str, dra
 def check_stop_head(proposer: Drafting, config: DecodingConfig, group: str) -> None:
     """draft_length=learned reads the drafter's stop head: refuse a drafter without one, naming what to do."""
     if config.method == Method.chain and config.draft_length == DraftLength.learned and not proposer.has_stop_head:
+        from specdistill.distill.drafters.registry import kinds_with_stop_head  # the registry imports drafters
+
         raise UserError(f"{config_key(group, 'draft_length')}=learned reads the drafter's stop head, and this drafter "
-                        f"({type(proposer).__name__}) has none: train it with drafter.stop_head=true (EAGLE-1, "
-                        f"EAGLE-3, FSPAD, HASS), or set {config_key(group, 'draft_length')}=fixed, confidence or "
-                        "cumulative")
+                        f"({type(proposer).__name__}) has none: train it with drafter.stop_head=true (drafter="
+                        f"{'|'.join(kinds_with_stop_head())}), or set {config_key(group, 'draft_length')}=fixed, "
+                        "confidence or cumulative")
 
 
 def check_tree_width(config: DecodingConfig, vocab_size: int, group: str) -> None:

@@ -23,7 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 import torch.nn.functional as F
 
 from specdistill.distill.drafters.modules import RMSNorm, causal_bias, rope_inv_freq, rotary_cos_sin
-from specdistill.distill.drafters.registry import load_weights_checked, read_drafter_config
+from specdistill.distill.drafters.registry import kinds_with_stop_head, load_weights_checked, read_drafter_config
 from specdistill.distill.drafting import FeatureDrafting, FeatureHead
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, position_bound
@@ -235,7 +235,7 @@ class FeatureDrafter(PreTrainedModel):
         if options.stop_head and not cls.supports_stop_head:
             raise UserError(f"drafter.stop_head=true: a {options.kind} drafter does not draft one token per forward, "
                             "and the stop head (eval.draft_length=learned) is trained and read along such chains: "
-                            "use drafter=eagle1, eagle3 or fspad (HASS included), or set drafter.stop_head=false")
+                            f"use drafter={'|'.join(kinds_with_stop_head())}, or set drafter.stop_head=false")
         return {"stop_head": bool(options.stop_head)}
 
     @classmethod

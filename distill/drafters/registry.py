@@ -162,6 +162,11 @@ def kind_of_folder(config: dict, path: Path) -> DrafterKind:
                     "too much: uninstall it or make its `recognises` stricter")
 
 
+def kinds_with_stop_head() -> list[str]:
+    """The registered kinds that can train drafter.stop_head (those drafting one token per forward)."""
+    return sorted(kind.name for kind in registered_kinds() if getattr(kind.model_class, "supports_stop_head", False))
+
+
 def feature_layers_every_kind_reads(num_layers: int) -> list[int]:
     """Every target layer some registered kind reads with its default options from a target of `num_layers` layers
     (what prep caches by default): the layer ids ascending, the final normed state (−1) last."""
