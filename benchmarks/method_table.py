@@ -117,7 +117,8 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, args: argparse.Namespace, e
         if not (stage_dir / "drafter" / "summary.json").is_file():
             started = time.perf_counter()
             specdistill("train", *target_overrides(stage, args.target), *stage.train, *budget, *row.train_overrides,
-                        *args.train_override, *init_from, f"data_dir={data_dir}", f"out_dir={stage_dir}", log=folder / f"train_{index}.log")
+                        *args.train_override, *init_from, f"data_dir={data_dir}", f"out_dir={stage_dir}",
+                        log=folder / f"train_{index}.log")
             seconds_file.write_text(f"{time.perf_counter() - started:.1f}\n")
         train_seconds += float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
         drafter = stage_dir / "drafter"
@@ -132,6 +133,8 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, args: argparse.Namespace, e
     for key, temperature, check in (("tau_greedy", 0.0, []), ("tau_t1", 1.0, ["eval.verify_lossless=false"])):
         eval_dir = folder / f"eval_{key}"
         if not (eval_dir / "report.json").is_file():
+            if temperature > 0 and args.greedy_only:
+                continue
             specdistill("eval", *target_overrides(last, args.target), *last.eval, *eval_extra, *check,
                         f"drafter_path={drafter}", f"eval.temperature={temperature}", "eval.hf_baselines=false",
                         f"out_dir={eval_dir}", log=folder / f"{key}.log")
@@ -143,17 +146,18 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, args: argparse.Namespace, e
 
 
 def table(results: list[dict]) -> str:
-    def number(value, spec: str) -> str:
-        return "—" if value is None else format(value, spec)
+    def number(value, spec: str, suffix: str = "") -> str:  # "—": not measured (e.g. T = 1 under --greedy-only)
+        return "—" if value is None else format(value, spec) + suffix
 
     lines = ["| method | steps × batch | τ greedy | τ T = 1 | α per position (greedy) | c | speedup greedy | "
              "speedup T = 1 | val top-1 | lossless (greedy) | train time |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         alphas = " / ".join(number(a, ".2f") for a in r["tau_greedy_alpha_per_position"])
-        lines.append(f"| {r['label']} | {r['steps']} × {r['batch']} | {r['tau_greedy']:.2f} | {r['tau_t1']:.2f} | "
-                     f"{alphas} | {number(r['tau_greedy_cost_ratio'], '.3f')} | {r['tau_greedy_speedup']:.2f}× | "
-                     f"{r['tau_t1_speedup']:.2f}× | {number(r['val_top1'], '.3f')} | {r['tau_greedy_lossless_check']} "
+        lines.append(f"| {r['label']} | {r['steps']} × {r['batch']} | {r['tau_greedy']:.2f} | "
+                     f"{number(r.get('tau_t1'), '.2f')} | {alphas} | {number(r['tau_greedy_cost_ratio'], '.3f')} | "
+                     f"{r['tau_greedy_speedup']:.2f}× | {number(r.get('tau_t1_speedup'), '.2f', '×')} | "
+                     f"{number(r['val_top1'], '.3f')} | {r['tau_greedy_lossless_check']} "
                      f"| {r['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines)
 
@@ -168,6 +172,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="every row's optimizer steps (default: its presets' own)")
     parser.add_argument("--per-category", type=int, help="MT-Bench: the first K questions of each category")
     parser.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens (default: the presets')")
+    parser.add_argument("--greedy-only", action="store_true", help="skip the T = 1 evaluation (a row evaluated at "
+                        "T = 1 before keeps it)")
     parser.add_argument("--train-override", nargs="*", default=[],
                         help="extra train overrides for every row, e.g. train.mixed_precision=no on a CPU without bf16")
     args = parser.parse_args()
@@ -191,6 +197,8 @@ def main() -> None:
                       for name in ("steps", "per_category", "max_new_tokens") if getattr(args, name))
     if args.train_override:
         options += f" --train-override {' '.join(args.train_override)}"
+    if args.greedy_only:
+        options += " --greedy-only"
     text = (f"{table(results)}\n\nTarget: {args.target}. Machine: {platform.processor() or platform.machine()}, "
             f"{platform.platform()}; command: python benchmarks/method_table.py --out-dir {args.out_dir} "
             f"--target {args.target}{options} --rows {' '.join(args.rows)}; date: {time.strftime('%Y-%m-%d')}\n")
