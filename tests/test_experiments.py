@@ -66,11 +66,22 @@ def test_stage_b_without_its_stage_a_drafter_is_one_clear_error(tmp_path):
     assert result.returncode == 2 and "init_from" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_prep_from_points_train_at_that_dataset_and_a_missing_one_is_one_line(tmp_path):
+    prep = tmp_path / "earlier" / "prep"
+    stages = stage_configs("smollm2_eagle1", tmp_path / "composed", f"prep_from={prep}")
+    assert Path(stages["train"].data_dir) == prep / "dataset"
+    missing = run_cli("run", "experiment=quickstart", f"prep_from={tmp_path / 'nowhere'}", f"out_dir={tmp_path}/other",
+                      cwd=tmp_path)
+    lines = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and len(lines) == 1, missing.stderr[-3000:]
+    assert f"prep_from={tmp_path / 'nowhere'} holds no finished dataset" in lines[0]
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
 def test_prep_from_reuses_an_earlier_runs_prep(toy_dataset, tmp_path):
     """prep_from=<prep folder>: train reads that dataset, prep does not run (no <out_dir>/prep), eval still decodes."""
     dataset, _ = toy_dataset
-    stages = stage_configs("smollm2_eagle1", tmp_path / "composed", f"prep_from={dataset.parent}")
-    assert Path(stages["train"].data_dir) == dataset.resolve()
     result = run_cli("run", 'common=["target=toy_tiny"]', f"prep_from={dataset.parent}",
                      'train=["train.max_steps=1","train.tau_prompts=0","train.eval_batches=1"]',
                      'eval=["eval.num_prompts=1","eval.max_new_tokens=4","eval.warmup_prompts=0",'
@@ -78,12 +89,6 @@ def test_prep_from_reuses_an_earlier_runs_prep(toy_dataset, tmp_path):
                      f"out_dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "run" / "prep").exists() and (tmp_path / "run" / "eval" / "report.json").is_file()
-    missing = run_cli("run", "experiment=quickstart", f"prep_from={tmp_path / 'nowhere'}", f"out_dir={tmp_path}/other",
-                      cwd=tmp_path)
-    lines = missing.stderr.strip().splitlines()
-    assert missing.returncode == 2 and len(lines) == 1, missing.stderr[-3000:]
-    assert f"prep_from={tmp_path / 'nowhere'} holds no finished dataset" in lines[0]
-    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("stage_list, message", [
