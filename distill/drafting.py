@@ -27,9 +27,10 @@ forward on the fast ops of distill/lean.py.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.masks import PrefixMask, causal_block
@@ -94,12 +95,20 @@ class ParallelRounds:
         return self.round_logits[depth].expand(len(tokens), -1)
 
 
+def stop_head_logits(stop_head: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """The stop head's logit per row (drafter.stop_head, trained in distill/drafters/feature.py): a linear probe on
+    the RMS-normalised output feature (a residual stream's scale drifts with depth and training; the probe should not
+    have to follow it)."""
+    return stop_head(F.rms_norm(features, (features.shape[-1],))).squeeze(-1)
+
+
 class FeatureHead(ABC):
     """A feature-level head's decoding forward. At position i it reads (t_{i+1}, h_i): h_i is `decode_input` of the
     target's features where the target has run, and the head's own output hidden state of position i−1 where it
     drafts."""
 
     feature_layers: tuple[int, ...]
+    stop_head: Callable[[torch.Tensor], torch.Tensor] | None = None  # drafter.stop_head's linear layer, if trained
 
     @abstractmethod
     def decode_input(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -125,14 +134,14 @@ class FeatureDrafting(Drafting):
         self.feature_layers = tuple(head.feature_layers)
         self.kv_cache = KVCache()
         self.last_hidden: torch.Tensor | None = None  # output rows of the previous call
-        self.stop_head = getattr(head, "stop_head", None)
-        self.has_stop_head = self.stop_head is not None
+
+    @property
+    def has_stop_head(self) -> bool:
+        return self.head.stop_head is not None
 
     def acceptance(self) -> float:
         # the logits of the last call were read from its last output row, which the stop head reads too
-        from specdistill.distill.drafters.feature import stop_head_logits  # drafters import this module
-
-        return float(torch.sigmoid(stop_head_logits(self.stop_head, self.last_hidden[0, -1:]).float()))
+        return float(torch.sigmoid(stop_head_logits(self.head.stop_head, self.last_hidden[0, -1:]).float()))
 
     def _run(self, tokens, hidden, positions, mask, last_only: bool = False) -> torch.Tensor:
         self.last_hidden, logits = self.head(tokens, hidden, positions, self.kv_cache, mask, last_only)

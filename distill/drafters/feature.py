@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from specdistill.distill.drafters.modules import RMSNorm, causal_bias, rope_inv_freq, rotary_cos_sin
 from specdistill.distill.drafters.registry import kinds_with_stop_head, load_weights_checked, read_drafter_config
-from specdistill.distill.drafting import FeatureDrafting, FeatureHead
+from specdistill.distill.drafting import FeatureDrafting, FeatureHead, stop_head_logits
 from specdistill.distill.kv_cache import KVCache
 from specdistill.distill.lean import LeanLayer, Linear, RotaryTable, position_bound
 from specdistill.distill.errors import UserError
@@ -61,12 +61,6 @@ class FeatureDrafterConfig(PretrainedConfig):
         self.feature_layers = list(self.feature_layers or [FINAL_NORMED])
         self.target_hidden_size = self.target_hidden_size or self.hidden_size
         super().__post_init__(**kwargs)
-
-
-def stop_head_logits(stop_head: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-    """The stop head's logit per row: a linear probe on the RMS-normalised output feature (a residual stream's scale
-    drifts with depth and training; the probe should not have to follow it)."""
-    return stop_head(F.rms_norm(features, (features.shape[-1],))).squeeze(-1)
 
 
 @dataclass
@@ -408,8 +402,8 @@ class FeatureDrafter(PreTrainedModel):
         rows, selected)` gets the rows trained at that step (position i predicts token i + 2 + step) and returns
         (per-row loss, per-row agreement of the drafter's argmax with the target's). With a stop head: its binary
         cross-entropy against that agreement (the row's draft accepted at greedy, given the prefix), on the detached
-        output feature (what decoding feeds back) so the drafter trains exactly as without it, every step weighted equally (the estimate must
-        hold at every depth a chain reaches)."""
+        output feature (what decoding feeds back) so the drafter trains exactly as without it, every step weighted
+        equally (the estimate must hold at every depth a chain reaches)."""
         weights = objective.step_weights()
         steps = self.unrolled_outputs(input_ids, hidden, bias, len(weights), objective.detach_steps)
         loss_sum, agree, counted = hidden.new_zeros((), dtype=torch.float32), [], []
