@@ -19,6 +19,11 @@ before the draws (top_k, or what is left of the budget of total_tokens − 1 nod
 nodes to expand next reads scores. Repeated draws cost no node: a rejected token has residual probability 0, so a
 repeat of it is always rejected (it still updates the residual).
 
+`verification=traversal` (Traversal Verification; Block Verification on a chain) verifies the same drafts leaves first
+with path-level weights (distill/verification.py), for chain and tree alike. It needs the distribution each child was
+drawn from given its earlier siblings, so with it a sampled tree draws each node's children without replacement (one
+child per draw, no repeats). Greedy decoding accepts the same longest matching path either way.
+
 A parallel drafter (P-EAGLE: `Drafting.parallel`) drafts a round's positions in one forward, position k from its
 marginal q_k, which reads the committed tokens only, never the drafts before k. Speculative sampling needs, at each
 position, the distribution the draft was actually drawn from given everything drafted before it; for such a drafter
@@ -61,6 +66,13 @@ class TreeCandidates(str, Enum):
     sampled = "sampled"  # Multi-Candidate SD: top_k i.i.d. draws from q, recursive rejection sampling (T > 0)
 
 
+class Verification(str, Enum):
+    """How the target checks the drafts at T > 0 (greedy decoding is the same for both)."""
+
+    top_down = "top_down"  # token by token from the root (Leviathan et al.; recursive rejection over siblings)
+    traversal = "traversal"  # leaves first with path-level acceptance (Traversal / Block Verification)
+
+
 class DraftLength(str, Enum):
     """How many tokens a chain step drafts: always gamma, or fewer when the drafter is unsure (`draft_chain`)."""
 
@@ -83,6 +95,7 @@ class DecodingConfig:
     tree_top_k: int = 10  # tree: children per expanded node and nodes expanded per level
     tree_total_tokens: int = 60  # tree: verified tokens per step (root included)
     tree_candidates: TreeCandidates = TreeCandidates.top_k  # tree: top_k (EAGLE-2) or sampled (T > 0 only)
+    verification: Verification = Verification.top_down  # T > 0: top_down or traversal (chain and tree)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     max_new_tokens: int = 256
@@ -91,6 +104,7 @@ class DecodingConfig:
         self.method = Method(self.method)
         self.draft_length = DraftLength(self.draft_length)
         self.tree_candidates = TreeCandidates(self.tree_candidates)
+        self.verification = Verification(self.verification)
 
     @property
     def draft_depth_key(self) -> str:
@@ -135,7 +149,7 @@ def check_ranges(config: Any, group: str, ranges: Ranges) -> None:
 
 
 def check_decoding(config: Any, group: str,
-                   keys: tuple[str, ...] = (*DECODING_RANGES, "draft_length", "tree_candidates")) -> None:
+                   keys: tuple[str, ...] = (*DECODING_RANGES, "draft_length", "tree_candidates", "verification")) -> None:
     """The one range check of the decoding settings: a UserError naming the first of `keys` outside its range, as
     the user writes it (`group`: the config group holding the settings, e.g. `eval` or `train.tau`; a DictConfig or a
     DecodingConfig). Run it before anything loads."""
@@ -366,7 +380,10 @@ class Decoder:
             count = min(config.tree_top_k, budget)
             if count == 0:
                 return []
-            drawn = torch.multinomial(probs, count, replacement=True, generator=generator).tolist()
+            if config.verification == Verification.traversal:  # it reads q_j, the draw's q given earlier siblings
+                drawn = verification.without_replacement(probs, count, generator)
+            else:
+                drawn = torch.multinomial(probs, count, replacement=True, generator=generator).tolist()
             draws[node + 1], draft_probs[node + 1] = drawn, probs
             children = []
             for token in dict.fromkeys(drawn):  # distinct, in draw order
@@ -418,6 +435,13 @@ class Decoder:
         logits = output.logits[0]
         if self.greedy:
             accepted, next_token = verification.accept_chain_greedy(drafted, logits)
+        elif self.config.verification == Verification.traversal:  # a chain is a tree with one child per row
+            rows = len(drafted) + 1
+            chain_children = [[row + 1] for row in range(rows - 1)] + [[]]
+            path, next_token = verification.accept_tree_traversal(
+                [root, *drafted.tolist()], chain_children, self._probs(logits), dict(enumerate(draft_probs)),
+                generator)
+            accepted = len(path)
         else:
             accepted, next_token = verification.accept_chain_sampling(drafted, draft_probs, self._probs(logits), generator)
         self.cache.truncate(length + 1 + accepted)
@@ -439,6 +463,9 @@ class Decoder:
             children[parent + 1].append(node + 1)
         if self.greedy:
             path, next_token = verification.accept_tree_greedy(row_tokens, children, logits.argmax(dim=-1).tolist())
+        elif self.config.verification == Verification.traversal:  # no draft_probs: top-k children, q_j one-hot
+            path, next_token = verification.accept_tree_traversal(
+                row_tokens, children, self._probs(logits), tree.draft_probs or {}, generator)
         elif tree.draws is not None:
             path, next_token = verification.accept_tree_multi_candidate(
                 row_tokens, children, tree.draws, tree.draft_probs, self._probs(logits), generator)

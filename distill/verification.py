@@ -14,6 +14,17 @@ Sampling (Leviathan et al. / Chen et al.), p the target's and q the drafter's di
            min(1, r_i(x_i) / q(x_i)) where r_1 = p and r_{i+1} = norm(max(0, r_i − q)) after each rejection; when all
            are rejected sample from r_{m+1}. A rejected x has r(x) ≤ q(x), so r_{i+1}(x) = 0: a repeated draw is
            always rejected, and one child per distinct token suffices.
+    traversal (Traversal Verification, Weng et al. 2025, arXiv 2505.12398; on a chain it is Block Verification, Sun et
+           al. 2024): verify leaves first, with a path-level weight w instead of a token-level test. With w_root = 1 and
+           q_j the distribution a node's j-th child x_j was drawn from given its earlier siblings (one-hot for a
+           deterministic top-k child; q minus the earlier siblings, renormalised, for draws without replacement):
+               w_child = min(1, w · p(x_j) / q_j(x_j))
+           Take the first leaf in depth-first order (children in draw order); accept its whole path with probability w
+           and sample the bonus from its p. On a rejection delete it and update its parent:
+               p ← norm(max(0, w·p − q_j)),  w ← s / (s + 1 − w) with s = Σ max(0, w·p − q_j)
+           so a parent whose children are all deleted becomes a leaf tested with the block-level weight; the root is
+           always accepted. A child's subtree is tried before its later siblings, so a path whose first token the
+           top-down test would reject can still be kept.
 All of them leave the output distributed exactly as sampling from the target.
 """
 
@@ -130,3 +141,60 @@ def accept_tree_multi_candidate(
             residual = residual_distribution(residual, q)
         else:
             return path, int(sample(residual, generator))
+
+
+def without_replacement(probs: torch.Tensor, count: int, generator: torch.Generator | None) -> list[int]:
+    """`count` distinct tokens drawn one after another from probs, each from what is left of it renormalised (at most
+    as many as probs has non-zero entries), in draw order: the exponential race, token x arriving at E_x / probs(x)
+    with E_x ~ Exp(1), whose arrival order is exactly that sequential draw (Gumbel-top-k)."""
+    count = min(count, int((probs > 0).sum()))
+    arrival = torch.empty_like(probs).exponential_(generator=generator) / probs  # probs(x) = 0: never arrives
+    return arrival.topk(count, largest=False).indices.tolist()
+
+
+def path_weight(parent_weight: float, p_token: float, q_token: float) -> float:
+    """Traversal: a child's weight, min(1, w · p(x) / q_j(x)) (q_j(x) > 0: x was drawn from q_j)."""
+    return min(1.0, parent_weight * p_token / q_token)
+
+
+def block_residual(weight: float, p: torch.Tensor, drawn_from: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Traversal: a row's (weight, p) after its child drawn from `drawn_from` is deleted: s = Σ max(0, w·p − q_j),
+    w ← s / (s + 1 − w), p ← max(0, w·p − q_j) / s. s = 0 (w·p ≤ q_j everywhere) gives weight 0; p is then kept, as
+    residual_distribution keeps it."""
+    residual = (weight * p - drawn_from).clamp_min(0.0)
+    mass = float(residual.sum())
+    return (mass / (mass + 1.0 - weight), residual / mass) if mass > 0 else (0.0, p)
+
+
+def without_draw(q: torch.Tensor, token: int) -> torch.Tensor:
+    """What the next draw without replacement comes from: q with `token` removed, renormalised."""
+    q = q.index_fill(0, torch.tensor([token], device=q.device), 0.0)
+    return q / q.sum().clamp_min(torch.finfo(q.dtype).tiny)
+
+
+def accept_tree_traversal(
+    tokens: list[int], children: list[list[int]], probs: torch.Tensor, draft_probs: dict[int, torch.Tensor],
+    generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """Traversal verification (module doc). `children[row]` in draw order; `draft_probs[row]` the q that row's
+    children were drawn from without replacement, a row absent from it has deterministic children (q_j one-hot);
+    probs [rows, V] the target's distribution after each row."""
+
+    def visit(row: int, weight: float) -> tuple[list[int], int] | None:
+        """Verify row's subtree, row holding path weight `weight` → (accepted rows below row, bonus), or None when row
+        itself is deleted. Depth-first in draw order, so the first leaf is always tried first."""
+        p, q = probs[row], draft_probs.get(row)
+        for child in children[row]:
+            token = tokens[child]
+            accepted = visit(child, path_weight(weight, float(p[token]), 1.0 if q is None else float(q[token])))
+            if accepted is not None:
+                return [child, *accepted[0]], accepted[1]
+            one_hot = torch.zeros_like(p).index_fill_(0, torch.tensor([token], device=p.device), 1.0)
+            weight, p = block_residual(weight, p, one_hot if q is None else q)
+            if q is not None:
+                q = without_draw(q, token)
+        if row == 0 or float(torch.rand((), generator=generator, device=probs.device)) < weight:
+            return [], int(sample(p, generator))  # the root is always accepted
+        return None
+
+    return visit(0, 1.0)
