@@ -180,6 +180,11 @@ class Generation:
     verify_seconds: float = 0.0
     drafter_calls: int = 0
     target_calls: int = 0
+    # Decoder(record_target=True): what the target computed along the decoded sequence (prompt + output_ids, L
+    # positions), for online adaptation: features [1, L, hidden] per drafter layer and logits [1, L, vocab]; a
+    # position the decoding never ran the target on (the last one) or kept no logits for (the prompt's, but its last)
+    # holds zeros
+    target_output: TargetOutput | None = None
 
 
 @dataclass
@@ -193,6 +198,31 @@ class Tree:
     # draft distribution q they were drawn from (None: a top-k tree)
     draws: list[list[int]] | None = None
     draft_probs: dict[int, torch.Tensor] | None = None
+
+
+class TargetRecord:
+    """The target's features and logits along a decoded sequence, gathered from the forwards decoding runs anyway
+    (Decoder(record_target=True)): the prefill's features of the prompt and logits after its last token, then each
+    step's rows that stay (root and accepted drafts: the sequence's next positions)."""
+
+    def __init__(self, prompt_length: int, prefill: TargetOutput):
+        self.features = {layer_id: [feature[:, :prompt_length]] for layer_id, feature in prefill.features.items()}
+        last = prefill.logits[:, -1:]
+        self.logits = [last.new_zeros(1, prompt_length - 1, last.shape[-1]), last]
+
+    def add(self, output: TargetOutput, rows: torch.Tensor) -> None:
+        for layer_id, feature in output.features.items():
+            self.features[layer_id].append(feature[:, rows])
+        self.logits.append(output.logits[:, rows])
+
+    def finish(self, length: int) -> TargetOutput:
+        """→ [1, length, …] tensors: rows past the sequence's end (a step cut at EOS) dropped, a missing last row 0."""
+        def fit(chunks: list[torch.Tensor]) -> torch.Tensor:
+            joined = torch.cat(chunks, dim=1)[:, :length]
+            return torch.nn.functional.pad(joined, (0, 0, 0, length - joined.shape[1]))
+
+        return TargetOutput(fit(self.logits), {layer_id: fit(chunks) for layer_id, chunks in self.features.items()},
+                            None)
 
 
 def check_draft_depth(limit: int | None, config: DecodingConfig, group: str, drafter: str) -> None:
@@ -244,12 +274,11 @@ class Decoder:
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         lean: bool = True,
         group: str = "eval",
+        record_target: bool = False,
     ):
-        self.target, self.proposer, self.config = target, proposer, config
-        if proposer is not None:
-            check_draft_depth(proposer.max_depth, config, group, type(proposer).__name__)
-            check_stop_head(proposer, config, group)
-            proposer.draft_depth = config.draft_depth
+        self.target, self.config, self.group = target, config, group
+        self.use_proposer(proposer)
+        self.record_target = record_target and proposer is not None
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = next(target.parameters()).device
         self.mask = PrefixMask(self.device)
@@ -258,6 +287,14 @@ class Decoder:
         self.lean = lean_target(target) if lean else None  # None: through transformers' modules
         if self.lean is None:
             check_attention_implementation(target.config, "target")
+
+    def use_proposer(self, proposer: Drafting | None) -> None:
+        """Draft with `proposer` from the next generation on (online adaptation swaps in its updated drafter)."""
+        if proposer is not None:
+            check_draft_depth(proposer.max_depth, self.config, self.group, type(proposer).__name__)
+            check_stop_head(proposer, self.config, self.group)
+            proposer.draft_depth = self.config.draft_depth
+        self.proposer = proposer
 
     @property
     def greedy(self) -> bool:
@@ -486,6 +523,7 @@ class Decoder:
         started = time.perf_counter()
         prompt = torch.tensor([prompt_ids], device=self.device)
         token, output = self.prefill(prompt, generator)
+        record = TargetRecord(len(prompt_ids), output) if self.record_target else None
         result.target_calls += 1
         done = self._commit(result, [token], decoding_step=False)
         if self.proposer is not None and not done:
@@ -529,8 +567,10 @@ class Decoder:
             done = self._commit(result, committed)
             _sync(self.device)
             verified = time.perf_counter()
+            rows_tensor = torch.tensor(rows, device=self.device)
+            if record is not None:
+                record.add(output, rows_tensor)
             if not done:  # the drafter catches up on the accepted tokens with the target's features of them
-                rows_tensor = torch.tensor(rows, device=self.device)
                 features = {layer_id: feature[:, rows_tensor] for layer_id, feature in output.features.items()}
                 draft_logits = self.proposer.extend(torch.tensor([committed], device=self.device), features)
                 result.drafter_calls += self.proposer.calls_per_commit
@@ -539,6 +579,8 @@ class Decoder:
         _sync(self.device)
         result.seconds = time.perf_counter() - started
         result.verify_seconds = result.seconds - result.draft_seconds
+        if record is not None:
+            result.target_output = record.finish(len(prompt_ids) + len(result.output_ids))
         return result
 
     def _commit(self, result: Generation, tokens: list[int], decoding_step: bool = True) -> bool:

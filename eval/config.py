@@ -27,6 +27,14 @@ class Selection(Enum):
     hedge = "hedge"
 
 
+class Adaptation(Enum):
+    """online: one more row, decoding the prompts in order with a copy of the drafter that trains on each decoded turn
+    (distill/adaptation.py, OnlineSpec / OSD), then the held-out prompts with the adapted drafter frozen."""
+
+    none = "none"
+    online = "online"
+
+
 @dataclass
 class EvalLoopConfig(DecodingConfig):
     """`eval.*`: the decoding settings (distill/decoding.py's DecodingConfig, the decoder takes this whole) and what
@@ -44,6 +52,10 @@ class EvalLoopConfig(DecodingConfig):
     selection: Selection = Selection.none  # hedge: also decode with online drafter selection among drafter_path's
     hedge_prior_steps: float = 16.0  # hedge: a prompt starts from the stream's mean losses worth this many steps
     hedge_score_every: int = 4  # hedge: the drafters not leading commit (and are scored) every this many steps
+    adaptation: Adaptation = Adaptation.none  # online: + a row whose drafter trains on the stream as it decodes
+    adaptation_lr: float = 1e-4  # online: AdamW's learning rate (constant)
+    adaptation_steps: int = 1  # online: optimizer steps on each decoded turn
+    adaptation_held_out: float = 0.25  # online: the last fraction of the prompts, decoded with the adapted drafter frozen
 
 
 @dataclass
@@ -59,6 +71,9 @@ EVAL_RANGES: Ranges = {
     "hedge_prior_steps": (lambda v: v >= 0, "a number ≥ 0 (0: every prompt's weights start afresh)"),
     "hedge_score_every": (lambda v: v >= 1, "an integer ≥ 1 (1: every drafter commits and is scored every step)"),
     "warmup_prompts": (lambda v: v >= 0, "an integer ≥ 0"),
+    "adaptation_lr": (lambda v: v > 0, "a number > 0"),
+    "adaptation_steps": (lambda v: v >= 1, "an integer ≥ 1"),
+    "adaptation_held_out": (lambda v: 0 <= v < 1, "a fraction in [0, 1) of the prompts"),
 }
 
 

@@ -5,6 +5,7 @@
     specdistill eval ... eval.temperature=1.0 eval.top_p=0.9            # lossless speculative sampling
     specdistill eval ... drafter_path='[run_a/drafter,run_b/drafter]'   # one side-by-side table
     specdistill eval ... drafter_path='[run_a/drafter,run_b/drafter]' eval.selection=hedge   # + online selection
+    specdistill eval ... eval.adaptation=online eval.adaptation_lr=1e-4   # + a drafter that trains as it decodes
     specdistill eval target=llama3_8b_instruct drafter_path=... bench=mt_bench
 
 setup (target, prompts, drafters) → evaluate (warm-up, then prompt by prompt: plain decoding, then each drafter,
@@ -13,6 +14,7 @@ interleaved so machine noise hits all alike) → save:
     <out_dir>/report.json   one object, a row per drafter (distill/reports.py, README.md "report.json")
     <out_dir>/report.md     the table, per-category numbers, α per position, plots (*.png)
     <out_dir>/generations.jsonl   per prompt, drafter and turn: prompt, prompt_ids, output_ids, accept_lengths
+    <out_dir>/adapted_drafter/    eval.adaptation=online: the adapted drafter, adaptation.json saying where it came from
 
 A prompt of several turns (bench.num_turns, MT-Bench: 2) is decoded turn by turn by each decoder: a later turn is
 rendered with the chat template after the earlier turns and that decoder's own answers (at greedy they are all the
@@ -31,7 +33,7 @@ import json
 import logging
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from specdistill.distill.adaptation import OnlineAdapter
 from specdistill.distill.config import CONFIG_DIR
 from specdistill.distill.errors import UserError, exit_on_user_error
 from specdistill.distill.outputs import claim_out_dir, replace_folder, write_text_atomic
@@ -50,7 +53,8 @@ from specdistill.distill.target import FrozenTarget
 from specdistill.distill.targets import eos_token_ids, load_target_model, load_target_tokenizer
 from specdistill.eval.benches import (ContextWindow, check_turns_renderable, fit_context_window, load_bench,
                                       render_prompt)
-from specdistill.eval.config import EvalLoopConfig, LongPrompts, Selection, check_loop_ranges, register_configs
+from specdistill.eval.config import (Adaptation, EvalLoopConfig, LongPrompts, Selection, check_loop_ranges,
+                                     register_configs)
 from specdistill.distill.decoding import Decoder, Generation, check_tree_width
 from specdistill.eval.metrics import combine_turns, summarize, tokens_per_second
 from specdistill.eval.report import REPORT_FILES, format_table, write_report
@@ -64,6 +68,7 @@ DRAFTER_PATH_HINT = (
 )
 HF_GENERATE = "transformers generate"  # the report row of transformers' plain greedy `generate`
 HEDGE = "hedge: online selection"  # the report row of eval.selection=hedge (distill/selection.py)
+ADAPTED_DRAFTER = "adapted_drafter"  # eval.adaptation=online saves its drafter in <out_dir>/adapted_drafter
 # What `lossless_check` compared, by how the run decoded (report.json's `lossless_check_method`).
 LOSSLESS_GREEDY = "greedy output equals plain decoding"
 LOSSLESS_RE_DECODE = (
@@ -108,9 +113,32 @@ def drafter_paths(cfg: DictConfig) -> list[str]:
     return paths
 
 
+@dataclass
+class OnlineRow:
+    """eval.adaptation=online: the row's name, its adapter and decoder, and whether the prompt being decoded is learned
+    from (the stream) or only decoded with the weights learned so far (held out)."""
+
+    name: str
+    adapter: OnlineAdapter
+    decoder: Decoder
+    learning: bool = True
+    learned_prompts: list[str] = field(default_factory=list)
+    held_out_prompts: set[str] = field(default_factory=set)
+
+    def decode(self, ids: list[int], generator: torch.Generator) -> Generation:
+        generation = self.decoder.generate(ids, generator)
+        if self.learning:  # between turns, never inside one: verification decided every token of this one
+            self.adapter.update(ids, generation)
+            self.decoder.use_proposer(self.adapter.drafting())
+        generation.target_output = None  # vocabulary × positions floats, used: not kept with the conversation
+        return generation
+
+
 def move_previous_report(out_dir: Path) -> None:
-    """Move the report files of an earlier run in `out_dir` into `out_dir/previous/` (replacing what was there)."""
+    """Move the report files of an earlier run in `out_dir` (and its adapted drafter) into `out_dir/previous/`
+    (replacing what was there)."""
     found = [out_dir / name for name in REPORT_FILES if (out_dir / name).is_file()]
+    found += [out_dir / ADAPTED_DRAFTER] if (out_dir / ADAPTED_DRAFTER).is_dir() else []
     if not found:
         return
     with replace_folder(out_dir / "previous") as staging:
@@ -134,6 +162,10 @@ class EvalRecipe:
         if loop.selection == Selection.hedge and len(paths) < 2:
             raise UserError(f"eval.selection=hedge chooses among several drafters, but drafter_path names "
                             f"{len(paths)}; pass drafter_path='[a/drafter,b/drafter]' or set eval.selection=none")
+        if loop.adaptation == Adaptation.online and (len(paths) > 1 or loop.selection == Selection.hedge):
+            raise UserError(f"eval.adaptation=online adapts one drafter, but drafter_path names {len(paths)}"
+                            f"{' with eval.selection=hedge' if loop.selection == Selection.hedge else ''}; pass one "
+                            "drafter folder (and eval.selection=none), or set eval.adaptation=none")
         if loop.top_p < 1.0 and loop.temperature == 0:
             log.warning("eval.top_p=%s has no effect at eval.temperature=0 (greedy); set a temperature to sample",
                         loop.top_p)
@@ -160,6 +192,11 @@ class EvalRecipe:
         if loop.selection == Selection.hedge:  # one more row, drafting with the leader among the others
             self.drafters[HEDGE] = HedgeDrafting(dict(self.drafters), self.device, loop.hedge_prior_steps,
                                                  loop.hedge_score_every)
+        self.online = None
+        if loop.adaptation == Adaptation.online:
+            adapter = OnlineAdapter(paths[0], self.target, self.device, loop.adaptation_lr, loop.adaptation_steps)
+            decoder = Decoder(self.target, adapter.drafting(), self.decoding, self.eos, record_target=True)
+            self.online = OnlineRow(f"online adaptation: {paths[0]}", adapter, decoder)
         verify = loop.verify_lossless
         self.verify_lossless = cfg.bench.name == "toy" if verify is None else verify
         log.info("eval: %d prompts from bench '%s', %d drafter(s), %s", len(self.prompts), cfg.bench.name,
@@ -181,11 +218,17 @@ class EvalRecipe:
         self.prompts = [self.prompts[index] for index in indices]
         self.prompt_ids = [self.prompt_ids[index] for index in indices]
 
+    def _drafting(self, name: str):
+        """A row's drafter: a loaded one, or the online row's adapted one as it is now."""
+        if self.online is not None and name == self.online.name:
+            return self.online.adapter.drafting()
+        return self.drafters[name]
+
     def _decoder(self, path: str | None, greedy: bool = False) -> Decoder:
         config = self.decoding
         if greedy:
             config = dataclasses.replace(config, temperature=0.0)
-        return Decoder(self.target, self.drafters[path] if path else None, config, self.eos)
+        return Decoder(self.target, self._drafting(path) if path else None, config, self.eos)
 
     def evaluate(self) -> dict:
         """Decode every prompt (module doc) → the report.json object (distill/reports.py)."""
@@ -203,11 +246,19 @@ class EvalRecipe:
         decoders: dict[str, Decode] = {
             path: functools.partial(decoder.generate, generator=generator) for path, decoder in speculative.items()
         }
+        online = self.online
+        if online is not None:  # after the warm-up, which it skips: it learns from the measured stream only
+            decoders[online.name] = functools.partial(online.decode, generator=generator)
+            stream = len(self.prompts) - round(cfg.eval.adaptation_held_out * len(self.prompts))
         decoders.update(self._hf_decoders())
         baseline: list[Conversation] = []
         runs: dict[str, list[Conversation]] = {name: [] for name in decoders}
         kept = []
         for index in tqdm(range(len(self.prompts)), desc="eval prompts", unit="prompt"):
+            if online is not None:
+                online.learning = index < stream
+                (online.learned_prompts.append if online.learning else online.held_out_prompts.add)(
+                    self.prompts[index].id)
             plain_turns = self._converse(index, functools.partial(plain.generate, generator=generator))
             their_turns = {name: self._converse(index, decode) for name, decode in decoders.items()}
             if not self._all_turns_fit(index, [plain_turns, *their_turns.values()]):
@@ -224,14 +275,18 @@ class EvalRecipe:
         self._keep(kept)
         selection = hedge.summary() if hedge is not None else None  # before the lossless check decodes again
         results = {path: runs[path] for path in self.drafters}
-        checks = {path: self._lossless_check(path, baseline, results[path]) for path in self.drafters}
-        rows = [self._row(path, baseline, results[path], checks[path]) for path in self.drafters]
+        if online is not None:
+            results[online.name] = runs[online.name]
+        checks = {name: self._lossless_check(name, baseline, results[name]) for name in results}
+        rows = [self._row(name, baseline, results[name], checks[name]) for name in results]
         if selection is not None:
             rows[-1]["selection"] = selection_report(selection, rows[-1], rows[:-1])
-        rows += [self._hf_row(name, runs[name], baseline) for name in decoders if name not in self.drafters]
+        if online is not None:
+            rows[-1]["adaptation"] = self._adaptation_report(results)
+        rows += [self._hf_row(name, runs[name], baseline) for name in decoders if name not in results]
         if HF_GENERATE in runs:  # the speedup users quote: over transformers' plain greedy generate
             hf_speed = tokens_per_second(combined(runs[HF_GENERATE]))
-            for row in rows[: len(self.drafters)]:
+            for row in rows[: len(results)]:
                 row["speedup_over_transformers"] = row["tokens_per_s"] / hf_speed
         self._write_generations(baseline, results)
         return report_document(self._run_fields(), rows)
@@ -326,9 +381,28 @@ class EvalRecipe:
     def _row(self, path: str, baseline: list[Conversation], conversations: list[Conversation], check: str) -> dict:
         categories = [prompt.category for prompt in self.prompts]
         numbers = summarize(combined(conversations), combined(baseline), categories, self.decoding.draft_depth,
-                            parallel=self.drafters[path].parallel)
+                            parallel=self._drafting(path).parallel)
         return {**self._row_fields(path), **numbers, "lossless_check": check,
                 "lossless_check_method": self._lossless_check_method()}
+
+    def _adaptation_report(self, results: dict[str, list[Conversation]]) -> dict:
+        """The online row's `adaptation` (report.json): τ on the stream it learned from and on the held-out prompts,
+        beside the frozen drafter's τ on the same prompts (its own row)."""
+        online = self.online
+        frozen, adapted = results[next(iter(self.drafters))], results[online.name]
+
+        def tau(conversations: list[Conversation], held_out: bool) -> float | None:
+            chosen = [c for prompt, c in zip(self.prompts, conversations)
+                      if (prompt.id in online.held_out_prompts) == held_out]
+            steps = [length for g in combined(chosen) for length in g.accept_lengths]
+            return sum(steps) / len(steps) if steps else None
+
+        adapter = online.adapter
+        return {"method": "online", "lr": adapter.lr, "steps_per_update": adapter.steps, "updates": adapter.updates,
+                "stream_prompts": len(online.learned_prompts), "held_out_prompts": len(online.held_out_prompts),
+                "tau_stream": tau(adapted, False), "frozen_tau_stream": tau(frozen, False),
+                "tau_held_out": tau(adapted, True), "frozen_tau_held_out": tau(frozen, True),
+                "saved_to": ADAPTED_DRAFTER}
 
     def _hf_row(self, name: str, conversations: list[Conversation], baseline: list[Conversation]) -> dict:
         generations, baseline_generations = combined(conversations), combined(baseline)
@@ -356,6 +430,9 @@ class EvalRecipe:
 
     def save(self, report: dict) -> dict[str, Path]:
         written = write_report(self.out_dir, report)  # nothing else: an evaluation never writes into its inputs
+        if self.online is not None:
+            provenance = self.online.adapter.provenance(str(self.cfg.bench.name), self.online.learned_prompts)
+            written[ADAPTED_DRAFTER] = self.online.adapter.save(self.out_dir / ADAPTED_DRAFTER, provenance)
         print("\n" + format_table(report_rows(report)))
         print(f"\nreport: {self.out_dir / 'report.md'}  (report.json, generations.jsonl, plots beside it)")
         return written

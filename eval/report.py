@@ -95,6 +95,7 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
                   "speedup |", "|---|---|---|---|---|---|"]
         lines += category_rows
     lines += _selection_lines(results)
+    lines += _adaptation_lines(results)
     positions = max(len(r["alpha_per_position"] or []) for r in results)
     if positions:
         lines += ["", "## Acceptance α per draft position", ""]
@@ -106,6 +107,24 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
     if plot_names:
         lines += ["", "## Plots"] + [f"\n![{PLOTS[name]}]({name})" for name in plot_names]
     return "\n".join(lines) + "\n"
+
+
+def _adaptation_lines(results: list[dict]) -> list[str]:
+    """eval.adaptation=online: τ of the adapted drafter against the frozen one, on the stream and held out."""
+    lines = []
+    for r in results:
+        adaptation = r.get("adaptation")
+        if not adaptation:
+            continue
+        lines += ["", "## Online drafter adaptation (OnlineSpec / OSD)", "",
+                  f"lr {adaptation['lr']:g}, {adaptation['steps_per_update']} step(s) per decoded turn, "
+                  f"{adaptation['updates']} updates; saved in {adaptation['saved_to']}/.", "",
+                  "| prompts | frozen τ | adapted τ |", "|---|---|---|",
+                  f"| stream ({adaptation['stream_prompts']}, learned from) | {_num(adaptation['frozen_tau_stream'], '.3f')} "
+                  f"| {_num(adaptation['tau_stream'], '.3f')} |",
+                  f"| held out ({adaptation['held_out_prompts']}, adapted weights frozen) | "
+                  f"{_num(adaptation['frozen_tau_held_out'], '.3f')} | {_num(adaptation['tau_held_out'], '.3f')} |"]
+    return lines
 
 
 def _selection_lines(results: list[dict]) -> list[str]:

@@ -253,11 +253,17 @@ class FeatureDrafter(PreTrainedModel):
                       trust_remote_code: bool = False) -> FeatureDrafting:
         """A folder it `recognises` → its drafting interface for `target`, after checking that it fits (its own code
         is specdistill's, so `trust_remote_code` does not apply)."""
+        return cls.load_for_target(path, target, device).drafting(device)
+
+    @classmethod
+    def load_for_target(cls, path: Path, target: FrozenTarget, device: torch.device | str) -> "FeatureDrafter":
+        """A folder it `recognises` → the drafter module, checked against `target`, on `device` in the target's dtype,
+        attached to it (what online adaptation trains)."""
         drafter = load_weights_checked(cls, path)
         drafter.check_target(target, "drafter_path")
         drafter = drafter.to(device=device, dtype=target.model.dtype).eval()
         drafter.attach_target(target)
-        return drafter.drafting(device)
+        return drafter
 
     @classmethod
     def check_objective(cls, objective: Any) -> None:
