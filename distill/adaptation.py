@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ class OnlineAdapter:
         self.parameters = [p for p in self.drafter.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.0)
         self.lr, self.steps, self.grad_clip_norm = lr, steps, grad_clip_norm
-        self.updates, self.tokens_seen, self.losses = 0, 0, []
+        self.updates, self.tokens_seen, self.losses, self.update_seconds = 0, 0, [], 0.0
 
     def drafting(self) -> Any:
         """The decoding interface over the current weights (built afresh: a head may keep derived copies of them)."""
@@ -66,6 +67,7 @@ class OnlineAdapter:
 
     def update(self, prompt_ids: list[int], generation: Generation) -> float:
         """`steps` optimizer steps on one decoded turn → the mean loss per trained position of the first."""
+        started = time.perf_counter()
         recorded = generation.target_output
         if recorded is None:
             raise RuntimeError("decode with Decoder(record_target=True) to adapt")
@@ -92,6 +94,7 @@ class OnlineAdapter:
         self.updates += 1
         self.tokens_seen += len(generation.output_ids)
         self.losses.append(first_loss)
+        self.update_seconds += time.perf_counter() - started
         return first_loss
 
     def provenance(self, bench: str, prompts: list[str]) -> dict:

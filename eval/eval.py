@@ -399,6 +399,7 @@ class EvalRecipe:
 
         adapter = online.adapter
         return {"method": "online", "lr": adapter.lr, "steps_per_update": adapter.steps, "updates": adapter.updates,
+                "update_seconds": adapter.update_seconds,
                 "stream_prompts": len(online.learned_prompts), "held_out_prompts": len(online.held_out_prompts),
                 "tau_stream": tau(adapted, False), "frozen_tau_stream": tau(frozen, False),
                 "tau_held_out": tau(adapted, True), "frozen_tau_held_out": tau(frozen, True),
