@@ -8,8 +8,9 @@ traversal (`eval.verification=traversal`), sampling at T = 1, side by side in on
 
 Settings, on the same prompts with the same seeds: plain sampling (the baseline), a chain of --gamma sampled drafts
 (the reference a tree must beat to be worth its verification cost), then for each --sizes value N
-(eval.tree_total_tokens) and --top-ks value k: the top-k tree and the sampled tree; each chain and tree once per
---verifications value (a sampled tree verified by traversal draws without replacement). Every prompt is decoded
+(eval.tree_total_tokens) and --top-ks value k: a tree for each --candidates value (top_k; sampled: i.i.d. draws;
+sampled_distinct: draws without replacement), each chain and tree once per --verifications value (traversal is not
+run on i.i.d. draws, which it refuses). Every prompt is decoded
 --samples times by each setting (the order rotated each prompt, after --warmup untimed prompts). τ = tokens
 committed per target forward, nodes = tokens verified per step (mean; a sampled tree may use fewer than N − 1, as
 repeated draws share a node), tokens/s = Σ new tokens ÷ Σ seconds, speedup = ÷ plain's, "τ vs today" = τ ÷ the
@@ -54,6 +55,8 @@ def main() -> None:
         for top_k in args.top_ks:
             for candidates in args.candidates:
                 for verification in args.verifications:
+                    if candidates == TreeCandidates.sampled.value and verification == Verification.traversal.value:
+                        continue  # refused: traversal needs draws without replacement (sampled_distinct)
                     config = dataclasses.replace(recipe.decoding, tree_total_tokens=size, tree_top_k=top_k,
                                                  tree_candidates=candidates, verification=verification)
                     decoders[f"N={size} k={top_k} {candidates} {verification}"] = Decoder(
@@ -74,9 +77,9 @@ def main() -> None:
     plain_speed = next(iter(rows.values()))["baseline_tokens_per_s"]
     print(f"| plain | 1.00 | 0 | {plain_speed:.1f} | 1.00× | — |")
     for label, row in rows.items():
-        setting, verification = label.rsplit(" ", 1)
-        today = rows.get(setting.replace(TreeCandidates.sampled.value, TreeCandidates.top_k.value) + " " +
-                         Verification.top_down.value)
+        parts = label.split(" ")  # chain γ=… verification, or N=… k=… candidates verification
+        today = rows.get(" ".join([*parts[:2], *([] if parts[0] == "chain" else [TreeCandidates.top_k.value]),
+                                   Verification.top_down.value]))
         versus = f"{row['tau'] / today['tau']:.3f}" if today else "—"
         print(f"| {label} | {row['tau']:.3f} | {row['mean_draft_length']:.1f} | {row['tokens_per_s']:.1f} | "
               f"{row['speedup']:.2f}× | {versus} |")

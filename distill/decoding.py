@@ -19,10 +19,14 @@ before the draws (top_k, or what is left of the budget of total_tokens − 1 nod
 nodes to expand next reads scores. Repeated draws cost no node: a rejected token has residual probability 0, so a
 repeat of it is always rejected (it still updates the residual).
 
+`tree_candidates=sampled_distinct` draws a node's m children without replacement instead (each draw from q without the
+earlier ones, renormalised: m distinct children), and verification then checks draw j against q_j, that distribution.
+
 `verification=traversal` (Traversal Verification; Block Verification on a chain) verifies the same drafts leaves first
 with path-level weights (distill/verification.py), for chain and tree alike. It needs the distribution each child was
-drawn from given its earlier siblings, so with it a sampled tree draws each node's children without replacement (one
-child per draw, no repeats). Greedy decoding accepts the same longest matching path either way.
+drawn from given its earlier siblings, which a repeated i.i.d. draw does not give a node of its own, so a sampled tree
+under it draws without replacement (`sampled_distinct`). Greedy decoding accepts the same longest matching path
+either way.
 
 A parallel drafter (P-EAGLE: `Drafting.parallel`) drafts a round's positions in one forward, position k from its
 marginal q_k, which reads the committed tokens only, never the drafts before k. Speculative sampling needs, at each
@@ -64,6 +68,11 @@ class TreeCandidates(str, Enum):
 
     top_k = "top_k"  # EAGLE-2: the drafter's top_k most likely tokens, reranked to total_tokens − 1 nodes
     sampled = "sampled"  # Multi-Candidate SD: top_k i.i.d. draws from q, recursive rejection sampling (T > 0)
+    sampled_distinct = "sampled_distinct"  # top_k draws from q without replacement (T > 0)
+
+    @property
+    def sampled_draws(self) -> bool:
+        return self != TreeCandidates.top_k
 
 
 class Verification(str, Enum):
@@ -94,7 +103,7 @@ class DecodingConfig:
     tree_depth: int = 6  # tree (EAGLE-2): draft levels
     tree_top_k: int = 10  # tree: children per expanded node and nodes expanded per level
     tree_total_tokens: int = 60  # tree: verified tokens per step (root included)
-    tree_candidates: TreeCandidates = TreeCandidates.top_k  # tree: top_k (EAGLE-2) or sampled (T > 0 only)
+    tree_candidates: TreeCandidates = TreeCandidates.top_k  # tree: top_k (EAGLE-2), sampled or sampled_distinct (T > 0)
     verification: Verification = Verification.top_down  # T > 0: top_down or traversal (chain and tree)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -158,14 +167,20 @@ def check_decoding(config: Any, group: str,
         raise UserError(f"{config_key(group, 'draft_length')}={DraftLength(config.draft_length).value} applies to "
                         f"chains only (an EAGLE-2 tree already sizes itself by the draft scores); set "
                         f"{config_key(group, 'method')}=chain or {config_key(group, 'draft_length')}=fixed")
-    if "tree_candidates" in keys and TreeCandidates(config.tree_candidates) == TreeCandidates.sampled:
+    candidates = TreeCandidates(config.tree_candidates)
+    if "tree_candidates" in keys and candidates.sampled_draws:
         name = config_key(group, "tree_candidates")
         if Method(config.method) != Method.tree:
-            raise UserError(f"{name}=sampled applies to trees only; set {config_key(group, 'method')}=tree or "
-                            f"{name}=top_k")
+            raise UserError(f"{name}={candidates.value} applies to trees only; set {config_key(group, 'method')}=tree "
+                            f"or {name}=top_k")
         if config.temperature <= 0:
-            raise UserError(f"{name}=sampled draws children from the drafter's distribution, which needs sampling; set "
-                            f"{config_key(group, 'temperature')} > 0 or {name}=top_k")
+            raise UserError(f"{name}={candidates.value} draws children from the drafter's distribution, which needs "
+                            f"sampling; set {config_key(group, 'temperature')} > 0 or {name}=top_k")
+    if ("verification" in keys and Verification(config.verification) == Verification.traversal
+            and candidates == TreeCandidates.sampled and Method(config.method) == Method.tree):
+        raise UserError(f"{config_key(group, 'verification')}=traversal reads the distribution each child was drawn "
+                        f"from given its earlier siblings, which repeated i.i.d. draws do not have; set "
+                        f"{config_key(group, 'tree_candidates')}=sampled_distinct (draws without replacement)")
 
 
 @dataclass
@@ -399,7 +414,7 @@ class Decoder:
         return Tree(tokens[selected], selected_parents, depths[selected], ancestors, self.config.tree_depth - 1)
 
     def draft_sampled_tree(self, logits: torch.Tensor, generator) -> Tree:
-        """A tree of i.i.d. draws (module doc): level by level, the top_k best-scoring nodes of the last level (path
+        """A tree of i.i.d. draws, or draws without replacement (module doc): level by level, the top_k best-scoring nodes of the last level (path
         log-probability, as in EAGLE-2) are expanded, in score order, each with m = min(top_k, nodes left) draws from
         its q; the distinct draws become its children."""
         config, device = self.config, self.device
@@ -417,7 +432,7 @@ class Decoder:
             count = min(config.tree_top_k, budget)
             if count == 0:
                 return []
-            if config.verification == Verification.traversal:  # it reads q_j, the draw's q given earlier siblings
+            if config.tree_candidates == TreeCandidates.sampled_distinct:
                 drawn = verification.without_replacement(probs, count, generator)
             else:
                 drawn = torch.multinomial(probs, count, replacement=True, generator=generator).tolist()
@@ -505,7 +520,8 @@ class Decoder:
                 row_tokens, children, self._probs(logits), tree.draft_probs or {}, generator)
         elif tree.draws is not None:
             path, next_token = verification.accept_tree_multi_candidate(
-                row_tokens, children, tree.draws, tree.draft_probs, self._probs(logits), generator)
+                row_tokens, children, tree.draws, tree.draft_probs, self._probs(logits), generator,
+                without_replacement=self.config.tree_candidates == TreeCandidates.sampled_distinct)
         else:
             path, next_token = verification.accept_tree_sampling(row_tokens, children, self._probs(logits), generator)
         rows = [0] + path
@@ -549,7 +565,7 @@ class Decoder:
                 verify_started = time.perf_counter()
                 committed, rows, output = self.verify_chain(root, drafted, draft_probs, generator)
             else:
-                if config.tree_candidates == TreeCandidates.sampled:
+                if config.tree_candidates.sampled_draws:
                     tree = self.draft_sampled_tree(draft_logits, generator)
                 else:
                     tree = self.draft_tree(draft_logits)

@@ -13,7 +13,8 @@ Sampling (Leviathan et al. / Chen et al.), p the target's and q the drafter's di
            x_1 … x_m drawn i.i.d. from q; check them in draw order, accepting x_i with probability
            min(1, r_i(x_i) / q(x_i)) where r_1 = p and r_{i+1} = norm(max(0, r_i − q)) after each rejection; when all
            are rejected sample from r_{m+1}. A rejected x has r(x) ≤ q(x), so r_{i+1}(x) = 0: a repeated draw is
-           always rejected, and one child per distinct token suffices.
+           always rejected, and one child per distinct token suffices. Drawn without replacement instead (x_i from q
+           without x_1 … x_{i−1}, renormalised: q_i), the same holds with q_i in place of q (Jeon et al. 2024).
     traversal (Traversal Verification, Weng et al. 2025, arXiv 2505.12398; on a chain it is Block Verification, Sun et
            al. 2024): verify leaves first, with a path-level weight w instead of a token-level test. With w_root = 1 and
            q_j the distribution a node's j-th child x_j was drawn from given its earlier siblings (one-hot for a
@@ -123,10 +124,11 @@ def accept_tree_sampling(
 
 def accept_tree_multi_candidate(
     tokens: list[int], children: list[list[int]], draws: list[list[int]], draft_probs: dict[int, torch.Tensor],
-    probs: torch.Tensor, generator: torch.Generator | None,
+    probs: torch.Tensor, generator: torch.Generator | None, without_replacement: bool = False,
 ) -> tuple[list[int], int]:
-    """Recursive rejection over each row's i.i.d. draws (module doc); `draws[row]` the tokens drawn at that row in
-    order, `draft_probs[row]` the q they came from, probs [rows, V] the target's distribution after each row."""
+    """Recursive rejection over each row's draws (module doc); `draws[row]` the tokens drawn at that row in order,
+    `draft_probs[row]` the q they came from (i.i.d., or `without_replacement`), probs [rows, V] the target's
+    distribution after each row."""
     row, path = 0, []
     while True:
         residual = probs[row]
@@ -139,6 +141,8 @@ def accept_tree_multi_candidate(
                 row = child_of[token]
                 break
             residual = residual_distribution(residual, q)
+            if without_replacement:  # the next draw came from q without this one
+                q = without_draw(q, token)
         else:
             return path, int(sample(residual, generator))
 

@@ -157,19 +157,22 @@ P_ONE_STEP = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.15, 0.05])  # the target's di
 Q_ONE_STEP = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])  # the drafter's
 
 
-def one_step_multi_candidate_counts(draws: int) -> torch.Tensor:
-    """The token a sampled tree's root emits, `draws` times: 3 i.i.d. drafts from q (repeats kept), a child per
-    distinct token, each child with draws of its own, so an accepted child is a real tree row."""
+def one_step_multi_candidate_counts(draws: int, without_replacement: bool = False) -> torch.Tensor:
+    """The token a sampled tree's root emits, `draws` times: 3 i.i.d. drafts from q (repeats kept; or 3 draws without
+    replacement), a child per distinct token, each child with draws of its own, so an accepted child is a real tree
+    row."""
     generator = torch.Generator().manual_seed(0)
     p, q = P_ONE_STEP, Q_ONE_STEP
     counts = torch.zeros(6)
     for _ in range(draws):
-        drawn = verification.sample(q.expand(3, -1), generator).tolist()
+        drawn = (verification.without_replacement(q, 3, generator) if without_replacement
+                 else verification.sample(q.expand(3, -1), generator).tolist())
         distinct = list(dict.fromkeys(drawn))
         tokens = [9, *distinct]
         children = [list(range(1, len(tokens))), *[[] for _ in distinct]]
         path, next_token = verification.accept_tree_multi_candidate(
-            tokens, children, [drawn, *[[] for _ in distinct]], {0: q}, p.expand(len(tokens), -1), generator)
+            tokens, children, [drawn, *[[] for _ in distinct]], {0: q}, p.expand(len(tokens), -1), generator,
+            without_replacement)
         counts[tokens[path[0]] if path else next_token] += 1
     return counts
 
@@ -188,9 +191,18 @@ def test_chain_and_tree_rejection_sampling_keep_the_target_distribution():
         chain[int(drafted) if accepted else next_token] += 1
         path, next_token = verification.accept_tree_sampling(tokens, children, torch.stack([p, p, p]), generator)
         tree[tokens[path[0]] if path else next_token] += 1
-    for counts in (chain, tree, one_step_multi_candidate_counts(draws)):
+    for counts in (chain, tree, one_step_multi_candidate_counts(draws), one_step_multi_candidate_counts(draws, True)):
         statistic, critical = chi_square_test(counts, p)
         assert statistic < critical
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_draws_without_replacement_checked_against_q_with_the_rejected_draw_in_it_are_caught(monkeypatch):
+    """sampled_distinct's top-down check with q left unchanged after a rejection (as for i.i.d. draws): the next draw
+    came from q without the rejected token, so the chi-square test must reject it."""
+    monkeypatch.setattr(verification, "without_draw", lambda q, token: q)
+    statistic, critical = chi_square_test(one_step_multi_candidate_counts(20000, without_replacement=True), P_ONE_STEP)
+    assert statistic > critical, (statistic, critical)
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -262,9 +274,11 @@ def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tup
      pytest.param(DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=2, tree_top_k=2,
                                  tree_total_tokens=5, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow),
      DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=3, tree_top_k=3, tree_total_tokens=6,
-                    temperature=0.7, top_p=0.8, max_new_tokens=3)],
+                    temperature=0.7, top_p=0.8, max_new_tokens=3),
+     pytest.param(DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=3, tree_top_k=3,
+                                 tree_total_tokens=6, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow)],
     ids=["chain", "chain-top-p", "tree", "chain-confidence", "chain-cumulative-top-p", "sampled-tree",
-         "sampled-tree-T0.7-top-p"],
+         "sampled-tree-T0.7-top-p", "distinct-sampled-tree"],
 )
 def test_sampled_speculative_output_has_the_target_distribution(config):
     """End to end on a 5-token vocabulary: the joint distribution of 3 sampled tokens matches the target's exactly

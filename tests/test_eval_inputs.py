@@ -173,6 +173,14 @@ def test_sampled_tree_candidates_need_a_tree_and_sampling(tmp_path: Path, overri
         EvalRecipe(cfg).setup()
 
 
+def test_traversal_on_a_tree_of_iid_draws_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    cfg = compose("eval", [*FAST, "drafter_path=/nope", f"out_dir={tmp_path}", "eval.method=tree", "eval.temperature=1",
+                           "eval.tree_candidates=sampled", "eval.verification=traversal"])
+    with pytest.raises(UserError, match=r"^eval\.verification=traversal reads the distribution each child .* set "
+                                        r"eval\.tree_candidates=sampled_distinct \(draws without replacement\)$"):
+        EvalRecipe(cfg).setup()
+
+
 def test_a_dynamic_draft_length_with_a_tree_names_both_keys(tmp_path: Path) -> None:
     cfg = compose("eval", [*FAST, "drafter_path=/nope", f"out_dir={tmp_path}", "eval.method=tree",
                            "eval.draft_length=confidence"])

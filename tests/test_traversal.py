@@ -99,9 +99,9 @@ def test_traversal_check_catches_a_planted_bug(monkeypatch, planted_bug, draws):
                                 max_new_tokens=3, verification="traversal"), marks=pytest.mark.slow),
     pytest.param(DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=0.7,
                                 top_p=0.8, max_new_tokens=3, verification="traversal"), marks=pytest.mark.slow),
-    DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=2, tree_top_k=2, tree_total_tokens=5,
+    DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=2, tree_top_k=2, tree_total_tokens=5,
                    temperature=1.0, max_new_tokens=3, verification="traversal"),
-    pytest.param(DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=3, tree_top_k=3,
+    pytest.param(DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=3, tree_top_k=3,
                                 tree_total_tokens=6, temperature=0.7, top_p=0.8, max_new_tokens=3,
                                 verification="traversal"), marks=pytest.mark.slow),
 ], ids=["chain-T0.7-top-p", "chain", "tree", "tree-T0.7-top-p", "sampled-tree", "sampled-tree-T0.7-top-p"])
@@ -127,9 +127,10 @@ def test_greedy_traversal_equals_plain_decoding(tiny, method):
         assert decoder.generate(prompt).output_ids == plain
 
 
-def test_sampled_children_are_drawn_without_replacement_under_traversal():
-    """Traversal reads q_j, the distribution of a node's j-th draw given the earlier ones, as q without them: the
-    drafted tree must hold no repeated sibling, and without_replacement must draw in the exponential race's order."""
+def test_distinct_sampled_children_are_drawn_without_replacement():
+    """Traversal (and top-down over sampled_distinct) reads q_j, the distribution of a node's j-th draw given the
+    earlier ones, as q without them: the drafted tree must hold no repeated sibling, and without_replacement must draw
+    in the sequential order (first draw ~ q, second ~ q without the first)."""
     generator = torch.Generator().manual_seed(0)
     q = torch.tensor([0.6, 0.3, 0.1, 0.0])
     firsts, seconds_after_0 = torch.zeros(4), torch.zeros(4)
@@ -142,7 +143,7 @@ def test_sampled_children_are_drawn_without_replacement_under_traversal():
     assert chi_square_test(firsts, q)[0] < chi_square_test(firsts, q)[1]
     after_0 = verification.without_draw(q, 0)
     assert chi_square_test(seconds_after_0, after_0)[0] < chi_square_test(seconds_after_0, after_0)[1]
-    config = DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=3, tree_top_k=4, tree_total_tokens=12,
+    config = DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=3, tree_top_k=4, tree_total_tokens=12,
                             temperature=1.5, max_new_tokens=12, verification="traversal")
     decoder = Decoder(FrozenTarget(random_lm(scale=1.0)), LMDrafting(random_lm(scale=1.0, noise=0.5), "cpu"), config)
     trees, draft_sampled_tree = [], decoder.draft_sampled_tree
