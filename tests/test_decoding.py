@@ -276,9 +276,12 @@ def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tup
      DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=3, tree_top_k=3, tree_total_tokens=6,
                     temperature=0.7, top_p=0.8, max_new_tokens=3),
      pytest.param(DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=3, tree_top_k=3,
-                                 tree_total_tokens=6, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow)],
+                                 tree_total_tokens=6, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow),
+     pytest.param(DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=2, tree_top_k=2,
+                                 tree_total_tokens=5, temperature=0.7, top_p=0.8, max_new_tokens=3),
+                  marks=pytest.mark.slow)],
     ids=["chain", "chain-top-p", "tree", "chain-confidence", "chain-cumulative-top-p", "sampled-tree",
-         "sampled-tree-T0.7-top-p", "distinct-sampled-tree"],
+         "sampled-tree-T0.7-top-p", "distinct-sampled-tree", "distinct-sampled-tree-T0.7-top-p"],
 )
 def test_sampled_speculative_output_has_the_target_distribution(config):
     """End to end on a 5-token vocabulary: the joint distribution of 3 sampled tokens matches the target's exactly
@@ -325,8 +328,14 @@ def parallel_drafter(kind: str, target_model: LlamaForCausalLM):
      pytest.param(DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=0.7,
                                  top_p=0.8, max_new_tokens=3), marks=pytest.mark.slow),
      pytest.param(DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=2, tree_top_k=2,
-                                 tree_total_tokens=5, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow)],
-    ids=["chain", "chain-T0.7-top-p", "tree", "tree-T0.7-top-p", "sampled-tree"],
+                                 tree_total_tokens=5, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow),
+     pytest.param(DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3, verification="traversal"),
+                  marks=pytest.mark.slow),
+     pytest.param(DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=2, tree_top_k=2,
+                                 tree_total_tokens=5, temperature=0.7, top_p=0.8, max_new_tokens=3,
+                                 verification="traversal"), marks=pytest.mark.slow)],
+    ids=["chain", "chain-T0.7-top-p", "tree", "tree-T0.7-top-p", "sampled-tree", "chain-traversal",
+         "distinct-sampled-tree-traversal-T0.7-top-p"],
 )
 @pytest.mark.parametrize("kind", ["peagle", "dflash"])
 def test_a_parallel_drafter_keeps_the_target_distribution(kind, config):
