@@ -99,15 +99,16 @@ def test_traversal_check_catches_a_planted_bug(monkeypatch, planted_bug, draws):
                                 max_new_tokens=3, verification="traversal"), marks=pytest.mark.slow),
     pytest.param(DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=0.7,
                                 top_p=0.8, max_new_tokens=3, verification="traversal"), marks=pytest.mark.slow),
-    DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=2, tree_top_k=2, tree_total_tokens=5,
-                   temperature=1.0, max_new_tokens=3, verification="traversal"),
+    pytest.param(DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=2, tree_top_k=2,
+                                tree_total_tokens=5, temperature=1.0, max_new_tokens=3, verification="traversal"),
+                 marks=pytest.mark.slow),
     pytest.param(DecodingConfig(method="tree", tree_candidates="sampled_distinct", tree_depth=3, tree_top_k=3,
                                 tree_total_tokens=6, temperature=0.7, top_p=0.8, max_new_tokens=3,
                                 verification="traversal"), marks=pytest.mark.slow),
 ], ids=["chain-T0.7-top-p", "chain", "tree", "tree-T0.7-top-p", "sampled-tree", "sampled-tree-T0.7-top-p"])
 def test_traversal_decoding_keeps_the_target_distribution(config):
     """test_decoding's end-to-end G-test (the joint of 3 sampled tokens on a 5-token vocabulary) with traversal
-    verification."""
+    verification (-m slow: the verifier-level tests above run by default)."""
     target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
