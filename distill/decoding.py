@@ -167,8 +167,10 @@ def check_decoding(config: Any, group: str,
         raise UserError(f"{config_key(group, 'draft_length')}={DraftLength(config.draft_length).value} applies to "
                         f"chains only (an EAGLE-2 tree already sizes itself by the draft scores); set "
                         f"{config_key(group, 'method')}=chain or {config_key(group, 'draft_length')}=fixed")
+    if "tree_candidates" not in keys:  # a caller checking a subset (export: its gamma) has no tree settings
+        return
     candidates = TreeCandidates(config.tree_candidates)
-    if "tree_candidates" in keys and candidates.sampled_draws:
+    if candidates.sampled_draws:
         name = config_key(group, "tree_candidates")
         if Method(config.method) != Method.tree:
             raise UserError(f"{name}={candidates.value} applies to trees only; set {config_key(group, 'method')}=tree "
@@ -176,8 +178,8 @@ def check_decoding(config: Any, group: str,
         if config.temperature <= 0:
             raise UserError(f"{name}={candidates.value} draws children from the drafter's distribution, which needs "
                             f"sampling; set {config_key(group, 'temperature')} > 0 or {name}=top_k")
-    if ("verification" in keys and Verification(config.verification) == Verification.traversal
-            and candidates == TreeCandidates.sampled and Method(config.method) == Method.tree):
+    if (candidates == TreeCandidates.sampled and Method(config.method) == Method.tree
+            and Verification(config.verification) == Verification.traversal):
         raise UserError(f"{config_key(group, 'verification')}=traversal reads the distribution each child was drawn "
                         f"from given its earlier siblings, which repeated i.i.d. draws do not have; set "
                         f"{config_key(group, 'tree_candidates')}=sampled_distinct (draws without replacement)")
