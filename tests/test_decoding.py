@@ -264,13 +264,14 @@ def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tup
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize(
     "config",
-    [DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3),
+    [pytest.param(DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow),
      DecodingConfig(method="chain", gamma=2, temperature=0.8, top_p=0.9, max_new_tokens=3),
-     DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0, max_new_tokens=3),
+     pytest.param(DecodingConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=1.0,
+                                 max_new_tokens=3), marks=pytest.mark.slow),
      pytest.param(DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3,
                                  draft_length="confidence", draft_threshold=0.6), marks=pytest.mark.slow),
-     DecodingConfig(method="chain", gamma=2, temperature=0.7, top_p=0.8, max_new_tokens=3,
-                    draft_length="cumulative", draft_threshold=0.5),
+     pytest.param(DecodingConfig(method="chain", gamma=2, temperature=0.7, top_p=0.8, max_new_tokens=3,
+                                 draft_length="cumulative", draft_threshold=0.5), marks=pytest.mark.slow),
      pytest.param(DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=2, tree_top_k=2,
                                  tree_total_tokens=5, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow),
      DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=3, tree_top_k=3, tree_total_tokens=6,
@@ -337,7 +338,7 @@ def parallel_drafter(kind: str, target_model: LlamaForCausalLM):
     ids=["chain", "chain-T0.7-top-p", "tree", "tree-T0.7-top-p", "sampled-tree", "chain-traversal",
          "distinct-sampled-tree-traversal-T0.7-top-p"],
 )
-@pytest.mark.parametrize("kind", ["peagle", "dflash"])
+@pytest.mark.parametrize("kind", ["peagle", pytest.param("dflash", marks=pytest.mark.slow)])
 def test_a_parallel_drafter_keeps_the_target_distribution(kind, config):
     """The G-test of `test_sampled_speculative_output_has_the_target_distribution` with a parallel drafter, whose
     position-k draft is drawn from its marginal q_k (distill/decoding.py says why verifying against q_k is exact)."""
