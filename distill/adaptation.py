@@ -12,7 +12,6 @@ drafter changes only between turns, never inside one.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,16 @@ import torch
 from omegaconf import OmegaConf
 
 from specdistill.distill.decoding import Generation
-from specdistill.distill.drafters.registry import kind_of_folder, read_drafter_config, registered_kinds
+from specdistill.distill.drafters.registry import (kind_of_folder, read_drafter_config, registered_kinds,
+                                                   resolve_objective)
 from specdistill.distill.errors import UserError
 from specdistill.distill.outputs import json_text, replace_folder
 from specdistill.distill.target import FrozenTarget, TargetOutput
 
-log = logging.getLogger("specdistill.eval")
-
-
 def trained_objective(kind: Any, drafter_path: Path) -> Any:
     """The objective the drafter at `drafter_path` was trained with: its kind's default objective, with the values its
     resolved_config.yaml records (when the folder has one) for the fields that objective has."""
-    objective = kind.objectives[next(iter(kind.objectives))]()
+    objective = resolve_objective(kind, None)
     resolved = drafter_path / "resolved_config.yaml"
     if resolved.is_file():
         recorded = OmegaConf.to_container(OmegaConf.load(resolved).get("objective") or {}, resolve=True)

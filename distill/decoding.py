@@ -227,10 +227,11 @@ class TargetRecord:
         last = prefill.logits[:, -1:]
         self.logits = [last.new_zeros(1, prompt_length - 1, last.shape[-1]), last]
 
-    def add(self, output: TargetOutput, rows: torch.Tensor) -> None:
-        for layer_id, feature in output.features.items():
-            self.features[layer_id].append(feature[:, rows])
-        self.logits.append(output.logits[:, rows])
+    def add(self, features: dict[int, torch.Tensor], logits: torch.Tensor) -> None:
+        """A step's kept rows: the drafter's layers' features and the target's logits there."""
+        for layer_id, feature in features.items():
+            self.features[layer_id].append(feature)
+        self.logits.append(logits)
 
     def finish(self, length: int) -> TargetOutput:
         """→ [1, length, …] tensors: rows past the sequence's end (a step cut at EOS) dropped, a missing last row 0."""
@@ -416,9 +417,9 @@ class Decoder:
         return Tree(tokens[selected], selected_parents, depths[selected], ancestors, self.config.tree_depth - 1)
 
     def draft_sampled_tree(self, logits: torch.Tensor, generator) -> Tree:
-        """A tree of i.i.d. draws, or draws without replacement (module doc): level by level, the top_k best-scoring nodes of the last level (path
-        log-probability, as in EAGLE-2) are expanded, in score order, each with m = min(top_k, nodes left) draws from
-        its q; the distinct draws become its children."""
+        """A tree of i.i.d. draws, or draws without replacement (module doc): level by level, the top_k best-scoring
+        nodes of the last level (path log-probability, as in EAGLE-2) are expanded, in score order, each with
+        m = min(top_k, nodes left) draws from its q; the distinct draws become its children."""
         config, device = self.config, self.device
         budget = config.tree_total_tokens - 1
         tokens: list[int] = []
@@ -490,8 +491,7 @@ class Decoder:
         if self.greedy:
             accepted, next_token = verification.accept_chain_greedy(drafted, logits)
         elif self.config.verification == Verification.traversal:  # a chain is a tree with one child per row
-            rows = len(drafted) + 1
-            chain_children = [[row + 1] for row in range(rows - 1)] + [[]]
+            chain_children = [[row + 1] for row in range(len(drafted))] + [[]]
             path, next_token = verification.accept_tree_traversal(
                 [root, *drafted.tolist()], chain_children, self._probs(logits), dict(enumerate(draft_probs)),
                 generator)
@@ -585,11 +585,12 @@ class Decoder:
             done = self._commit(result, committed)
             _sync(self.device)
             verified = time.perf_counter()
-            rows_tensor = torch.tensor(rows, device=self.device)
-            if record is not None:
-                record.add(output, rows_tensor)
-            if not done:  # the drafter catches up on the accepted tokens with the target's features of them
+            if record is not None or not done:  # the features of the rows that stay, once for both
+                rows_tensor = torch.tensor(rows, device=self.device)
                 features = {layer_id: feature[:, rows_tensor] for layer_id, feature in output.features.items()}
+                if record is not None:
+                    record.add(features, output.logits[:, rows_tensor])
+            if not done:  # the drafter catches up on the accepted tokens with the target's features of them
                 draft_logits = self.proposer.extend(torch.tensor([committed], device=self.device), features)
                 result.drafter_calls += self.proposer.calls_per_commit
                 _sync(self.device)

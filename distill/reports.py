@@ -22,8 +22,9 @@ breakdown), `per_category` (category → {"tau",
 selection (eval.selection=hedge) adds `selection` ({"method": "hedge", "members": {drafter: {"lead_fraction",
 "first_position_acceptance"}}, "regret_per_category": {category: {"oracle", "oracle_tau", "tau", "regret"}},
 "best_fixed", "regret_overall"}). The row of online adaptation (eval.adaptation=online) adds `adaptation`
-({"method": "online", "lr", "steps_per_update", "updates", "update_seconds" (training time, not in tokens/s), "stream_prompts", "held_out_prompts", "tau_stream",
-"frozen_tau_stream", "tau_held_out", "frozen_tau_held_out", "saved_to"}). A number that does not apply (a baseline's τ) or is not finite is null.
+({"method": "online", "lr", "steps_per_update", "updates", "update_seconds" (training time, not in tokens/s),
+"stream_prompts", "held_out_prompts", "tau_stream", "frozen_tau_stream", "tau_held_out", "frozen_tau_held_out",
+"saved_to"}). A number that does not apply (a baseline's τ) or is not finite is null.
 """
 
 from __future__ import annotations

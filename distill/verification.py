@@ -193,9 +193,11 @@ def accept_tree_traversal(
             accepted = visit(child, path_weight(weight, float(p[token]), 1.0 if q is None else float(q[token])))
             if accepted is not None:
                 return [child, *accepted[0]], accepted[1]
-            one_hot = torch.zeros_like(p).index_fill_(0, torch.tensor([token], device=p.device), 1.0)
-            weight, p = block_residual(weight, p, one_hot if q is None else q)
-            if q is not None:
+            if q is None:  # a deterministic child: it was drawn from the one-hot at its token
+                weight, p = block_residual(weight, p, torch.zeros_like(p).index_fill_(
+                    0, torch.tensor([token], device=p.device), 1.0))
+            else:
+                weight, p = block_residual(weight, p, q)
                 q = without_draw(q, token)
         if row == 0 or float(torch.rand((), generator=generator, device=probs.device)) < weight:
             return [], int(sample(p, generator))  # the root is always accepted

@@ -219,9 +219,9 @@ class EvalRecipe:
         self.prompt_ids = [self.prompt_ids[index] for index in indices]
 
     def _drafting(self, name: str):
-        """A row's drafter: a loaded one, or the online row's adapted one as it is now."""
+        """A row's drafter: a loaded one, or the online row's adapted one as it is now (its decoder's)."""
         if self.online is not None and name == self.online.name:
-            return self.online.adapter.drafting()
+            return self.online.decoder.proposer
         return self.drafters[name]
 
     def _decoder(self, path: str | None, greedy: bool = False) -> Decoder:

@@ -118,11 +118,11 @@ def _adaptation_lines(results: list[dict]) -> list[str]:
             continue
         lines += ["", "## Online drafter adaptation (OnlineSpec / OSD)", "",
                   f"lr {adaptation['lr']:g}, {adaptation['steps_per_update']} step(s) per decoded turn, "
-                  f"{adaptation['updates']} updates ({adaptation['update_seconds']:.1f} s of training, not in tokens/s); saved "
-                  f"in {adaptation['saved_to']}/.", "",
+                  f"{adaptation['updates']} updates ({adaptation['update_seconds']:.1f} s of training, not in "
+                  f"tokens/s); saved in {adaptation['saved_to']}/.", "",
                   "| prompts | frozen τ | adapted τ |", "|---|---|---|",
-                  f"| stream ({adaptation['stream_prompts']}, learned from) | {_num(adaptation['frozen_tau_stream'], '.3f')} "
-                  f"| {_num(adaptation['tau_stream'], '.3f')} |",
+                  f"| stream ({adaptation['stream_prompts']}, learned from) | "
+                  f"{_num(adaptation['frozen_tau_stream'], '.3f')} | {_num(adaptation['tau_stream'], '.3f')} |",
                   f"| held out ({adaptation['held_out_prompts']}, adapted weights frozen) | "
                   f"{_num(adaptation['frozen_tau_held_out'], '.3f')} | {_num(adaptation['tau_held_out'], '.3f')} |"]
     return lines

@@ -287,6 +287,11 @@ def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tup
 def test_sampled_speculative_output_has_the_target_distribution(config):
     """End to end on a 5-token vocabulary: the joint distribution of 3 sampled tokens matches the target's exactly
     computed one (chi-square at p = 0.001 with a fixed seed), for fixed and dynamic draft lengths."""
+    assert_sampled_output_has_the_target_distribution(config)
+
+
+def assert_sampled_output_has_the_target_distribution(config: DecodingConfig) -> None:
+    """The end-to-end G-test above, for any decoding config (tests/test_traversal.py runs it with traversal)."""
     target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()

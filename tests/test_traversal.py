@@ -11,7 +11,8 @@ from specdistill.distill import verification
 from specdistill.distill.decoding import Decoder, DecodingConfig
 from specdistill.distill.drafters.token_lm import LMDrafting
 from specdistill.distill.target import FrozenTarget
-from tests.test_decoding import chi_square_test, exact_joint, plain_outputs, random_lm, sampled_joint_counts, untrained
+from tests.test_decoding import (assert_sampled_output_has_the_target_distribution, chi_square_test, plain_outputs,
+                                 random_lm, untrained)
 
 # A two-level problem over 4 tokens: the target's p at the root and after each first token, the drafter's q alike.
 P_ROOT = torch.tensor([0.1, 0.4, 0.3, 0.2])
@@ -109,14 +110,7 @@ def test_traversal_check_catches_a_planted_bug(monkeypatch, planted_bug, draws):
 def test_traversal_decoding_keeps_the_target_distribution(config):
     """test_decoding's end-to-end G-test (the joint of 3 sampled tokens on a 5-token vocabulary) with traversal
     verification (-m slow: the verifier-level tests above run by default)."""
-    target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
-    prompt, draws = [1, 2, 3], 4000
-    exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
-    decoder = Decoder(FrozenTarget(target_model), LMDrafting(drafter_model, "cpu"), config)
-    counts, acceptance = sampled_joint_counts(decoder, prompt, draws)
-    assert 0.2 < acceptance < 0.9, "drafts must be accepted and rejected often, or the test proves little"
-    statistic, critical = chi_square_test(counts, exact)
-    assert statistic < critical, (statistic, critical)
+    assert_sampled_output_has_the_target_distribution(config)
 
 
 @pytest.mark.parametrize("method", ["chain", "tree"])
