@@ -161,13 +161,19 @@ def path_weight(parent_weight: float, p_token: float, q_token: float) -> float:
     return min(1.0, parent_weight * p_token / q_token)
 
 
-def block_residual(weight: float, p: torch.Tensor, drawn_from: torch.Tensor) -> tuple[float, torch.Tensor]:
+def block_residual(
+    weight: float, p: torch.Tensor, drawn_from: torch.Tensor, outside: float = 0.0
+) -> tuple[float, torch.Tensor, float]:
     """Traversal: a row's (weight, p) after its child drawn from `drawn_from` is deleted: s = Σ max(0, w·p − q_j),
-    w ← s / (s + 1 − w), p ← max(0, w·p − q_j) / s. s = 0 (w·p ≤ q_j everywhere) gives weight 0; p is then kept, as
-    residual_distribution keeps it."""
+    w ← s / (s + 1 − w), p ← max(0, w·p − q_j) / s. `p` and `drawn_from` may cover only the tokens q_j can give,
+    `outside` being p's mass on the others: there the residual is w·p, so that mass becomes w·outside / s and its shape
+    stays p's. s = 0 (w·p ≤ q_j everywhere) gives weight 0; p is then kept, as residual_distribution keeps it.
+    Returns (weight, p, outside)."""
     residual = (weight * p - drawn_from).clamp_min(0.0)
-    mass = float(residual.sum())
-    return (mass / (mass + 1.0 - weight), residual / mass) if mass > 0 else (0.0, p)
+    mass = float(residual.sum()) + weight * outside
+    if mass <= 0:
+        return 0.0, p, outside
+    return mass / (mass + 1.0 - weight), residual / mass, weight * outside / mass
 
 
 def without_draw(q: torch.Tensor, token: int) -> torch.Tensor:
@@ -182,25 +188,42 @@ def accept_tree_traversal(
 ) -> tuple[list[int], int]:
     """Traversal verification (module doc). `children[row]` in draw order; `draft_probs[row]` the q that row's
     children were drawn from without replacement, a row absent from it has deterministic children (q_j one-hot);
-    probs [rows, V] the target's distribution after each row."""
+    probs [rows, V] the target's distribution after each row.
+
+    A row with top-k children keeps its residual on their k tokens plus one number, p's mass on the rest
+    (block_residual): a deleted child costs O(k) instead of O(V), and the full residual is built only to sample a
+    bonus from it."""
+
+    def kept(row: int, weight: float) -> bool:
+        return row == 0 or float(torch.rand((), generator=generator, device=probs.device)) < weight  # root: always
 
     def visit(row: int, weight: float) -> tuple[list[int], int] | None:
         """Verify row's subtree, row holding path weight `weight` → (accepted rows below row, bonus), or None when row
         itself is deleted. Depth-first in draw order, so the first leaf is always tried first."""
-        p, q = probs[row], draft_probs.get(row)
-        for child in children[row]:
-            token = tokens[child]
-            accepted = visit(child, path_weight(weight, float(p[token]), 1.0 if q is None else float(q[token])))
+        p_row, q, kids = probs[row], draft_probs.get(row), children[row]
+        if not kids:
+            return ([], int(sample(p_row, generator))) if kept(row, weight) else None
+        if q is None:  # top-k children: the residual kept on their k tokens, p_row's mass on the rest as one number
+            support = torch.tensor([tokens[child] for child in kids], device=probs.device)
+            positions, p = range(len(kids)), p_row[support]
+            outside = first_outside = max(0.0, 1.0 - float(p.sum()))
+        else:  # drawn children: q covers (nearly) the vocabulary, so does the residual
+            positions, p, outside = [tokens[child] for child in kids], p_row, 0.0
+        for child, position in zip(kids, positions):
+            accepted = visit(child, path_weight(weight, float(p[position]), 1.0 if q is None else float(q[position])))
             if accepted is not None:
                 return [child, *accepted[0]], accepted[1]
             if q is None:  # a deterministic child: it was drawn from the one-hot at its token
-                weight, p = block_residual(weight, p, torch.zeros_like(p).index_fill_(
-                    0, torch.tensor([token], device=p.device), 1.0))
+                one_hot = torch.zeros_like(p).index_fill_(0, torch.tensor([position], device=p.device), 1.0)
+                weight, p, outside = block_residual(weight, p, one_hot, outside)
             else:
-                weight, p = block_residual(weight, p, q)
-                q = without_draw(q, token)
-        if row == 0 or float(torch.rand((), generator=generator, device=probs.device)) < weight:
-            return [], int(sample(p, generator))  # the root is always accepted
-        return None
+                weight, p, outside = block_residual(weight, p, q, outside)
+                q = without_draw(q, position)
+        if not kept(row, weight):
+            return None
+        if q is None:  # every child deleted: the bonus comes from the residual, p_row's shape off the k tokens
+            off_support = p_row * (outside / first_outside) if first_outside > 0 else torch.zeros_like(p_row)
+            p = off_support.index_put((support,), p)
+        return [], int(sample(p, generator))
 
     return visit(0, 1.0)

@@ -19,14 +19,19 @@ P_ROOT = torch.tensor([0.1, 0.4, 0.3, 0.2])
 P_AFTER = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.2, 0.2, 0.5, 0.1], [0.05, 0.05, 0.1, 0.8], [0.25, 0.25, 0.25, 0.25]])
 Q_ROOT = torch.tensor([0.3, 0.2, 0.4, 0.1])
 Q_AFTER = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1], [0.3, 0.3, 0.2, 0.2], [0.1, 0.6, 0.2, 0.1]])
+# q that gives some tokens no mass, as an EAGLE-3 draft vocabulary or a top-p cut does
+Q_ROOT_SPARSE = torch.tensor([0.5, 0.0, 0.3, 0.2])
+Q_AFTER_SPARSE = torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.0, 0.2, 0.8, 0.0], [0.3, 0.0, 0.3, 0.4], [0.0, 0.9, 0.1, 0.0]])
 EXACT_PAIRS = (P_ROOT[:, None] * P_AFTER).flatten()  # P(first, second) under the target
 
 
 def two_level_counts(children_kind: str, draws: int) -> torch.Tensor:
     """Counts of the 16 (first, second) token pairs over `draws` verifications of a depth-2 tree: `chain` one sampled
     child per row, `top_k` the two most likely children of q (deterministic: no q passed), `sampled` two draws
-    without replacement. A pair the verifier leaves unfinished is completed from the target."""
+    without replacement (`sampled_sparse`: from a q with zeros). A pair the verifier leaves unfinished is completed
+    from the target."""
     generator = torch.Generator().manual_seed(0)
+    q_root, q_after = (Q_ROOT_SPARSE, Q_AFTER_SPARSE) if children_kind == "sampled_sparse" else (Q_ROOT, Q_AFTER)
     width = 1 if children_kind == "chain" else 2
 
     def draft(q: torch.Tensor) -> list[int]:
@@ -37,13 +42,13 @@ def two_level_counts(children_kind: str, draws: int) -> torch.Tensor:
     for _ in range(draws):
         tokens, children, rows, draft_probs = [9], [[]], [P_ROOT], {}
         if children_kind != "top_k":
-            draft_probs[0] = Q_ROOT
-        for first in draft(Q_ROOT):
+            draft_probs[0] = q_root
+        for first in draft(q_root):
             row = len(tokens)
             tokens.append(first), children.append([]), children[0].append(row), rows.append(P_AFTER[first])
             if children_kind != "top_k":
-                draft_probs[row] = Q_AFTER[first]
-            for second in draft(Q_AFTER[first]):
+                draft_probs[row] = q_after[first]
+            for second in draft(q_after[first]):
                 children[row].append(len(tokens))
                 tokens.append(second), children.append([]), rows.append(torch.full((4,), 0.25))
         path, next_token = verification.accept_tree_traversal(tokens, children, torch.stack(rows), draft_probs,
@@ -56,7 +61,7 @@ def two_level_counts(children_kind: str, draws: int) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("children_kind", ["chain", "top_k", "sampled"])
+@pytest.mark.parametrize("children_kind", ["chain", "top_k", "sampled", "sampled_sparse"])
 def test_traversal_verification_keeps_the_target_distribution(children_kind):
     statistic, critical = chi_square_test(two_level_counts(children_kind, 10000), EXACT_PAIRS)
     assert statistic < critical, (statistic, critical)
@@ -66,27 +71,34 @@ def without_parent_weight(weight: float, p_token: float, q_token: float) -> floa
     return min(1.0, p_token / q_token)  # a token-level test: a leaf accepted whatever its ancestors' odds
 
 
-def weight_kept(weight: float, p: torch.Tensor, drawn_from: torch.Tensor) -> tuple[float, torch.Tensor]:
-    return weight, BLOCK_RESIDUAL(weight, p, drawn_from)[1]
+def weight_kept(weight: float, p: torch.Tensor, drawn_from: torch.Tensor, outside: float = 0.0):
+    return weight, *BLOCK_RESIDUAL(weight, p, drawn_from, outside)[1:]
 
 
-def residual_from_p(weight: float, p: torch.Tensor, drawn_from: torch.Tensor) -> tuple[float, torch.Tensor]:
-    return BLOCK_RESIDUAL(1.0, p, drawn_from)  # forgets the row's path weight
+def residual_from_p(weight: float, p: torch.Tensor, drawn_from: torch.Tensor, outside: float = 0.0):
+    return BLOCK_RESIDUAL(1.0, p, drawn_from, outside)  # forgets the row's path weight
+
+
+def outside_dropped(weight: float, p: torch.Tensor, drawn_from: torch.Tensor, outside: float = 0.0):
+    return BLOCK_RESIDUAL(weight, p, drawn_from)  # the residual's mass off the drawn tokens' support forgotten
 
 
 BLOCK_RESIDUAL = verification.block_residual
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("planted_bug, draws", [
-    (("path_weight", without_parent_weight), 4000),
-    (("block_residual", weight_kept), 4000),
-    (("block_residual", residual_from_p), 4000),
-    (("without_draw", lambda q, token: q), 20000),  # the next sibling checked against q with the rejected draw in it
-], ids=["token-level weight", "parent weight kept", "residual from p", "q keeps the rejected draw"])
-def test_traversal_check_catches_a_planted_bug(monkeypatch, planted_bug, draws):
+@pytest.mark.parametrize("planted_bug, children_kind, draws", [
+    (("path_weight", without_parent_weight), "sampled", 4000),
+    (("block_residual", weight_kept), "sampled", 4000),
+    (("block_residual", residual_from_p), "sampled", 4000),
+    (("block_residual", outside_dropped), "top_k", 4000),  # top-k children: a row's support is its children's tokens
+    (("without_draw", lambda q, token: q), "sampled", 20000),  # the next sibling checked against q with the rejected
+    # draw in it
+], ids=["token-level weight", "parent weight kept", "residual from p", "mass off the support dropped",
+        "q keeps the rejected draw"])
+def test_traversal_check_catches_a_planted_bug(monkeypatch, planted_bug, children_kind, draws):
     monkeypatch.setattr(verification, *planted_bug)
-    statistic, critical = chi_square_test(two_level_counts("sampled", draws), EXACT_PAIRS)
+    statistic, critical = chi_square_test(two_level_counts(children_kind, draws), EXACT_PAIRS)
     assert statistic > critical, (statistic, critical)
 
 
