@@ -86,7 +86,7 @@ class DraftLength(str, Enum):
     """How many tokens a chain step drafts: always gamma, or fewer when the drafter is unsure (`draft_chain`)."""
 
     fixed = "fixed"
-    confidence = "confidence"  # stop before a position whose top draft probability is below draft_threshold
+    confidence = "confidence"  # stop after a position whose top draft probability is below draft_threshold
     cumulative = "cumulative"  # stop when the product of the top probabilities so far is below draft_threshold
     learned = "learned"  # stop when the product of the stop head's acceptance estimates is below draft_threshold
 
@@ -350,12 +350,13 @@ class Decoder:
     def draft_chain(self, logits: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Up to γ tokens, each the drafter's argmax (greedy) or a sample from its distribution q → (tokens, q).
 
-        A dynamic draft length stops the chain before position k > 1 when the drafter is unsure there: its top
+        A dynamic draft length ends the chain after position k < γ when the drafter is unsure there: its top
         probability p_k = max q_k (confidence; q_k at temperature 1 when greedy) or the running product p_1 ⋯ p_k,
         an estimate of the chance that all k drafts are accepted (cumulative), is below draft_threshold; learned
-        (SpecDec++) takes that product over the stop head's estimates a_k = P(draft k accepted) instead. The rule
-        reads the drafter only, never the target, and every drafted prefix is verified exactly, so output stays
-        lossless; what it saves is the drafter calls and verified positions that would likely be rejected."""
+        (SpecDec++) takes that product over the stop head's estimates a_k = P(draft k accepted) instead. Token k is
+        kept (its drafter forward is already paid); the forward for k + 1 is the one saved, with its verified position.
+        The rule reads the drafter only, never the target, and every drafted prefix is verified exactly, so output
+        stays lossless."""
         config = self.config
         dynamic = config.draft_length != DraftLength.fixed
         tokens, draft_probs = [], []
@@ -363,21 +364,22 @@ class Decoder:
         last_row = torch.tensor([-1], device=self.device)
         for position in range(config.gamma):
             probs = None if self.greedy else self._probs(logits)
-            if config.draft_length == DraftLength.learned:
-                chain_confidence *= self.proposer.acceptance()
-            elif dynamic:
-                top = float((torch.softmax(logits.float(), dim=-1) if probs is None else probs).max())
-                chain_confidence = top if config.draft_length == DraftLength.confidence else chain_confidence * top
-            if dynamic and position > 0 and chain_confidence < config.draft_threshold:
-                break
             if probs is None:
                 token = logits.argmax(dim=-1, keepdim=True)
             else:
                 draft_probs.append(probs)
                 token = verification.sample(probs, generator)[None]
             tokens.append(token)
-            if position + 1 < config.gamma:
-                logits = self.proposer.step(token, last_row, depth=position + 1, block=None)[-1]
+            if position + 1 == config.gamma:
+                break
+            if config.draft_length == DraftLength.learned:
+                chain_confidence *= self.proposer.acceptance()
+            elif dynamic:
+                top = float((torch.softmax(logits.float(), dim=-1) if probs is None else probs).max())
+                chain_confidence = top if config.draft_length == DraftLength.confidence else chain_confidence * top
+            if dynamic and chain_confidence < config.draft_threshold:
+                break
+            logits = self.proposer.step(token, last_row, depth=position + 1, block=None)[-1]
         return torch.cat(tokens), (torch.stack(draft_probs) if draft_probs else None)
 
     def draft_tree(self, logits: torch.Tensor) -> Tree:
@@ -558,9 +560,9 @@ class Decoder:
             draft_started = time.perf_counter()
             if config.method == Method.chain:
                 drafted, draft_probs = self.draft_chain(draft_logits, generator)
-                # a chain cut short also ran the drafter for the position it stopped before (to read its confidence);
-                # a parallel drafter drafted the whole chain in its begin/extend call
-                result.drafter_calls += 0 if self.proposer.parallel else min(len(drafted), config.gamma - 1)
+                # one drafter forward per token after the first (its logits came with the last catch-up); a parallel
+                # drafter drafted the whole chain in its begin/extend call
+                result.drafter_calls += 0 if self.proposer.parallel else len(drafted) - 1
                 result.draft_lengths.append(len(drafted))
                 reachable = len(drafted)
                 _sync(self.device)

@@ -126,13 +126,14 @@ def test_greedy_equals_plain_decoding_with_a_dynamic_draft_length(draft_length, 
         assert len(generation.draft_lengths) == len(generation.accept_lengths)
         assert generation.reached[0] == len(generation.accept_lengths)  # every step drafts at least one token
         assert sum(generation.reached) <= sum(generation.draft_lengths)
-        # begin, each chain's steps (a cut chain's include the position it stopped before), a catch-up per step but the last
-        chain_steps = sum(min(length, config.gamma - 1) for length in generation.draft_lengths)
+        # begin, each chain's steps (one fewer than its tokens: a cut chain keeps the token it stopped after), a catch-up
+        # per step but the last
+        chain_steps = sum(length - 1 for length in generation.draft_lengths)
         assert generation.drafter_calls == 1 + chain_steps + len(generation.accept_lengths) - 1
         lengths += generation.draft_lengths
         fixed_generation = Decoder(target, LMDrafting(drafter_model, "cpu"), fixed).generate(prompt)
         assert fixed_generation.draft_lengths == [4] * len(fixed_generation.accept_lengths)
-    assert min(lengths) == 1 and max(lengths) == 4, lengths  # the rule both cut chains and let them run
+    assert min(lengths) < 4 and max(lengths) == 4, lengths  # the rule both cut chains and let them run
 
 
 # ---- sampling keeps the target's distribution ---------------------------------------------------------------
@@ -271,7 +272,7 @@ def sampled_joint_counts(decoder: Decoder, prompt: list[int], draws: int) -> tup
      pytest.param(DecodingConfig(method="chain", gamma=2, temperature=1.0, max_new_tokens=3,
                                  draft_length="confidence", draft_threshold=0.6), marks=pytest.mark.slow),
      pytest.param(DecodingConfig(method="chain", gamma=2, temperature=0.7, top_p=0.8, max_new_tokens=3,
-                                 draft_length="cumulative", draft_threshold=0.5), marks=pytest.mark.slow),
+                                 draft_length="cumulative", draft_threshold=0.7), marks=pytest.mark.slow),
      pytest.param(DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=2, tree_top_k=2,
                                  tree_total_tokens=5, temperature=1.0, max_new_tokens=3), marks=pytest.mark.slow),
      DecodingConfig(method="tree", tree_candidates="sampled", tree_depth=3, tree_top_k=3, tree_total_tokens=6,

@@ -110,7 +110,7 @@ def test_a_chain_cut_by_learned_estimates_keeps_the_target_distribution(temperat
     learned rule cuts at one or two tokens."""
     target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
     config = DecodingConfig(method="chain", gamma=2, temperature=temperature, top_p=top_p, max_new_tokens=3,
-                            draft_length="learned", draft_threshold=0.35)
+                            draft_length="learned", draft_threshold=0.7)
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, temperature, top_p).flatten()
     decoder = Decoder(FrozenTarget(target_model), EstimatingLM(drafter_model, "cpu"), config)
