@@ -6,6 +6,8 @@ the rest), tokens/s, the speedup over plain decoding and each drafter's speedup 
     python benchmarks/parallel_drafters.py --out-dir runs/parallel --target toy \
         --drafter EAGLE-3=runs/method_table/eagle3/train_0/drafter --drafter P-EAGLE=runs/.../peagle/train_0/drafter \
         --drafter DFlash=runs/.../dflash/train_0/drafter [--gamma 5] [--num-prompts 20] [--max-new-tokens 96]
+    python benchmarks/parallel_drafters.py --out-dir runs/parallel_smollm2 --target smollm2_135m_instruct \
+        --drafter ... --override bench=mt_bench bench.num_turns=1 eval.selection=hedge    # the real bed, + hedge
 
 Writes <out-dir>/parallel_drafters.md (the table in BENCHMARKS.md) beside each eval's report.
 """
@@ -29,6 +31,8 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=5)
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--override", nargs="*", default=[], help="more eval overrides (after bench=toy, so "
+                        "bench=mt_bench replaces it)")
     args = parser.parse_args()
     labels, paths = zip(*(entry.split("=", 1) for entry in args.drafter))
     label_of = {str(Path(path).resolve()): label for label, path in zip(labels, paths)}
@@ -43,7 +47,7 @@ def main() -> None:
             specdistill("eval", f"target={args.target}", "bench=toy", f"drafter_path=[{drafters}]",
                         f"eval.num_prompts={args.num_prompts}", f"eval.max_new_tokens={args.max_new_tokens}",
                         f"eval.gamma={args.gamma}", f"eval.temperature={temperature}", "eval.hf_baselines=false",
-                        f"out_dir={eval_dir}", log=out_dir / f"eval_t{temperature:g}.log")
+                        f"out_dir={eval_dir}", *args.override, log=out_dir / f"eval_t{temperature:g}.log")
         rows = [row for row in read_report(eval_dir, "eval out_dir")["rows"] if row["drafter"] in label_of]
         first = rows[0]["speedup"]
         for row in rows:
@@ -51,8 +55,8 @@ def main() -> None:
                          f"{row['round_ms']['draft']:.1f} | {row['round_ms']['verify']:.1f} | "
                          f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}× | {row['speedup'] / first:.2f} |")
         assert all(row["lossless_check"] == "passed" for row in rows), "a lossless check failed"
-    lines.append(f"\nTarget: {args.target}; γ = {args.gamma}; {args.num_prompts} toy-bench prompts × "
-                 f"{args.max_new_tokens} new tokens. Machine: {platform.processor() or platform.machine()}, "
+    lines.append(f"\nTarget: {args.target}; γ = {args.gamma}; {args.num_prompts} prompts × "
+                 f"{args.max_new_tokens} new tokens; overrides: {' '.join(args.override) or 'none'}. Machine: {platform.processor() or platform.machine()}, "
                  f"{platform.platform()}; date: {time.strftime('%Y-%m-%d')}.")
     table = "\n".join(lines)
     (out_dir / "parallel_drafters.md").write_text(table + "\n")
