@@ -58,7 +58,8 @@ def main() -> None:
         # MT-Bench's eval skips the check unless eval.verify_lossless=true; the lossless column says which
         assert not any(row["lossless_check"] == "failed" for row in rows), "a lossless check failed"
     lines.append(f"\nTarget: {args.target}; γ = {args.gamma}; {args.num_prompts} prompts × "
-                 f"{args.max_new_tokens} new tokens; overrides: {' '.join(args.override) or 'none'}. Machine: {platform.processor() or platform.machine()}, "
+                 f"{args.max_new_tokens} new tokens; overrides: {' '.join(args.override) or 'none'}. "
+                 f"Machine: {platform.processor() or platform.machine()}, "
                  f"{platform.platform()}; date: {time.strftime('%Y-%m-%d')}.")
     table = "\n".join(lines)
     (out_dir / "parallel_drafters.md").write_text(table + "\n")

@@ -26,6 +26,7 @@ from specdistill.distill.errors import UserError
 from specdistill.distill.outputs import json_text, replace_folder
 from specdistill.distill.target import FrozenTarget, TargetOutput
 
+
 def trained_objective(kind: Any, drafter_path: Path) -> Any:
     """The objective the drafter at `drafter_path` was trained with: its kind's default objective, with the values its
     resolved_config.yaml records (when the folder has one) for the fields that objective has."""

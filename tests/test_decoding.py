@@ -126,8 +126,8 @@ def test_greedy_equals_plain_decoding_with_a_dynamic_draft_length(draft_length, 
         assert len(generation.draft_lengths) == len(generation.accept_lengths)
         assert generation.reached[0] == len(generation.accept_lengths)  # every step drafts at least one token
         assert sum(generation.reached) <= sum(generation.draft_lengths)
-        # begin, each chain's steps (one fewer than its tokens: a cut chain keeps the token it stopped after), a catch-up
-        # per step but the last
+        # begin, each chain's steps (one fewer than its tokens: a cut chain keeps the token it stopped after), a
+        # catch-up per step but the last
         chain_steps = sum(length - 1 for length in generation.draft_lengths)
         assert generation.drafter_calls == 1 + chain_steps + len(generation.accept_lengths) - 1
         lengths += generation.draft_lengths
@@ -291,12 +291,13 @@ def test_sampled_speculative_output_has_the_target_distribution(config):
     assert_sampled_output_has_the_target_distribution(config)
 
 
-def assert_sampled_output_has_the_target_distribution(config: DecodingConfig) -> None:
-    """The end-to-end G-test above, for any decoding config (tests/test_traversal.py runs it with traversal)."""
+def assert_sampled_output_has_the_target_distribution(config: DecodingConfig, drafting: type = LMDrafting) -> None:
+    """The end-to-end G-test above, for any decoding config (tests/test_traversal.py runs it with traversal) and any
+    token-level drafting class (tests/test_stop_head.py: one with a stand-in stop head)."""
     target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
     prompt, draws = [1, 2, 3], 4000
     exact = exact_joint(target_model, prompt, 3, config.temperature, config.top_p).flatten()
-    decoder = Decoder(FrozenTarget(target_model), LMDrafting(drafter_model, "cpu"), config)
+    decoder = Decoder(FrozenTarget(target_model), drafting(drafter_model, "cpu"), config)
     counts, acceptance = sampled_joint_counts(decoder, prompt, draws)
     assert 0.2 < acceptance < 0.9, "drafts must be accepted and rejected often, or the test proves little"
     if config.draft_length != "fixed":  # the rule must both stop chains early and let them run, or it proves little

@@ -16,10 +16,9 @@ from specdistill.distill.drafters import drafter_kind, load_drafting
 from specdistill.distill.drafters.feature import BuildContext
 from specdistill.distill.drafters.token_lm import LMDrafting
 from specdistill.distill.errors import UserError
-from specdistill.distill.target import FrozenTarget
 from specdistill.train import train as train_module  # registers the train schema for `compose`
 from tests.conftest import EAGLE3_FAST, TRAIN_FAST, compose
-from tests.test_decoding import chi_square_test, exact_joint, plain_outputs, random_lm, sampled_joint_counts
+from tests.test_decoding import assert_sampled_output_has_the_target_distribution, plain_outputs
 
 SHORT = [*TRAIN_FAST, "drafter=eagle3", "objective=eagle3", *EAGLE3_FAST, "drafter.feature_layers=[0,1]",
          "train.max_steps=6", "train.eval_every=6",
@@ -108,17 +107,6 @@ class EstimatingLM(LMDrafting):
 def test_a_chain_cut_by_learned_estimates_keeps_the_target_distribution(temperature, top_p):
     """test_decoding's G-test (joint distribution of 3 sampled tokens, chi-square at p = 0.001) with chains the
     learned rule cuts at one or two tokens."""
-    target_model, drafter_model = random_lm(scale=60.0), random_lm(scale=30.0, noise=0.5)
     config = DecodingConfig(method="chain", gamma=2, temperature=temperature, top_p=top_p, max_new_tokens=3,
                             draft_length="learned", draft_threshold=0.7)
-    prompt, draws = [1, 2, 3], 4000
-    exact = exact_joint(target_model, prompt, 3, temperature, top_p).flatten()
-    decoder = Decoder(FrozenTarget(target_model), EstimatingLM(drafter_model, "cpu"), config)
-    counts, acceptance = sampled_joint_counts(decoder, prompt, draws)
-    assert 0.2 < acceptance < 0.9, "drafts must be accepted and rejected often, or the test proves little"
-    generator = torch.Generator().manual_seed(1)
-    lengths = {length for _ in range(50) for length in decoder.generate(prompt, generator).draft_lengths}
-    assert lengths == {1, 2}, lengths
-    statistic, critical = chi_square_test(counts, exact)
-    print("learned chain chi-square", round(statistic, 1), "critical", round(critical, 1))
-    assert statistic < critical
+    assert_sampled_output_has_the_target_distribution(config, EstimatingLM)
