@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, one CUDA GPU, under 8 minutes on one H200 (each step has its own time limit):
-#   1. python -m pytest -m gpu -v        tests/test_gpu.py: bf16 ZeRO-2 / FSDP training on NCCL, bf16 lossless
+#   1. python -m pytest tests/test_gpu.py -m gpu -v: bf16 ZeRO-2 / FSDP training on NCCL, bf16 lossless
 #                                        decoding, the 8B-shape speed checks                      (≤ 300 s)
 #   2. benchmarks/eval_speed.py --shape llama8b   decoding tokens/s of every method, random 8B bf16    (≤ 80 s)
 #   3. benchmarks/train_throughput.py --shape llama8b   a training step ÷ the target's forward        (≤ 70 s)
@@ -47,7 +47,7 @@ step() {  # step <name> <seconds> <log file> <command...>: run with a time limit
 } | tee -a "$SUMMARY"
 
 step "pytest -m gpu" 300 "$RESULTS/pytest.log" \
-    "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider --junitxml="$RESULTS/pytest.xml"
+    "$PYTHON" -m pytest tests/test_gpu.py -m gpu -v -rs -p no:cacheprovider --junitxml="$RESULTS/pytest.xml"
 step "eval_speed llama8b" 80 "$RESULTS/eval_speed_llama8b.log" \
     "$PYTHON" benchmarks/eval_speed.py --shape llama8b --tokenizer toy_tiny --num-prompts 3 --max-new-tokens 64 \
     --gamma 4 --out "$RESULTS/eval_speed_llama8b.json"
