@@ -112,6 +112,25 @@ def test_training_loss_is_finite_and_reaches_every_trainable_weight(kind, ttt_st
 
 
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_a_bf16_drafter_trains_on_float32_target_features(kind, target):
+    """DeepSpeed's bf16 (distributed=zero2/zero3) holds the drafter itself in bf16 with no autocast, while the target's
+    features and LM head stay float32: train's DraftTraining autocasts (on an H200 the unfixed run stopped at EAGLE-3's
+    fc)."""
+    from specdistill.train.train import DraftTraining
+
+    drafter = build(kind, target).to(torch.bfloat16)
+    input_ids, attention_mask, loss_mask = batch_of()
+    output = target(input_ids, attention_mask, feature_layers=drafter.feature_layers, for_training=True)
+    assert all(feature.dtype == torch.float32 for feature in output.features.values())
+    weights = FeatureObjective(ttt_steps=2, noise=0.1)
+    loss = DraftTraining(drafter, weights)({"input_ids": input_ids, "attention_mask": attention_mask,
+                                            "loss_mask": loss_mask}, output)
+    loss.loss_sum.backward()
+    assert torch.isfinite(loss.loss_sum) and loss.num_tokens.item() > 0
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in drafter.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_losses_on_trained_rows_equal_losses_everywhere_then_masked(kind, target):
     """The LM head and losses run on trained rows only; the reference computes every position and masks."""
     from specdistill.distill import objectives

@@ -41,8 +41,9 @@ pytestmark = [
 NEAR_TIE = 0.125
 CHAIN = dict(method="chain", gamma=4, max_new_tokens=40)
 TREE = dict(method="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=12, max_new_tokens=40)
-# files the one process writes into a checkpoint in each mode (tests/test_distributed.py's PER_PROCESS_FILES, rank 0)
-CHECKPOINT_FILES = {"zero2": ["pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+# files the one process writes into a checkpoint in each mode (tests/test_distributed.py's PER_PROCESS_FILES, rank 0;
+# DeepSpeed's bf16 optimizer prefixes its states with bf16_)
+CHECKPOINT_FILES = {"zero2": ["pytorch_model/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
                               "pytorch_model/mp_rank_00_model_states.pt"],
                     "fsdp": ["pytorch_model_fsdp_0/__0_0.distcp", "optimizer_0/__0_0.distcp"]}
 

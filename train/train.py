@@ -82,8 +82,14 @@ class DraftTraining(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], target_output: Any, objective: Objective | None = None):
         """The loss under the training objective, or `objective` (validation's): always through this forward, so
         ZeRO-3 and FSDP gather the sharded weights."""
-        return self.drafter.training_loss(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                          target_output, objective or self.objective)
+        # DeepSpeed's bf16/fp16 holds the drafter itself in that dtype and runs no autocast, while the target's
+        # features and the frozen target modules a drafter borrows (LM head, embeddings) keep the target's dtype:
+        # autocast reconciles them. DDP and FSDP keep float32 weights and autocast through accelerate already.
+        dtype = next(self.drafter.parameters()).dtype
+        with torch.autocast(batch["input_ids"].device.type, dtype=dtype,
+                            enabled=dtype in (torch.bfloat16, torch.float16)):
+            return self.drafter.training_loss(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                              target_output, objective or self.objective)
 
 
 class TrainRecipe:
@@ -208,7 +214,10 @@ class TrainRecipe:
         sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         parameters = list(self.module.named_parameters())
         self.stop_head_parameters = [] if sharded else [p for name, p in parameters if "stop_head." in name]
-        self.clipped_parameters = [p for name, p in parameters if sharded or "stop_head." not in name]
+        # sharded: None, i.e. every parameter, read at each clip: accelerate's FSDP clip finds its model by comparing
+        # the list with model.parameters(), and FSDP2 may swap parameter objects after prepare (seen on CUDA: a stale
+        # list compared a Tensor with a DTensor and raised)
+        self.clipped_parameters = None if sharded else [p for name, p in parameters if "stop_head." not in name]
         # the scheduler is not prepared: accelerate would step it once per process, and our schedule counts
         # optimizer steps
         self.accelerator.register_for_checkpointing(self.scheduler)
@@ -289,7 +298,8 @@ class TrainRecipe:
         totals = accelerator.reduce(torch.tensor([loss_total, local_tokens, stop_total, stop_rows],
                                                  device=accelerator.device), "sum")
         loss_value = totals[0].item() / step_tokens.item()
-        grad_norm = accelerator.clip_grad_norm_(self.clipped_parameters, self.cfg.optim.grad_clip_norm)
+        clipped = self.module.parameters() if self.clipped_parameters is None else self.clipped_parameters
+        grad_norm = accelerator.clip_grad_norm_(clipped, self.cfg.optim.grad_clip_norm)
         if self.stop_head_parameters:
             torch.nn.utils.clip_grad_norm_(self.stop_head_parameters, self.cfg.optim.grad_clip_norm)
         self._stop_if_diverged(step + 1, loss_value, float(grad_norm))
