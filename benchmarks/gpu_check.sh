@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, one CUDA GPU, under 11 minutes on one H200 (each step has its own time limit; BENCHMARKS.md "On a
-# GPU" has the first run's times: 6.5 min, pytest alone about 5.5):
+# GPU" has the first run's times: 6.7 min, pytest 4.7 of it before its two training tests passed and took 50 s more):
 #   1. python -m pytest tests/test_gpu.py -m gpu -v: bf16 ZeRO-2 / FSDP training on NCCL, bf16 lossless
 #                                        decoding, the 8B-shape speed checks                      (≤ 420 s)
 #   2. benchmarks/eval_speed.py --shape llama8b   decoding tokens/s of every method, random 8B bf16   (≤ 150 s)
