@@ -215,8 +215,8 @@ class TrainRecipe:
         parameters = list(self.module.named_parameters())
         self.stop_head_parameters = [] if sharded else [p for name, p in parameters if "stop_head." in name]
         # sharded: None, i.e. every parameter, read at each clip: accelerate's FSDP clip finds its model by comparing
-        # the list with model.parameters(), and FSDP2 may swap parameter objects after prepare (seen on CUDA: a stale
-        # list compared a Tensor with a DTensor and raised)
+        # the list with model.parameters(); on CUDA (not on CPU) a list taken here held a plain Tensor where the model
+        # later had a DTensor, and the comparison raised (where FSDP2 swaps it was not traced)
         self.clipped_parameters = None if sharded else [p for name, p in parameters if "stop_head." not in name]
         # the scheduler is not prepared: accelerate would step it once per process, and our schedule counts
         # optimizer steps
