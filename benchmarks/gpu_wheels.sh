@@ -26,13 +26,20 @@ pinned() {  # name==version as installed here
     done
 }
 
-rm -rf "$FOLDER" build
+# the folder holds these wheels only: one holding anything else is refused, never emptied
+if [[ -e "$FOLDER" && ! -d "$FOLDER" ]] ||
+   { [[ -d "$FOLDER" ]] && find "$FOLDER" -mindepth 1 ! -name '*.whl' | grep -q .; }; then
+    echo "error: $FOLDER is a file or holds files other than wheels; give an empty or new folder" >&2
+    exit 2
+fi
 mkdir -p "$FOLDER"
+rm -f "$FOLDER"/*.whl
+owns_build=$([[ -e build ]] && echo no || echo yes)  # setuptools' in-tree build folder: removed after, if ours
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$FOLDER" $(pinned "${PACKAGES[@]}")
 "$PYTHON" -m pip wheel -q --no-deps -w "$FOLDER" $(pinned "${SOURCE_ONLY[@]}")
 "$PYTHON" -m pip wheel -q --no-deps -w "$FOLDER" .
-rm -rf build
+[[ $owns_build == yes ]] && rm -rf build
 ls "$FOLDER"
 du -sh "$FOLDER"

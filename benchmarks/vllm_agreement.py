@@ -156,7 +156,8 @@ def main() -> None:
     specdistill("eval", f"target={args.target}", f"drafter_path={drafter}", *bench,
                 f"eval.max_new_tokens={args.max_new_tokens}", f"eval.gamma={args.gamma}", "eval.temperature=0",
                 # the table's "outputs = without drafter" for our decoder (MT-Bench skips the check unless asked)
-                "eval.verify_lossless=true", "eval.hf_baselines=false", f"out_dir={out_dir / 'eval'}", log=out_dir / "eval.log")
+                "eval.verify_lossless=true", "eval.hf_baselines=false", f"out_dir={out_dir / 'eval'}",
+                log=out_dir / "eval.log")
     report = read_report(out_dir / "eval", "eval out_dir")["rows"][0]  # the drafter's row (transformers' follow)
     request = {"target": target, "prompts": eval_prompts(out_dir / "eval"), "max_tokens": args.max_new_tokens,
                "num_speculative_tokens": args.gamma}

@@ -89,8 +89,8 @@ def test_bf16_training_steps_under_a_sharded_mode_on_one_gpu_with_nccl(mode, toy
     for name in CHECKPOINT_FILES[mode]:
         assert (checkpoint / name).is_file(), name  # the mode's own (sharded) checkpoint layout: it ran as asked
     if mode == "zero2":  # DeepSpeed with bf16 enabled holds (and saves) the drafter's parameters in bfloat16
-        states = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=True)
+        model_states = checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt"
+        states = torch.load(model_states, map_location="cpu", weights_only=True)
         buffers = set(states.get("buffer_names") or ())  # DeepSpeed keeps float32 buffers (rotary tables) as they are
         dtypes = {tensor.dtype for name, tensor in states["module"].items()
                   if name not in buffers and tensor.is_floating_point()}
