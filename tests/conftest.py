@@ -127,6 +127,27 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+# vLLM's τ and α per position against `specdistill eval`'s for the same drafter (benchmarks/vllm_agreement.py's rows):
+# a wrong tapped layer, a lost norm flag or d2t ids instead of offsets leave a drafter loading fine and accepting close
+# to nothing, far outside these bands (measured: BENCHMARKS.md)
+VLLM_TAU_TOLERANCE = 0.1
+VLLM_ALPHA_TOLERANCE = 0.08
+
+
+def assert_vllm_agrees(rows: dict, ours: dict) -> None:
+    """Every vLLM row of agreement.json (`rows`, ours popped off) is lossless inside vLLM and within the tolerances of
+    `ours` (the "specdistill eval" row)."""
+    for name, row in rows.items():
+        assert row["lossless"], f"{name}: vLLM's outputs with the drafter differ from its outputs without it"
+        assert abs(row["tau"] - ours["tau"]) <= VLLM_TAU_TOLERANCE, (name, row["tau"], ours["tau"])
+        assert ours["alpha"][0] is not None and row["alpha"][0] is not None, (name, row["alpha"], ours["alpha"])
+        for position, (theirs, mine) in enumerate(zip(row["alpha"], ours["alpha"], strict=True)):
+            # a position neither decoder reached has no α (None); one reached by only one of them is a difference
+            assert (theirs is None) == (mine is None), (name, position, theirs, mine)
+            if mine is not None:
+                assert abs(theirs - mine) <= VLLM_ALPHA_TOLERANCE, (name, position, theirs, mine)
+
+
 @pytest.fixture(scope="session")
 def toy_dataset(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
     """`specdistill prep target=toy_tiny data=toy_chat`, run once: its dataset folder and the finished process."""
