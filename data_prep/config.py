@@ -39,6 +39,9 @@ class RegenerateConfig:
     top_p: float = 0.95
     max_new_tokens: int = 512
     batch_size: int = 8  # prompts decoding together (a finished reply leaves the batch)
+    # replies sampled per conversation (temperature > 0): each is a training record, and all of one conversation's
+    # replies fall in the same split, so validation never scores a prompt the drafter trained on
+    samples: int = 1
 
 
 @dataclass

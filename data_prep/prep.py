@@ -18,6 +18,7 @@ The dataset folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -78,7 +79,23 @@ def parse_all(records: Any, data_cfg: Any, errors: RecordErrors) -> dict[int, Co
     return parsed
 
 
-def regenerate(cfg: Any, parsed: dict[int, Conversation | PlainText], tokenizer: Any, out_dir: Path) -> dict[str, int]:
+def check_samples(data_cfg: Any) -> None:
+    """`data.regen.samples` > 1 only means something for sampled regeneration: say so instead of ignoring it."""
+    samples = data_cfg.regen.samples
+    if samples < 1:
+        raise UserError(f"data.regen.samples={samples}: give the number of replies to sample per conversation (≥ 1)")
+    if samples > 1 and not data_cfg.regenerate:
+        raise UserError(f"data.regen.samples={samples} samples the target's replies: set data.regenerate=true too, "
+                        "or drop data.regen.samples")
+    if samples > 1 and data_cfg.regen.temperature <= 0:
+        raise UserError(f"data.regen.samples={samples} with data.regen.temperature={data_cfg.regen.temperature}: "
+                        "greedy replies are all the same; set a temperature > 0 (e.g. 0.8) or data.regen.samples=1")
+
+
+def regenerate(cfg: Any, parsed: dict[int, Conversation | PlainText], tokenizer: Any,
+               out_dir: Path) -> tuple[list[dict[int, Conversation]], dict[str, int]]:
+    """The conversations once per `data.regen.samples`, each with its own sampled replies by the target, and the
+    counts for the statistics (summed over the samples)."""
     from specdistill.data_prep.regenerate import regenerate_conversations
 
     conversations = {index: item for index, item in parsed.items() if isinstance(item, Conversation)}
@@ -92,14 +109,22 @@ def regenerate(cfg: Any, parsed: dict[int, Conversation | PlainText], tokenizer:
     progress_path = out_dir / "regenerated.jsonl"
     log.info("regenerating assistant turns with the target; progress in %s (rerun with out_dir=%s to resume)",
              progress_path, out_dir)
-    return regenerate_conversations(conversations, model, tokenizer, cfg.data.regen, progress_path, cfg.seed)
+    samples, counts = [], Counter()
+    for sample in range(cfg.data.regen.samples):
+        sampled = conversations if sample == cfg.data.regen.samples - 1 else copy.deepcopy(conversations)
+        counts.update(regenerate_conversations(sampled, model, tokenizer, cfg.data.regen, progress_path, cfg.seed,
+                                               sample=sample))
+        samples.append(sampled)
+    return samples, dict(counts)
 
 
 def tokenize_all(
     parsed: dict[int, Conversation | PlainText], tokenizer: Any, max_length: int, errors: RecordErrors, dropped: Counter
-) -> tuple[list[dict[str, list[int]]], int]:
+) -> tuple[dict[int, dict[str, list[int]]], int]:
+    """record index → its example (input_ids, loss_mask), for the records that keep assistant tokens; and how many
+    were truncated to `max_length`."""
     special_ids = end_of_turn_ids(tokenizer)
-    examples, truncated = [], 0
+    examples, truncated = {}, 0
     for index, item in tqdm(parsed.items(), desc="tokenize", unit="rec", mininterval=1.0):
         try:
             if isinstance(item, PlainText):
@@ -114,7 +139,7 @@ def tokenize_all(
         if not any(loss_mask):
             dropped["no assistant tokens within data.max_length"] += 1
             continue
-        examples.append({"input_ids": input_ids, "loss_mask": loss_mask})
+        examples[index] = {"input_ids": input_ids, "loss_mask": loss_mask}
     return examples, truncated
 
 
@@ -134,7 +159,8 @@ def no_usable_records_error(
     )
 
 
-def split_examples(examples: list[dict], validation_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_examples(examples: list, validation_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded shuffle's first `validation_fraction` (at least one when there are two or more) → validation."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     num_validation = round(len(examples) * validation_fraction) if len(examples) > 1 else 0
@@ -187,6 +213,7 @@ def prep_into(cfg: DictConfig, out_dir: Path) -> Path:
     started = time.perf_counter()
 
     # setup
+    check_samples(cfg.data)
     if cfg.features.cache:  # the drafter modules it imports load transformers: only when asked for
         from specdistill.data_prep.features import check_features_config, write_feature_cache
 
@@ -198,16 +225,26 @@ def prep_into(cfg: DictConfig, out_dir: Path) -> Path:
     errors = RecordErrors(source, fatal=cfg.data.on_error.name == "raise")
     dropped: Counter[str] = Counter()
 
-    # parse → regenerate → tokenize
+    # parse → regenerate (data.regen.samples times) → tokenize
     parsed = parse_all(records, cfg.data, errors)
-    regen_counts = regenerate(cfg, parsed, tokenizer, out_dir) if cfg.data.regenerate else {}
-    examples, truncated = tokenize_all(parsed, tokenizer, cfg.data.max_length, errors, dropped)
+    samples, regen_counts = regenerate(cfg, parsed, tokenizer, out_dir) if cfg.data.regenerate else ([parsed], {})
+    by_record: dict[int, list[dict]] = {}  # a record's examples, one per sampled reply
+    truncated = 0
+    for sample in samples:
+        examples_of_sample, truncated_in_sample = tokenize_all(sample, tokenizer, cfg.data.max_length, errors, dropped)
+        truncated += truncated_in_sample
+        for index, example in examples_of_sample.items():
+            by_record.setdefault(index, []).append(example)
     dropped.update(errors.reasons)
-    if not examples:
+    if not by_record:
         raise no_usable_records_error(source, len(records), dropped, errors, cfg.data.format.name)
 
-    # split → save
-    train, validation = split_examples(examples, cfg.data.validation_fraction, cfg.seed)
+    # split (by record: its sampled replies stay together) → save
+    groups = [by_record[index] for index in sorted(by_record)]
+    train_groups, validation_groups = split_examples(groups, cfg.data.validation_fraction, cfg.seed)
+    train = [example for group in train_groups for example in group]
+    validation = [example for group in validation_groups for example in group]
+    examples = [example for group in groups for example in group]
     vocab_size = max(len(tokenizer), max(max(example["input_ids"]) for example in examples) + 1)
     counts = count_masked_tokens(train, vocab_size)
     num_tokens = sum(len(example["input_ids"]) for example in examples)
@@ -224,6 +261,7 @@ def prep_into(cfg: DictConfig, out_dir: Path) -> Path:
         "truncated_to_max_length": truncated,
         "leading_assistant_turns_dropped": leading,
         "regenerated": regen_counts,
+        "replies_per_record": cfg.data.regen.samples if cfg.data.regenerate else 1,
         "train_records": len(train),
         "validation_records": len(validation),
         "tokens": num_tokens,
@@ -246,8 +284,10 @@ def prep_into(cfg: DictConfig, out_dir: Path) -> Path:
 
 
 def log_summary(stats: dict, errors: RecordErrors, dataset_dir: Path) -> None:
+    replies = stats["replies_per_record"]
     print(
         f"prep: {stats['records_in']} records in, {stats['records_kept']} kept "
+        f"{f'({replies} sampled replies each) ' if replies > 1 else ''}"
         f"({stats['train_records']} train / {stats['validation_records']} validation), "
         f"{stats['records_dropped']} dropped {stats['dropped_by_reason'] or ''}\n"
         f"prep: {stats['tokens']} tokens, {stats['masked_fraction']:.1%} under the loss mask, "

@@ -5,6 +5,8 @@ are sorted by length (rows that decode together pad little) and decoded with the
 is appended to a progress file (`regenerated.jsonl`, one line per reply, keyed by record and turn) as it ends, so
 an interrupted run started again with the same `out_dir` skips what is done. A reply's sampling seed depends only on
 the run's seed and its key, so a resumed run gives the same data (up to the rounding of other batch shapes).
+`data.regen.samples` > 1 samples that many replies per conversation, one pass over the conversations each (the
+progress lines of sample s > 0 carry `"sample": s`; sample 0's seeds and lines are those of a single-sample run).
 
 Decoding runs our own batched loop on distill/lean.py's forward (Llama-family targets), `data.regen.batch_size`
 prompts a batch, left-padded; a row leaves the batch at its first EOS (the tokenizer's and the generation config's),
@@ -40,7 +42,8 @@ def _assistant_positions(messages: list[dict[str, str]]) -> list[int]:
     return [index for index, message in enumerate(messages) if message["role"] == "assistant"]
 
 
-def _load_progress(progress_path: Path) -> dict[Key, str]:
+def _load_progress(progress_path: Path, sample: int) -> dict[Key, str]:
+    """The replies of `sample` an earlier run finished."""
     done: dict[Key, str] = {}
     if progress_path.exists():
         with progress_path.open(encoding="utf-8") as lines:
@@ -49,7 +52,8 @@ def _load_progress(progress_path: Path) -> dict[Key, str]:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the last line of a run killed mid-write
-                done[(entry["record"], entry["turn"])] = entry["content"]
+                if entry.get("sample", 0) == sample:
+                    done[(entry["record"], entry["turn"])] = entry["content"]
     return done
 
 
@@ -207,19 +211,22 @@ def regenerate_conversations(
     regen_cfg: Any,
     progress_path: Path,
     seed: int,
+    sample: int = 0,
 ) -> dict[str, int]:
     """Replace, in place, every assistant turn of `conversations` (record index → conversation) with the target's
-    response to the turns before it. A conversation whose regenerated reply is empty is cut before that turn.
-    Returns counts for the statistics."""
+    response to the turns before it: sampled reply number `sample` (its own seeds; 0 is a single-sample run's). A
+    conversation whose regenerated reply is empty is cut before that turn. Returns counts for the statistics."""
     replier = ReplyGenerator(model, tokenizer, regen_cfg)
-    done = _load_progress(progress_path)
+    done = _load_progress(progress_path, sample)
+    run_seed = seed if sample == 0 else _seed(seed, {"sample": sample})
     resumed = len(done)
     positions = {record: _assistant_positions(conv.messages) for record, conv in conversations.items()}
     total = sum(len(turns) for turns in positions.values())
     counts = {"turns_regenerated": 0, "turns_resumed": 0, "empty_replies": 0}
     progress_path.parent.mkdir(parents=True, exist_ok=True)
     with progress_path.open("a", encoding="utf-8") as progress, tqdm(
-        total=total, desc="regenerate", unit="turn", initial=min(resumed, total)
+        total=total, desc="regenerate" + (f" (sample {sample})" if sample else ""), unit="turn",
+        initial=min(resumed, total)
     ) as bar:
         for turn in range(max((len(turns) for turns in positions.values()), default=0)):
             pending = [(record, turn) for record, turns in positions.items() if turn < len(turns)]
@@ -237,9 +244,10 @@ def regenerate_conversations(
             # shortest first: a batch pads little. The order depends only on what is left, so a resumed run's
             # `generate` batches (seeded by their keys) are those of the run it continues
             order = sorted(prompts, key=lambda key: (len(prompts[key]), key))
-            for (record, turn), reply in replier.replies(prompts, order, seed):
+            for (record, turn), reply in replier.replies(prompts, order, run_seed):
                 conversations[record].messages[positions[record][turn]]["content"] = reply
-                progress.write(json.dumps({"record": record, "turn": turn, "content": reply}) + "\n")
+                entry = {"record": record, "turn": turn, "content": reply} | ({"sample": sample} if sample else {})
+                progress.write(json.dumps(entry) + "\n")
                 progress.flush()
                 os.fsync(progress.fileno())
                 counts["turns_regenerated"] += 1

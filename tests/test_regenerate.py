@@ -14,7 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from specdistill.data_prep.chat import render
 from specdistill.data_prep.readers import parse_record
+from specdistill.data_prep.config import DataConfig
+from specdistill.data_prep.prep import check_samples
 from specdistill.data_prep.regenerate import regenerate_conversations
+from specdistill.distill.errors import UserError
 from specdistill.distill.toy import toy_chat_conversations
 from tests.conftest import run_cli
 
@@ -90,3 +93,62 @@ def test_prep_cli_regenerates(tmp_path: Path, cache_dir: Path):
     assert len((tmp_path / "out" / "regenerated.jsonl").read_text().splitlines()) == turns
     dataset = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
     assert sum(len(split) for split in dataset.values()) == stats["records_kept"] > 0
+
+
+def test_more_samples_add_replies_and_leave_sample_zero_as_a_single_sample_run(toy_model, toy_tokenizer,
+                                                                              tmp_path: Path):
+    cfg = regen_cfg(temperature=0.9, top_p=0.95)
+    single = conversations(4)
+    regenerate_conversations(single, toy_model, toy_tokenizer, cfg, tmp_path / "single.jsonl", seed=3)
+    progress = tmp_path / "samples.jsonl"
+    first, second = conversations(4), conversations(4)
+    regenerate_conversations(first, toy_model, toy_tokenizer, cfg, progress, seed=3, sample=0)
+    regenerate_conversations(second, toy_model, toy_tokenizer, cfg, progress, seed=3, sample=1)
+    assert {i: c.messages for i, c in first.items()} == {i: c.messages for i, c in single.items()}
+    assert {i: c.messages for i, c in second.items()} != {i: c.messages for i, c in first.items()}  # new draws
+    lines = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert {line.get("sample", 0) for line in lines} == {0, 1}
+    # resuming sample 1 from the shared progress file redoes nothing and gives the same replies
+    again = conversations(4)
+    counts = regenerate_conversations(again, toy_model, toy_tokenizer, cfg, progress, seed=3, sample=1)
+    assert counts["turns_regenerated"] == 0
+    assert {i: c.messages for i, c in again.items()} == {i: c.messages for i, c in second.items()}
+
+
+def test_prep_cli_samples_replies_and_keeps_each_prompts_samples_in_one_split(tmp_path: Path, cache_dir: Path):
+    records = toy_chat_conversations(split="chat", seed=0)[:10]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    common = ["target=toy_tiny", "data=local", f"data.path={path}", "data.regenerate=true",
+              "data.regen.max_new_tokens=8", "data.regen.batch_size=4", "data.validation_fraction=0.3"]
+    result = run_cli("prep", *common, "data.regen.samples=3", f"out_dir={tmp_path}/out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(3 sampled replies each)" in result.stdout
+    stats = json.loads((tmp_path / "out" / "dataset" / "stats.json").read_text())
+    assert stats["replies_per_record"] == 3 and stats["records_kept"] == 3 * len(records)
+    assert (stats["train_records"], stats["validation_records"]) == (21, 9)
+    dataset = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
+    user_turns = {}  # the rows' tokens before their first trained token: the prompt each was sampled for
+    for split in ("train", "validation"):
+        for row in dataset[split]:
+            user_turns.setdefault(split, []).append(tuple(row["input_ids"][: row["loss_mask"].index(1)]))
+    assert not set(user_turns["train"]) & set(user_turns["validation"])
+    assert all(user_turns[split].count(prompt) == 3 for split in user_turns for prompt in user_turns[split])
+    # one sample is the single-sample prep, split and all
+    result = run_cli("prep", *common, f"out_dir={tmp_path}/one", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    one = datasets.load_from_disk(str(tmp_path / "one" / "dataset"))
+    single_validation = {tuple(row["input_ids"][: row["loss_mask"].index(1)]) for row in one["validation"]}
+    assert single_validation == set(user_turns["validation"])
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"regen": {"samples": 2}}, "set data.regenerate=true"),
+    ({"regenerate": True, "regen": {"samples": 2, "temperature": 0.0}}, "greedy replies are all the same"),
+    ({"regenerate": True, "regen": {"samples": 0}}, "data.regen.samples=0"),
+])
+def test_prep_refuses_samples_it_would_ignore(settings, named):
+    data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig(path="chats.jsonl")), settings)
+    with pytest.raises(UserError, match=named):
+        check_samples(data_cfg)
+    check_samples(OmegaConf.structured(DataConfig(path="chats.jsonl", regenerate=True)))  # the default: one reply
