@@ -18,7 +18,6 @@ The dataset folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -109,13 +108,7 @@ def regenerate(cfg: Any, parsed: dict[int, Conversation | PlainText], tokenizer:
     progress_path = out_dir / "regenerated.jsonl"
     log.info("regenerating assistant turns with the target; progress in %s (rerun with out_dir=%s to resume)",
              progress_path, out_dir)
-    samples, counts = [], Counter()
-    for sample in range(cfg.data.regen.samples):
-        sampled = conversations if sample == cfg.data.regen.samples - 1 else copy.deepcopy(conversations)
-        counts.update(regenerate_conversations(sampled, model, tokenizer, cfg.data.regen, progress_path, cfg.seed,
-                                               sample=sample))
-        samples.append(sampled)
-    return samples, dict(counts)
+    return regenerate_conversations(conversations, model, tokenizer, cfg.data.regen, progress_path, cfg.seed)
 
 
 def tokenize_all(

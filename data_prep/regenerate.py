@@ -5,8 +5,9 @@ are sorted by length (rows that decode together pad little) and decoded with the
 is appended to a progress file (`regenerated.jsonl`, one line per reply, keyed by record and turn) as it ends, so
 an interrupted run started again with the same `out_dir` skips what is done. A reply's sampling seed depends only on
 the run's seed and its key, so a resumed run gives the same data (up to the rounding of other batch shapes).
-`data.regen.samples` > 1 samples that many replies per conversation, one pass over the conversations each (the
-progress lines of sample s > 0 carry `"sample": s`; sample 0's seeds and lines are those of a single-sample run).
+`data.regen.samples` > 1 samples that many replies per conversation, one pass over the conversations each, with one
+copy of the target's weights and one read of the progress file (the progress lines of sample s > 0 carry
+`"sample": s`; sample 0's seeds and lines are those of a single-sample run).
 
 Decoding runs our own batched loop on distill/lean.py's forward (Llama-family targets), `data.regen.batch_size`
 prompts a batch, left-padded; a row leaves the batch at its first EOS (the tokenizer's and the generation config's),
@@ -17,12 +18,13 @@ through `generate`, each batch seeded by its keys.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -42,9 +44,9 @@ def _assistant_positions(messages: list[dict[str, str]]) -> list[int]:
     return [index for index, message in enumerate(messages) if message["role"] == "assistant"]
 
 
-def _load_progress(progress_path: Path, sample: int) -> dict[Key, str]:
-    """The replies of `sample` an earlier run finished."""
-    done: dict[Key, str] = {}
+def _load_progress(progress_path: Path) -> dict[int, dict[Key, str]]:
+    """sample → the replies of it an earlier run finished."""
+    done: dict[int, dict[Key, str]] = {}
     if progress_path.exists():
         with progress_path.open(encoding="utf-8") as lines:
             for line in lines:
@@ -52,8 +54,7 @@ def _load_progress(progress_path: Path, sample: int) -> dict[Key, str]:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the last line of a run killed mid-write
-                if entry.get("sample", 0) == sample:
-                    done[(entry["record"], entry["turn"])] = entry["content"]
+                done.setdefault(entry.get("sample", 0), {})[(entry["record"], entry["turn"])] = entry["content"]
     return done
 
 
@@ -211,23 +212,34 @@ def regenerate_conversations(
     regen_cfg: Any,
     progress_path: Path,
     seed: int,
-    sample: int = 0,
-) -> dict[str, int]:
-    """Replace, in place, every assistant turn of `conversations` (record index → conversation) with the target's
-    response to the turns before it: sampled reply number `sample` (its own seeds; 0 is a single-sample run's). A
-    conversation whose regenerated reply is empty is cut before that turn. Returns counts for the statistics."""
+) -> tuple[list[dict[int, Conversation]], dict[str, int]]:
+    """Every assistant turn of `conversations` (record index → conversation) replaced with the target's response to
+    the turns before it, once per `regen_cfg.samples` (default 1), each sample with its own seeds (sample 0's are a
+    single-sample run's). The last sample is written into `conversations` in place, the others into copies. A
+    conversation whose regenerated reply is empty is cut before that turn. Returns the samples, and counts for the
+    statistics summed over them."""
     replier = ReplyGenerator(model, tokenizer, regen_cfg)
-    done = _load_progress(progress_path, sample)
-    run_seed = seed if sample == 0 else _seed(seed, {"sample": sample})
-    resumed = len(done)
+    done = _load_progress(progress_path)
+    num_samples = getattr(regen_cfg, "samples", 1)
+    samples, counts = [], {"turns_regenerated": 0, "turns_resumed": 0, "empty_replies": 0}
+    progress_path.parent.mkdir(parents=True, exist_ok=True)
+    with progress_path.open("a", encoding="utf-8") as progress:
+        for sample in range(num_samples):
+            sampled = conversations if sample == num_samples - 1 else copy.deepcopy(conversations)
+            run_seed = seed if sample == 0 else _seed(seed, {"sample": sample})
+            _regenerate_sample(sampled, replier, tokenizer, done.get(sample, {}), progress, run_seed, sample, counts)
+            samples.append(sampled)
+    return samples, counts
+
+
+def _regenerate_sample(conversations: dict[int, Conversation], replier: ReplyGenerator, tokenizer: Any,
+                       done: dict[Key, str], progress: IO[str], run_seed: int, sample: int,
+                       counts: dict[str, int]) -> None:
+    """One sample's pass over `conversations`, turn by turn, in place; each reply appended to `progress`."""
     positions = {record: _assistant_positions(conv.messages) for record, conv in conversations.items()}
     total = sum(len(turns) for turns in positions.values())
-    counts = {"turns_regenerated": 0, "turns_resumed": 0, "empty_replies": 0}
-    progress_path.parent.mkdir(parents=True, exist_ok=True)
-    with progress_path.open("a", encoding="utf-8") as progress, tqdm(
-        total=total, desc="regenerate" + (f" (sample {sample})" if sample else ""), unit="turn",
-        initial=min(resumed, total)
-    ) as bar:
+    with tqdm(total=total, desc="regenerate" + (f" (sample {sample})" if sample else ""), unit="turn",
+              initial=min(len(done), total)) as bar:
         for turn in range(max((len(turns) for turns in positions.values()), default=0)):
             pending = [(record, turn) for record, turns in positions.items() if turn < len(turns)]
             for record, _ in pending:  # apply replies finished by an earlier run
@@ -259,4 +271,3 @@ def regenerate_conversations(
                     counts["empty_replies"] += 1
                     del messages[cut:]
                     positions[record] = positions[record][:turn]
-    return counts

@@ -40,7 +40,7 @@ def regen_cfg(**overrides):
 def test_greedy_regeneration_equals_the_targets_own_greedy_reply(toy_model, toy_tokenizer, tmp_path: Path):
     originals = conversations(4)
     regenerated = copy.deepcopy(originals)
-    counts = regenerate_conversations(regenerated, toy_model, toy_tokenizer, regen_cfg(), tmp_path / "p.jsonl", 0)
+    _, counts = regenerate_conversations(regenerated, toy_model, toy_tokenizer, regen_cfg(), tmp_path / "p.jsonl", 0)
     total_turns = sum(sum(m["role"] == "assistant" for m in c.messages) for c in originals.values())
     assert len(originals) <= counts["turns_regenerated"] <= total_turns  # every first turn, later ones unless cut
     compared = 0
@@ -75,7 +75,7 @@ def test_interrupted_sampling_run_resumes_to_the_same_data(toy_model, toy_tokeni
     lines = (tmp_path / "whole.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "resumed.jsonl").write_text("".join(lines[:3]) + '{"record": 9, "tu')  # a torn last line
     resumed = conversations(5)
-    counts = regenerate_conversations(resumed, toy_model, toy_tokenizer, cfg, tmp_path / "resumed.jsonl", seed=7)
+    _, counts = regenerate_conversations(resumed, toy_model, toy_tokenizer, cfg, tmp_path / "resumed.jsonl", seed=7)
     assert counts["turns_resumed"] >= 3 and counts["turns_regenerated"] == len(lines) - 3
     assert {i: c.messages for i, c in resumed.items()} == {i: c.messages for i, c in whole.items()}
 
@@ -101,18 +101,25 @@ def test_more_samples_add_replies_and_leave_sample_zero_as_a_single_sample_run(t
     single = conversations(4)
     regenerate_conversations(single, toy_model, toy_tokenizer, cfg, tmp_path / "single.jsonl", seed=3)
     progress = tmp_path / "samples.jsonl"
-    first, second = conversations(4), conversations(4)
-    regenerate_conversations(first, toy_model, toy_tokenizer, cfg, progress, seed=3, sample=0)
-    regenerate_conversations(second, toy_model, toy_tokenizer, cfg, progress, seed=3, sample=1)
+    two = regen_cfg(temperature=0.9, top_p=0.95, samples=2)
+    given = conversations(4)
+    (first, second), counts = regenerate_conversations(given, toy_model, toy_tokenizer, two, progress, seed=3)
+    assert second is given  # the last sample is written in place, the others into copies
+    assert counts["turns_regenerated"] == len(progress.read_text().splitlines()) > 0
     assert {i: c.messages for i, c in first.items()} == {i: c.messages for i, c in single.items()}
     assert {i: c.messages for i, c in second.items()} != {i: c.messages for i, c in first.items()}  # new draws
     lines = [json.loads(line) for line in progress.read_text().splitlines()]
     assert {line.get("sample", 0) for line in lines} == {0, 1}
-    # resuming sample 1 from the shared progress file redoes nothing and gives the same replies
-    again = conversations(4)
-    counts = regenerate_conversations(again, toy_model, toy_tokenizer, cfg, progress, seed=3, sample=1)
-    assert counts["turns_regenerated"] == 0
-    assert {i: c.messages for i, c in again.items()} == {i: c.messages for i, c in second.items()}
+    # a run killed in sample 1 resumes from the shared progress file: it redoes only sample 1's missing replies
+    sample_one = [index for index, line in enumerate(lines) if line.get("sample") == 1]
+    kept = progress.read_text().splitlines(keepends=True)[: sample_one[2]]
+    progress.write_text("".join(kept))
+    (again_first, again_second), counts = regenerate_conversations(conversations(4), toy_model, toy_tokenizer, two,
+                                                                   progress, seed=3)
+    assert counts["turns_regenerated"] == len(sample_one) - 2
+    assert counts["turns_resumed"] == len(lines) - len(sample_one) + 2
+    assert {i: c.messages for i, c in again_first.items()} == {i: c.messages for i, c in first.items()}
+    assert {i: c.messages for i, c in again_second.items()} == {i: c.messages for i, c in second.items()}
 
 
 def test_prep_cli_samples_replies_and_keeps_each_prompts_samples_in_one_split(tmp_path: Path, cache_dir: Path):

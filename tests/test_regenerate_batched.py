@@ -86,7 +86,7 @@ def test_a_resumed_run_regenerates_only_unfinished_replies(toy_model, toy_tokeni
     resumed_path = tmp_path / "resumed.jsonl"
     resumed_path.write_text("\n".join(kept) + "\n")
     resumed = conversations(6)
-    counts = regenerate_conversations(resumed, toy_model, toy_tokenizer, cfg, resumed_path, seed=0)
+    _, counts = regenerate_conversations(resumed, toy_model, toy_tokenizer, cfg, resumed_path, seed=0)
     assert counts["turns_resumed"] == 4 and counts["turns_regenerated"] == len(lines) - 4
     marked = {index for index, conv in resumed.items() if any(m["content"].startswith("KEPT ") for m in conv.messages)}
     assert len(marked) == 4
