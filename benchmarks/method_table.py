@@ -21,7 +21,8 @@ not rerun), so a killed run continues. Prints a Markdown table (also written to 
 greedy, τ at T = 1 (τ includes the bonus token; plain decoding is 1), the drafter's validation top-1 agreement
 (train's last validation; the EAGLE-3 / HASS-on-EAGLE-3 rows count agreement in the target's vocabulary), the greedy
 α per position, the cost ratio c (drafter call ÷ target call), the speedup over our plain decoding (greedy), the
-lossless checks and the training wall-clock. c and the speedups are only meaningful on an otherwise idle machine.
+lossless checks and the training wall-clock; `--tree` adds a greedy eval with EAGLE-2's tree (τ, speedup and its
+lossless check). c and the speedups are only meaningful on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -128,14 +129,16 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, args: argparse.Namespace, e
               "steps": sum(summary["final"]["step"] for summary in summaries),
               "batch": summaries[-1]["settings"].get("train.batch_size"), "train_seconds": train_seconds}
     last = presets[-1]
-    # the greedy eval checks losslessness (speculative output == plain decoding); at T = 1 that check would be two more
-    # greedy decodes of the same thing
-    for key, temperature, check in (("tau_greedy", 0.0, []), ("tau_t1", 1.0, ["eval.verify_lossless=false"])):
+    # the greedy evals check losslessness (speculative output == plain decoding); at T = 1 that check would be two more
+    # greedy decodes of the same thing. The tree is EAGLE-2's, at eval's defaults (depth 6, top-k 10, 60 tokens).
+    evals = {"tau_greedy": (0.0, []), "tau_t1": (1.0, ["eval.verify_lossless=false"]),
+             "tau_tree": (0.0, ["eval.method=tree"])}
+    for key, (temperature, extra) in evals.items():
         eval_dir = folder / f"eval_{key}"
         if not (eval_dir / "report.json").is_file():
-            if temperature > 0 and args.greedy_only:
+            if (key == "tau_t1" and args.greedy_only) or (key == "tau_tree" and not args.tree):
                 continue
-            specdistill("eval", *target_overrides(last, args.target), *last.eval, *eval_extra, *check,
+            specdistill("eval", *target_overrides(last, args.target), *last.eval, *eval_extra, *extra,
                         f"drafter_path={drafter}", f"eval.temperature={temperature}", "eval.hf_baselines=false",
                         f"out_dir={eval_dir}", log=folder / f"{key}.log")
         report = read_report(eval_dir, "eval out_dir")["rows"][0]  # the drafter's row (transformers' follow)
@@ -149,15 +152,17 @@ def table(results: list[dict]) -> str:
     def number(value, spec: str, suffix: str = "") -> str:  # "—": not measured (e.g. T = 1 under --greedy-only)
         return "—" if value is None else format(value, spec) + suffix
 
-    lines = ["| method | steps × batch | τ greedy | τ T = 1 | α per position (greedy) | c | speedup greedy | "
-             "speedup T = 1 | val top-1 | lossless (greedy) | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | steps × batch | τ greedy | τ T = 1 | τ tree | α per position (greedy) | c | speedup greedy | "
+             "speedup T = 1 | speedup tree | val top-1 | lossless (greedy; tree) | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         alphas = " / ".join(number(a, ".2f") for a in r["tau_greedy_alpha_per_position"])
+        tree_check = f"; {r['tau_tree_lossless_check']}" if r.get("tau_tree") is not None else ""
         lines.append(f"| {r['label']} | {r['steps']} × {r['batch']} | {r['tau_greedy']:.2f} | "
-                     f"{number(r.get('tau_t1'), '.2f')} | {alphas} | {number(r['tau_greedy_cost_ratio'], '.3f')} | "
-                     f"{r['tau_greedy_speedup']:.2f}× | {number(r.get('tau_t1_speedup'), '.2f', '×')} | "
-                     f"{number(r['val_top1'], '.3f')} | {r['tau_greedy_lossless_check']} "
+                     f"{number(r.get('tau_t1'), '.2f')} | {number(r.get('tau_tree'), '.2f')} | {alphas} | "
+                     f"{number(r['tau_greedy_cost_ratio'], '.3f')} | {r['tau_greedy_speedup']:.2f}× | "
+                     f"{number(r.get('tau_t1_speedup'), '.2f', '×')} | {number(r.get('tau_tree_speedup'), '.2f', '×')} "
+                     f"| {number(r['val_top1'], '.3f')} | {r['tau_greedy_lossless_check']}{tree_check} "
                      f"| {r['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines)
 
@@ -174,6 +179,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens (default: the presets')")
     parser.add_argument("--greedy-only", action="store_true", help="skip the T = 1 evaluation (a row evaluated at "
                         "T = 1 before keeps it)")
+    parser.add_argument("--tree", action="store_true", help="also evaluate greedy with EAGLE-2's tree (eval's "
+                        "defaults; a row evaluated with it before keeps it)")
     parser.add_argument("--train-override", nargs="*", default=[],
                         help="extra train overrides for every row, e.g. train.mixed_precision=no on a CPU without bf16")
     args = parser.parse_args()
@@ -199,6 +206,8 @@ def main() -> None:
         options += f" --train-override {' '.join(args.train_override)}"
     if args.greedy_only:
         options += " --greedy-only"
+    if args.tree:
+        options += " --tree"
     text = (f"{table(results)}\n\nTarget: {args.target}. Machine: {platform.processor() or platform.machine()}, "
             f"{platform.platform()}; command: python benchmarks/method_table.py --out-dir {args.out_dir} "
             f"--target {args.target}{options} --rows {' '.join(args.rows)}; date: {time.strftime('%Y-%m-%d')}\n")
