@@ -136,12 +136,12 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, args: argparse.Namespace, e
     last = presets[-1]
     # the greedy evals check losslessness (speculative output == plain decoding); at T = 1 that check would be two more
     # greedy decodes of the same thing. The tree is EAGLE-2's, at eval's defaults (depth 6, top-k 10, 60 tokens).
-    evals = {"tau_greedy": (0.0, []), "tau_t1": (1.0, ["eval.verify_lossless=false"]),
-             "tau_tree": (0.0, ["eval.method=tree"])}
-    for key, (temperature, extra) in evals.items():
+    evals = {"tau_greedy": (0.0, [], True), "tau_t1": (1.0, ["eval.verify_lossless=false"], not args.greedy_only),
+             "tau_tree": (0.0, ["eval.method=tree"], args.tree)}
+    for key, (temperature, extra, asked) in evals.items():
         eval_dir = folder / f"eval_{key}"
         if not (eval_dir / "report.json").is_file():
-            if (key == "tau_t1" and args.greedy_only) or (key == "tau_tree" and not args.tree):
+            if not asked:
                 continue
             specdistill("eval", *target_overrides(last, args.target), *last.eval, *eval_extra, *extra,
                         f"drafter_path={drafter}", f"eval.temperature={temperature}", "eval.hf_baselines=false",

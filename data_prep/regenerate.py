@@ -214,13 +214,13 @@ def regenerate_conversations(
     seed: int,
 ) -> tuple[list[dict[int, Conversation]], dict[str, int]]:
     """Every assistant turn of `conversations` (record index → conversation) replaced with the target's response to
-    the turns before it, once per `regen_cfg.samples` (default 1), each sample with its own seeds (sample 0's are a
+    the turns before it, once per `regen_cfg.samples`, each sample with its own seeds (sample 0's are a
     single-sample run's). The last sample is written into `conversations` in place, the others into copies. A
     conversation whose regenerated reply is empty is cut before that turn. Returns the samples, and counts for the
     statistics summed over them."""
     replier = ReplyGenerator(model, tokenizer, regen_cfg)
     done = _load_progress(progress_path)
-    num_samples = getattr(regen_cfg, "samples", 1)
+    num_samples = regen_cfg.samples
     samples, counts = [], {"turns_regenerated": 0, "turns_resumed": 0, "empty_replies": 0}
     progress_path.parent.mkdir(parents=True, exist_ok=True)
     with progress_path.open("a", encoding="utf-8") as progress:

@@ -34,7 +34,8 @@ def conversations(count: int) -> dict:
 
 
 def regen_cfg(**overrides):
-    return OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12, "batch_size": 3, **overrides})
+    return OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12, "batch_size": 3, "samples": 1,
+                              **overrides})
 
 
 def test_greedy_regeneration_equals_the_targets_own_greedy_reply(toy_model, toy_tokenizer, tmp_path: Path):

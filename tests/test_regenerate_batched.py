@@ -22,7 +22,8 @@ def toy_model(toy_tiny_path: Path):
 
 
 def regen_cfg(**overrides) -> SimpleNamespace:
-    return SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 24, "batch_size": 4, **overrides})
+    return SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 24, "batch_size": 4, "samples": 1,
+                              **overrides})
 
 
 def prompts_of_different_lengths(tokenizer, replier: ReplyGenerator, count: int = 5) -> list[list[int]]:
