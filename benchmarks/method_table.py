@@ -74,10 +74,8 @@ ROWS = [
     Row("dflash", "DFlash (2 layers, blocks of 8, one forward per round)", ["dflash"]),
 ]
 TOY_ROWS = [row.name for row in ROWS if row.name not in ("token_tvd", "eagle3_31")]  # the table as first measured
-# Medusa has no SmolLM2 preset: its five heads each copy the 49k × 576 LM head, 5 × the target's own (28M
-# parameters), which makes it slower to draft than the target is to verify on this CPU.
 SMOLLM2_ROWS = ["eagle1", "fspad", "hass_eagle1", "eagle3", "eagle3_31", "hass_eagle3", "token_tvd", "token_fkl",
-                "token_jsd_on_policy", "peagle", "dflash"]
+                "token_jsd_on_policy", "medusa", "peagle", "dflash"]
 
 
 def preset_name(method: str, target: str) -> str:
