@@ -9,9 +9,9 @@ stages), the toy bench (20 prompts, 96 new tokens, chain γ = 5).
     python benchmarks/method_table.py --out-dir runs/method_table_tiny --target toy_tiny   # the tiny toy: ~5× faster
 
 On SmolLM2-135M-Instruct (after `specdistill setup`): the `smollm2_<method>` presets (the 999 regenerated Alpaca
-replies, the feature cache, 1,000 steps × 4, bf16), MT-Bench with both turns, chain γ = 5. `--steps` scales every row
-to a shorter shared budget (HASS keeps its 4 : 1 split), `--per-category` evaluates the first K questions of each
-MT-Bench category, `--max-new-tokens` shortens each turn:
+replies, the feature cache, 1,000 steps × 4; bf16 on a GPU, fp32 on a CPU), MT-Bench with both turns, chain γ = 5.
+`--steps` scales every row to a shorter shared budget (HASS keeps its 4 : 1 split), `--per-category` evaluates the
+first K questions of each MT-Bench category, `--max-new-tokens` shortens each turn:
 
     python benchmarks/method_table.py --out-dir runs/smollm2_table --target smollm2 --steps 300 --per-category 1 \
         --max-new-tokens 96
