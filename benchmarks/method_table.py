@@ -133,7 +133,8 @@ def run_row(row: Row, out_dir: Path, data_dir: Path, args: argparse.Namespace, e
               "batch": summaries[-1]["settings"].get("train.batch_size"), "train_seconds": train_seconds}
     last = presets[-1]
     # the greedy evals check losslessness (speculative output == plain decoding); at T = 1 that check would be two more
-    # greedy decodes of the same thing. The tree is EAGLE-2's, at eval's defaults (depth 6, top-k 10, 60 tokens).
+    # greedy decodes of the same thing. The tree is EAGLE-2's, at eval's defaults (depth 6, top-k 10, 60 tokens) unless
+    # the preset's eval list sets them (smollm2_medusa: depth 5, as deep as its heads draft).
     evals = {"tau_greedy": (0.0, [], True), "tau_t1": (1.0, ["eval.verify_lossless=false"], not args.greedy_only),
              "tau_tree": (0.0, ["eval.method=tree"], args.tree)}
     for key, (temperature, extra, asked) in evals.items():
@@ -184,7 +185,7 @@ def main() -> None:
     parser.add_argument("--greedy-only", action="store_true", help="skip the T = 1 evaluation (a row evaluated at "
                         "T = 1 before keeps it)")
     parser.add_argument("--tree", action="store_true", help="also evaluate greedy with EAGLE-2's tree (eval's "
-                        "defaults; a row evaluated with it before keeps it)")
+                        "defaults, or the preset's eval settings; a row evaluated with it before keeps it)")
     parser.add_argument("--train-override", nargs="*", default=[],
                         help="extra train overrides for every row, e.g. train.mixed_precision=no on a CPU without bf16")
     args = parser.parse_args()
