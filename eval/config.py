@@ -46,6 +46,11 @@ class EvalLoopConfig(DecodingConfig):
     # greedy: also transformers' plain `generate` on the same prompts (its row; each drafter's speedup_over_transformers)
     # and, with token-level drafters, its assisted generation and prompt lookup
     hf_baselines: bool = True
+    # transformers' baselines decode only this many of the prompts, spread evenly over them (so an ordered bench's
+    # categories alike: MT-Bench's 80 → 2 per category at 16); their rows and each drafter's speedup_over_transformers
+    # are measured on those prompts, beside ours on the same ones. null: all (transformers' `generate` is about half
+    # our plain decoding's speed on a CPU, so on all prompts it is the eval's longest pass)
+    hf_baseline_prompts: Optional[int] = None
     # a prompt whose decoding would read positions past the target's context window (max_position_embeddings): error
     # refuses the run naming it; skip leaves it out, counted in report.json's skipped_prompts and the log
     long_prompts: LongPrompts = LongPrompts.error
@@ -71,6 +76,7 @@ EVAL_RANGES: Ranges = {
     "hedge_prior_steps": (lambda v: v >= 0, "a number ≥ 0 (0: every prompt's weights start afresh)"),
     "hedge_score_every": (lambda v: v >= 1, "an integer ≥ 1 (1: every drafter commits and is scored every step)"),
     "warmup_prompts": (lambda v: v >= 0, "an integer ≥ 0"),
+    "hf_baseline_prompts": (lambda v: v is None or v >= 1, "an integer ≥ 1, or null for every prompt"),
     "adaptation_lr": (lambda v: v > 0, "a number > 0"),
     "adaptation_steps": (lambda v: v >= 1, "an integer ≥ 1"),
     "adaptation_held_out": (lambda v: 0 <= v < 1, "a fraction in [0, 1) of the prompts"),

@@ -100,6 +100,13 @@ def combined(conversations: list[Conversation]) -> list[Generation]:
     return [combine_turns([turn.generation for turn in conversation]) for conversation in conversations]
 
 
+def evenly_spaced(count: int, chosen: int | None) -> set[int]:
+    """`chosen` of the indices 0 … count − 1, spread evenly (the first of each equal stretch); None: all."""
+    if chosen is None or chosen >= count:
+        return set(range(count))
+    return {number * count // chosen for number in range(chosen)}
+
+
 def drafter_paths(cfg: DictConfig) -> list[str]:
     if OmegaConf.is_missing(cfg, "drafter_path") or cfg.drafter_path is None:
         raise UserError(f"drafter_path is not set: {DRAFTER_PATH_HINT}")
@@ -250,21 +257,26 @@ class EvalRecipe:
         if online is not None:  # after the warm-up, which it skips: it learns from the measured stream only
             decoders[online.name] = functools.partial(online.decode, generator=generator)
             stream = len(self.prompts) - round(cfg.eval.adaptation_held_out * len(self.prompts))
-        decoders.update(self._hf_decoders())
+        hf_decoders = self._hf_decoders()
+        decoders.update(hf_decoders)
+        hf_indices = evenly_spaced(len(self.prompts), cfg.eval.hf_baseline_prompts)
         baseline: list[Conversation] = []
         runs: dict[str, list[Conversation]] = {name: [] for name in decoders}
-        kept = []
+        kept, hf_positions = [], []  # hf_positions: where in `baseline` the prompts transformers decoded are
         for index in tqdm(range(len(self.prompts)), desc="eval prompts", unit="prompt"):
             if online is not None:
                 online.learning = index < stream
                 (online.learned_prompts.append if online.learning else online.held_out_prompts.add)(
                     self.prompts[index].id)
             plain_turns = self._converse(index, functools.partial(plain.generate, generator=generator))
-            their_turns = {name: self._converse(index, decode) for name, decode in decoders.items()}
+            their_turns = {name: self._converse(index, decode) for name, decode in decoders.items()
+                           if name not in hf_decoders or index in hf_indices}
             if not self._all_turns_fit(index, [plain_turns, *their_turns.values()]):
                 continue
             kept.append(index)
             baseline.append(plain_turns)
+            if index in hf_indices:
+                hf_positions.append(len(baseline) - 1)
             for name, conversation in their_turns.items():
                 runs[name].append(conversation)
         if not kept:
@@ -283,11 +295,18 @@ class EvalRecipe:
             rows[-1]["selection"] = selection_report(selection, rows[-1], rows[:-1])
         if online is not None:
             rows[-1]["adaptation"] = self._adaptation_report(results)
-        rows += [self._hf_row(name, runs[name], baseline) for name in decoders if name not in results]
-        if HF_GENERATE in runs:  # the speedup users quote: over transformers' plain greedy generate
+        if hf_decoders and not hf_positions:
+            log.warning("eval.long_prompts=skip left out every prompt eval.hf_baseline_prompts chose for transformers' "
+                        "baselines: the report has no transformers rows")
+        elif hf_decoders:
+            hf_baseline = [baseline[position] for position in hf_positions]
+            rows += [self._hf_row(name, runs[name], hf_baseline) for name in hf_decoders]
+        if HF_GENERATE in hf_decoders and hf_positions:
+            # the speedup users quote: over transformers' plain greedy generate, on the prompts it decoded
             hf_speed = tokens_per_second(combined(runs[HF_GENERATE]))
-            for row in rows[: len(results)]:
-                row["speedup_over_transformers"] = row["tokens_per_s"] / hf_speed
+            for row, name in zip(rows, results):
+                mine = combined([results[name][position] for position in hf_positions])
+                row["speedup_over_transformers"] = tokens_per_second(mine) / hf_speed
         self._write_generations(baseline, results)
         return report_document(self._run_fields(), rows)
 

@@ -187,3 +187,31 @@ def test_a_dynamic_draft_length_with_a_tree_names_both_keys(tmp_path: Path) -> N
     with pytest.raises(UserError, match=r"^eval\.draft_length=confidence applies to chains only .* set "
                                         r"eval\.method=chain or eval\.draft_length=fixed$"):
         EvalRecipe(cfg).setup()
+
+
+def test_transformers_baselines_on_a_spread_subset_of_the_prompts(toy_tiny_path: Path, tmp_path: Path) -> None:
+    """eval.hf_baseline_prompts=2 of 4: transformers' rows decode prompts 0 and 2 only (the same tokens as ours there),
+    and the report says the speedup over `generate` is over those."""
+    import shutil
+
+    from specdistill.eval.eval import evaluate, evenly_spaced
+
+    assert evenly_spaced(80, 16) == set(range(0, 80, 5))  # MT-Bench's 10 a category → 2 from each
+    assert evenly_spaced(3, 5) == evenly_spaced(3, None) == {0, 1, 2}
+    drafter = tmp_path / "drafter"  # a token-level drafter: also transformers' assisted generation and prompt lookup
+    shutil.copytree(toy_tiny_path, drafter)
+    cfg = compose("eval", [*FAST, "eval.num_prompts=4", f"drafter_path={drafter}", "eval.hf_baseline_prompts=2",
+                           f"out_dir={tmp_path / 'eval'}"])
+    evaluate(cfg)
+    document = json.loads((tmp_path / "eval" / "report.json").read_text())
+    mine, *transformers_rows = document["rows"]
+    assert mine["num_prompts"] == 4 and mine["speedup_over_transformers"] > 0
+    assert [row["drafter"] for row in transformers_rows] == [
+        "transformers generate", f"transformers assisted: {drafter}", "transformers prompt lookup"]
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    plain = {line["id"]: len(line["output_ids"]) for line in lines if line["drafter"] == "plain"}
+    chosen = [line["id"] for line in lines if line["drafter"] == "plain"][0::2]  # prompts 0 and 2
+    for row in transformers_rows:
+        assert row["num_prompts"] == 2 and row["lossless_check"] == "passed"
+        assert row["new_tokens"] == sum(plain[prompt] for prompt in chosen)
+    assert "(on the 2 of the 4 prompts it decoded)" in (tmp_path / "eval" / "report.md").read_text()
