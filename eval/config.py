@@ -48,8 +48,8 @@ class EvalLoopConfig(DecodingConfig):
     hf_baselines: bool = True
     # transformers' baselines decode only this many of the prompts, spread evenly over them (so an ordered bench's
     # categories alike: MT-Bench's 80 → 2 per category at 16); their rows and each drafter's speedup_over_transformers
-    # are measured on those prompts, beside ours on the same ones. null: all (transformers' `generate` is about half
-    # our plain decoding's speed on a CPU, so on all prompts it is the eval's longest pass)
+    # are measured on those prompts, beside ours on the same ones. null: all (a third full decoding pass: on the
+    # 2-core EPYCs measured `generate` ran at about half our plain decoding's speed, the eval's longest pass)
     hf_baseline_prompts: Optional[int] = None
     # a prompt whose decoding would read positions past the target's context window (max_position_embeddings): error
     # refuses the run naming it; skip leaves it out, counted in report.json's skipped_prompts and the log

@@ -295,18 +295,17 @@ class EvalRecipe:
             rows[-1]["selection"] = selection_report(selection, rows[-1], rows[:-1])
         if online is not None:
             rows[-1]["adaptation"] = self._adaptation_report(results)
-        if hf_decoders and not hf_positions:
-            log.warning("eval.long_prompts=skip left out every prompt eval.hf_baseline_prompts chose for transformers' "
-                        "baselines: the report has no transformers rows")
-        elif hf_decoders:
+        if hf_decoders and hf_positions:
             hf_baseline = [baseline[position] for position in hf_positions]
             rows += [self._hf_row(name, runs[name], hf_baseline) for name in hf_decoders]
-        if HF_GENERATE in hf_decoders and hf_positions:
             # the speedup users quote: over transformers' plain greedy generate, on the prompts it decoded
             hf_speed = tokens_per_second(combined(runs[HF_GENERATE]))
             for row, name in zip(rows, results):
                 mine = combined([results[name][position] for position in hf_positions])
                 row["speedup_over_transformers"] = tokens_per_second(mine) / hf_speed
+        elif hf_decoders:
+            log.warning("eval.long_prompts=skip left out every prompt eval.hf_baseline_prompts chose for transformers' "
+                        "baselines: the report has no transformers rows")
         self._write_generations(baseline, results)
         return report_document(self._run_fields(), rows)
 
