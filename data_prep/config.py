@@ -31,6 +31,19 @@ class DataFormat(Enum):
 OnError = Enum("OnError", [("skip", "skip"), ("raise", "raise")])
 
 
+# generic second-turn requests of the kinds chat benchmarks ask (rewrite, shorten, explain, give an example, critique)
+FOLLOW_UP_QUESTIONS = (
+    "Can you explain that in simpler terms?",
+    "Please summarize your answer in two sentences.",
+    "Rewrite your previous answer as a numbered list.",
+    "Can you give a concrete example?",
+    "Now rewrite your answer in a more formal tone.",
+    "What are the weaknesses of your answer? Give an improved version.",
+    "Make your answer shorter and give it a title.",
+    "Explain your answer as if I were ten years old.",
+)
+
+
 @dataclass
 class RegenerateConfig:
     """Sampling settings for replacing assistant turns with the target's own responses."""
@@ -42,6 +55,11 @@ class RegenerateConfig:
     # replies sampled per conversation (temperature > 0): each is a training record, and all of one conversation's
     # replies fall in the same split, so validation never scores a prompt the drafter trained on
     samples: int = 1
+    # follow-up user turns appended to every conversation that ends with a reply, each answered by the target in
+    # turn, so the drafter also learns later turns (MT-Bench asks two); each is drawn from follow_up_questions by the
+    # run's seed and the record
+    follow_ups: int = 0
+    follow_up_questions: list[str] = field(default_factory=lambda: list(FOLLOW_UP_QUESTIONS))
 
 
 @dataclass

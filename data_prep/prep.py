@@ -78,8 +78,18 @@ def parse_all(records: Any, data_cfg: Any, errors: RecordErrors) -> dict[int, Co
     return parsed
 
 
-def check_samples(data_cfg: Any) -> None:
-    """`data.regen.samples` > 1 only means something for sampled regeneration: say so instead of ignoring it."""
+def check_regen(data_cfg: Any) -> None:
+    """`data.regen.samples` > 1 only means something for sampled regeneration, follow-ups only with regeneration:
+    say so instead of ignoring them."""
+    follow_ups = data_cfg.regen.follow_ups
+    if follow_ups < 0:
+        raise UserError(f"data.regen.follow_ups={follow_ups}: give the number of follow-up turns to add (≥ 0)")
+    if follow_ups and not data_cfg.regenerate:
+        raise UserError(f"data.regen.follow_ups={follow_ups} asks follow-ups the target answers: set "
+                        "data.regenerate=true too, or drop data.regen.follow_ups")
+    if follow_ups and not [question for question in data_cfg.regen.follow_up_questions if question.strip()]:
+        raise UserError(f"data.regen.follow_ups={follow_ups} with an empty data.regen.follow_up_questions: give the "
+                        "questions to draw from, or drop data.regen.follow_ups")
     samples = data_cfg.regen.samples
     if samples < 1:
         raise UserError(f"data.regen.samples={samples}: give the number of replies to sample per conversation (≥ 1)")
@@ -206,7 +216,7 @@ def prep_into(cfg: DictConfig, out_dir: Path) -> Path:
     started = time.perf_counter()
 
     # setup
-    check_samples(cfg.data)
+    check_regen(cfg.data)
     if cfg.features.cache:  # the drafter modules it imports load transformers: only when asked for
         from specdistill.data_prep.features import check_features_config, write_feature_cache
 

@@ -7,7 +7,10 @@ an interrupted run started again with the same `out_dir` skips what is done. A r
 the run's seed and its key, so a resumed run gives the same data (up to the rounding of other batch shapes).
 `data.regen.samples` > 1 samples that many replies per conversation, one pass over the conversations each, with one
 copy of the target's weights and one read of the progress file (the progress lines of sample s > 0 carry
-`"sample": s`; sample 0's seeds and lines are those of a single-sample run).
+`"sample": s`; sample 0's seeds and lines are those of a single-sample run). `data.regen.follow_ups` appends follow-up
+user turns (drawn from `data.regen.follow_up_questions` by the seed and the record) before regenerating, so their
+answers are regenerated after the replies before them like any later turn; their keys are later turns, so the first
+replies of a run without follow-ups are resumed unchanged.
 
 Decoding runs our own batched loop on distill/lean.py's forward (Llama-family targets), `data.regen.batch_size`
 prompts a batch, left-padded; a row leaves the batch at its first EOS (the tokenizer's and the generation config's),
@@ -222,6 +225,9 @@ def regenerate_conversations(
     done = _load_progress(progress_path)
     num_samples = regen_cfg.samples
     samples, counts = [], {"turns_regenerated": 0, "turns_resumed": 0, "empty_replies": 0}
+    if regen_cfg.follow_ups:
+        counts["follow_ups_added"] = add_follow_ups(conversations, regen_cfg.follow_ups,
+                                                    list(regen_cfg.follow_up_questions), seed)
     progress_path.parent.mkdir(parents=True, exist_ok=True)
     with progress_path.open("a", encoding="utf-8") as progress:
         for sample in range(num_samples):
@@ -232,14 +238,32 @@ def regenerate_conversations(
     return samples, counts
 
 
+def add_follow_ups(conversations: dict[int, Conversation], count: int, questions: list[str], seed: int) -> int:
+    """Append `count` (user follow-up, empty reply) pairs to every conversation that ends with a reply, in place;
+    the n-th follow-up of record r is drawn from `questions` by (seed, r, n), so a rerun asks the same. The replies
+    are regenerated after the turns before them like any other. Returns the number of follow-ups added."""
+    questions = [question for question in questions if question.strip()]
+    added = 0
+    for record, conversation in conversations.items():
+        if conversation.messages[-1]["role"] != "assistant":
+            continue
+        for number in range(count):
+            question = questions[_seed(seed, {"follow_up": [record, number]}) % len(questions)]
+            conversation.messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+            added += 1
+    return added
+
+
 def _regenerate_sample(conversations: dict[int, Conversation], replier: ReplyGenerator, tokenizer: Any,
                        done: dict[Key, str], progress: IO[str], run_seed: int, sample: int,
                        counts: dict[str, int]) -> None:
     """One sample's pass over `conversations`, turn by turn, in place; each reply appended to `progress`."""
     positions = {record: _assistant_positions(conv.messages) for record, conv in conversations.items()}
     total = sum(len(turns) for turns in positions.values())
+    # the progress file may hold replies of records this run does not take (an earlier run with more records)
+    resumed = sum((record, turn) in done for record, turns in positions.items() for turn in range(len(turns)))
     with tqdm(total=total, desc="regenerate" + (f" (sample {sample})" if sample else ""), unit="turn",
-              initial=min(len(done), total)) as bar:
+              initial=resumed) as bar:
         for turn in range(max((len(turns) for turns in positions.values()), default=0)):
             pending = [(record, turn) for record, turns in positions.items() if turn < len(turns)]
             for record, _ in pending:  # apply replies finished by an earlier run

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from specdistill.data_prep.chat import render
 from specdistill.data_prep.readers import parse_record
-from specdistill.data_prep.config import DataConfig
-from specdistill.data_prep.prep import check_samples
+from specdistill.data_prep.config import DataConfig, RegenerateConfig
+from specdistill.data_prep.prep import check_regen
 from specdistill.data_prep.regenerate import regenerate_conversations
 from specdistill.distill.errors import UserError
 from specdistill.distill.toy import toy_chat_conversations
@@ -34,8 +34,8 @@ def conversations(count: int) -> dict:
 
 
 def regen_cfg(**overrides):
-    return OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12, "batch_size": 3, "samples": 1,
-                              **overrides})
+    return OmegaConf.structured(RegenerateConfig(**{"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12,
+                                                    "batch_size": 3, **overrides}))
 
 
 def test_greedy_regeneration_equals_the_targets_own_greedy_reply(toy_model, toy_tokenizer, tmp_path: Path):
@@ -154,9 +154,42 @@ def test_prep_cli_samples_replies_and_keeps_each_prompts_samples_in_one_split(tm
     ({"regen": {"samples": 2}}, "set data.regenerate=true"),
     ({"regenerate": True, "regen": {"samples": 2, "temperature": 0.0}}, "greedy replies are all the same"),
     ({"regenerate": True, "regen": {"samples": 0}}, "data.regen.samples=0"),
+    ({"regen": {"follow_ups": 1}}, "set data.regenerate=true"),
+    ({"regenerate": True, "regen": {"follow_ups": -1}}, "data.regen.follow_ups=-1"),
+    ({"regenerate": True, "regen": {"follow_ups": 1, "follow_up_questions": [" "]}}, "empty data.regen.follow_up_"),
 ])
-def test_prep_refuses_samples_it_would_ignore(settings, named):
+def test_prep_refuses_regeneration_settings_it_would_ignore(settings, named):
     data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig(path="chats.jsonl")), settings)
     with pytest.raises(UserError, match=named):
-        check_samples(data_cfg)
-    check_samples(OmegaConf.structured(DataConfig(path="chats.jsonl", regenerate=True)))  # the default: one reply
+        check_regen(data_cfg)
+    check_regen(OmegaConf.structured(DataConfig(path="chats.jsonl", regenerate=True)))  # the default: one reply
+
+
+def test_follow_ups_are_asked_after_the_reply_and_answered_by_the_target(toy_model, toy_tokenizer, tmp_path: Path):
+    """data.regen.follow_ups=1: every conversation ending with a reply gets one drawn follow-up and the target's
+    answer to it; the first turns are resumed from a run without follow-ups (same keys, same seeds)."""
+    single = {index: conv for index, conv in conversations(6).items()
+              if sum(m["role"] == "assistant" for m in conv.messages) == 1}
+    progress = tmp_path / "p.jsonl"
+    first, _ = regenerate_conversations(copy.deepcopy(single), toy_model, toy_tokenizer, regen_cfg(), progress, 0)
+    questions = ["Shorter, please.", "Give an example.", "Why?"]
+    cfg = regen_cfg(follow_ups=1, follow_up_questions=questions)
+    [followed], counts = regenerate_conversations(copy.deepcopy(single), toy_model, toy_tokenizer, cfg, progress, 0)
+    assert counts["follow_ups_added"] == len(single) and counts["turns_resumed"] == len(single)
+    for index, conversation in followed.items():
+        messages, first_turn = conversation.messages, first[0][index].messages
+        assert messages[: len(first_turn)] == first_turn  # the resumed first reply, unchanged
+        if len(first_turn) < len(single[index].messages):  # the first reply was empty: cut, no follow-up answered
+            continue
+        assert [m["role"] for m in messages[-3:]] == ["assistant", "user", "assistant"]
+        assert messages[-2]["content"] in questions
+        # the follow-up's answer is the target's greedy reply to everything before it
+        prompt = render(toy_tokenizer, messages[:-1], add_generation_prompt=True)
+        ids = toy_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = toy_model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=toy_tokenizer.pad_token_id)
+        assert messages[-1]["content"] == toy_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    # the same seed draws the same questions
+    again, _ = regenerate_conversations(copy.deepcopy(single), toy_model, toy_tokenizer, cfg, tmp_path / "q.jsonl", 0)
+    asked = [c.messages[2]["content"] for c in followed.values() if len(c.messages) > 2]
+    assert asked == [c.messages[2]["content"] for c in again[0].values() if len(c.messages) > 2]

@@ -4,12 +4,12 @@ stop at EOS and leave the batch, and a resumed run leaves finished replies alone
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from transformers import AutoModelForCausalLM
 
 from specdistill.data_prep.chat import render
+from specdistill.data_prep.config import RegenerateConfig
 from specdistill.data_prep.readers import parse_record
 from specdistill.data_prep.regenerate import ReplyGenerator, generate_with_transformers, regenerate_conversations
 from specdistill.distill.targets import eos_token_ids
@@ -21,9 +21,8 @@ def toy_model(toy_tiny_path: Path):
     return AutoModelForCausalLM.from_pretrained(toy_tiny_path).eval()
 
 
-def regen_cfg(**overrides) -> SimpleNamespace:
-    return SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 24, "batch_size": 4, "samples": 1,
-                              **overrides})
+def regen_cfg(**overrides) -> RegenerateConfig:
+    return RegenerateConfig(**{"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 24, "batch_size": 4, **overrides})
 
 
 def prompts_of_different_lengths(tokenizer, replier: ReplyGenerator, count: int = 5) -> list[list[int]]:
