@@ -262,7 +262,7 @@ class EvalRecipe:
         hf_indices = evenly_spaced(len(self.prompts), cfg.eval.hf_baseline_prompts)
         baseline: list[Conversation] = []
         runs: dict[str, list[Conversation]] = {name: [] for name in decoders}
-        kept, hf_positions = [], []  # hf_positions: where in `baseline` the prompts transformers decoded are
+        kept = []
         for index in tqdm(range(len(self.prompts)), desc="eval prompts", unit="prompt"):
             if online is not None:
                 online.learning = index < stream
@@ -275,8 +275,6 @@ class EvalRecipe:
                 continue
             kept.append(index)
             baseline.append(plain_turns)
-            if index in hf_indices:
-                hf_positions.append(len(baseline) - 1)
             for name, conversation in their_turns.items():
                 runs[name].append(conversation)
         if not kept:
@@ -295,6 +293,7 @@ class EvalRecipe:
             rows[-1]["selection"] = selection_report(selection, rows[-1], rows[:-1])
         if online is not None:
             rows[-1]["adaptation"] = self._adaptation_report(results)
+        hf_positions = [position for position, index in enumerate(kept) if index in hf_indices]  # in `baseline`
         if hf_decoders and hf_positions:
             hf_baseline = [baseline[position] for position in hf_positions]
             rows += [self._hf_row(name, runs[name], hf_baseline) for name in hf_decoders]

@@ -80,8 +80,8 @@ def _markdown(results: list[dict], plot_names: list[str]) -> str:
     ]
     # transformers' rows (no τ) may cover fewer prompts (eval.hf_baseline_prompts): the speedup is over those
     every = max(r["num_prompts"] for r in results)
-    fewer = sorted({r["num_prompts"] for r in results if r.get("tau") is None and r["num_prompts"] < every})
-    subset = f" (on the {fewer[0]} of the {every} prompts it decoded)" if fewer else ""
+    fewer = {r["num_prompts"] for r in results if r.get("tau") is None and r["num_prompts"] < every}
+    subset = f" (on the {min(fewer)} of the {every} prompts it decoded)" if fewer else ""
     lines += _per_drafter_line(results, f"Speedup over transformers' plain greedy `generate`{subset}",
                                "speedup_over_transformers", ".2f", "×")
     lines += _per_drafter_line(results, "Tokens drafted per step (mean)", "mean_draft_length", ".2f")
